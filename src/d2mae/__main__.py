@@ -1,0 +1,7 @@
+"""``python -m d2mae`` (and ``torchrun -m d2mae``) runs the command line."""
+
+import sys
+
+from d2mae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""The blur schedule and the batched, per-sample Gaussian blur (paper Eq. 1, Sections 2.2-2.3).
+
+One schedule and one blur function serve pre-training (t ~ U{1..T}), optimal blurriness search (t = 1, 1+s, ...),
+fine-tuning (t*) and prediction. The blur runs on the model's device on a whole batch at once, each sample with its
+own σ: a separable Gaussian written as two matrix products, ``G_σ(x) = A_σ · x · A_σᵀ``, where ``A_σ`` holds the 1-D
+kernel with scipy's ``reflect`` border (``d c b a | a b c d``) folded in. The result equals
+``scipy.ndimage.gaussian_filter(x, σ, mode="reflect", truncate=4.0)`` everywhere, borders included, up to float
+rounding; matrices are built once per (σ, size, device) and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from d2mae.errors import D2maeError
+
+TRUNCATE = 4.0  # kernel radius = int(TRUNCATE * σ + 0.5), as scipy.ndimage.gaussian_filter
+
+
+@dataclass(frozen=True)
+class BlurSchedule:
+    """The fixed-step σ schedule {σ_1 < … < σ_T} of Section 2.2; level 0 means no blur (σ_0, the original image).
+
+    Args:
+        start: σ_1 (paper: 0.1).
+        stop: σ_T (paper: 1.1; Table 3a also 0.6 and 1.6).
+        step: the fixed interval (paper: 0.1). ``start == stop`` gives one level (DeblurrMAE's fixed σ).
+        enabled: ``False`` for plain MAE: T = 0 and every level is 0 (no blur).
+    """
+
+    start: float = 0.1
+    stop: float = 1.1
+    step: float = 0.1
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if not (self.start > 0 and math.isfinite(self.start)):
+            raise D2maeError(f"option --sigma-start must be a number > 0, got {self.start}")
+        if not (self.step > 0 and math.isfinite(self.step)):
+            raise D2maeError(f"option --sigma-step must be a number > 0, got {self.step}")
+        if not math.isfinite(self.stop) or self.stop < self.start:
+            raise D2maeError(f"option --sigma-stop ({self.stop}) must not be below --sigma-start ({self.start})")
+        if self.num_levels > 1000:
+            raise D2maeError(f"the σ schedule {self.start}→{self.stop} step {self.step} has {self.num_levels} levels; "
+                             "use a larger --sigma-step")
+
+    @property
+    def num_levels(self) -> int:
+        """T, the number of blur levels (0 when blur is disabled)."""
+        if not self.enabled:
+            return 0
+        return int(math.floor((self.stop - self.start) / self.step + 1e-6)) + 1
+
+    @property
+    def sigmas(self) -> list[float]:
+        """[σ_0 = 0, σ_1, …, σ_T], rounded to 6 decimals so that 0.1 + 2·0.1 prints as 0.3."""
+        return [0.0] + [round(self.start + i * self.step, 6) for i in range(self.num_levels)]
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """σ_t for a tensor of levels ``t`` [B] (integer or fractional; 0 gives 0)."""
+        t = t.float()
+        return torch.where(t > 0, self.start + (t - 1) * self.step, torch.zeros_like(t)).clamp_min(0)
+
+    def level_of(self, sigma: float) -> float:
+        """The level t of a σ inside the schedule's range (fractional between grid points); 0 for σ = 0."""
+        if sigma == 0:
+            return 0.0
+        if not self.enabled:
+            raise D2maeError(f"σ = {sigma} was asked for but this model was pre-trained without blur (MAE)")
+        if not (self.start - 1e-9 <= sigma <= self.sigmas[-1] + 1e-9):
+            raise D2maeError(f"σ = {sigma} is outside the model's blur schedule {self.start}→{self.sigmas[-1]}; "
+                             "choose a σ inside it")
+        return 1.0 + (sigma - self.start) / self.step
+
+    def sample(self, batch: int, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """t ~ U{1, …, T} per sample [B] (float); all zeros when blur is disabled."""
+        if self.num_levels == 0:
+            return torch.zeros(batch, device=device)
+        t = torch.randint(1, self.num_levels + 1, (batch,), generator=generator)
+        return t.float().to(device)
+
+    def search_levels(self, search_step: int = 2) -> list[int]:
+        """The levels OBS visits: t = 1, 1+s, 1+2s, … ≤ T (Eq. 5, Algorithm 1 line 4)."""
+        if search_step < 1:
+            raise D2maeError(f"option --search-step must be an integer ≥ 1, got {search_step}")
+        return list(range(1, self.num_levels + 1, search_step)) if self.num_levels else [0]
+
+
+def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Map any integer index onto [0, n) with scipy's half-sample symmetric ``reflect`` rule."""
+    idx = torch.remainder(idx, 2 * n)
+    return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+
+
+@functools.lru_cache(maxsize=512)
+def blur_matrix(sigma: float, n: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [n, n] matrix A with (A·v)[i] = Σ_k g_σ(k) · v[reflect(i + k)], i.e. a 1-D Gaussian blur of ``v``."""
+    if sigma <= 0:
+        return torch.eye(n, dtype=dtype, device=device)
+    radius = int(TRUNCATE * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    weights = weights / weights.sum()  # [K]
+    cols = _reflect(torch.arange(n)[:, None] + offsets.long()[None, :], n)  # [n, K]
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    mat.scatter_add_(1, cols, weights.expand(n, -1).contiguous())
+    return mat.to(device=device, dtype=dtype)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image of a batch with its own σ, on ``x``'s device, in one batched matrix product.
+
+    Args:
+        x: images [B, C, H, W] (any float dtype; computed in fp32).
+        sigma: standard deviations [B]; 0 leaves that image unchanged.
+
+    Returns:
+        The blurred batch [B, C, H, W], fp32.
+    """
+    if x.ndim != 4 or sigma.shape != (x.shape[0],):
+        raise ValueError(f"expected x [B, C, H, W] and sigma [B], got {tuple(x.shape)} and {tuple(sigma.shape)}")
+    x = x.float()
+    _, _, h, w = x.shape
+    levels, inverse = torch.unique(sigma.detach().float().cpu(), return_inverse=True)  # a few distinct σ per batch
+    if levels.numel() == 1 and levels.item() <= 0:
+        return x
+    inverse = inverse.to(x.device)
+    dev = str(x.device)
+    rows = torch.stack([blur_matrix(round(s, 6), h, dev) for s in levels.tolist()])[inverse]  # [B, H, H]
+    cols = rows if w == h else torch.stack([blur_matrix(round(s, 6), w, dev) for s in levels.tolist()])[inverse]
+    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, 1, H, H] @ [B, C, H, W] @ [B, 1, W, W]
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DDPM's sinusoidal timestep embedding [B, dim] of levels ``t`` [B] (Section 2.2, BLU(t))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]  # [B, dim/2]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
