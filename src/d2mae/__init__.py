@@ -1,13 +1,62 @@
 """d2mae — D²MAE (Diffusional Deblurring Masked Autoencoder, MICCAI 2025) for ultrasound images.
 
 Pre-training with a per-sample blur schedule and a blur token, optimal blurriness search (OBS), blurriness-aware
-fine-tuning, evaluation and prediction. See the README for the command line and the Python API.
+fine-tuning, evaluation and prediction. Everything the command line does is a function here::
+
+    from d2mae import PretrainConfig, pretrain, FinetuneConfig, finetune, evaluate_run
+
+Names are imported lazily (PEP 562), so ``import d2mae`` and ``d2mae --help`` stay fast.
 """
 
-from d2mae.blur import BlurSchedule, gaussian_blur
-from d2mae.errors import D2maeError
-from d2mae.models import DeblurEncoder, DeblurMAE, ModelConfig
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["BlurSchedule", "D2maeError", "DeblurEncoder", "DeblurMAE", "ModelConfig", "gaussian_blur", "__version__"]
+_EXPORTS: dict[str, str] = {
+    "D2maeError": "d2mae.errors",
+    "BlurSchedule": "d2mae.blur",
+    "gaussian_blur": "d2mae.blur",
+    "ModelConfig": "d2mae.models",
+    "DeblurEncoder": "d2mae.models",
+    "DeblurMAE": "d2mae.models",
+    "DeblurClassifier": "d2mae.models",
+    "save_pretrained": "d2mae.artifacts",
+    "load_pretrained": "d2mae.artifacts",
+    "generate_phantoms": "d2mae.phantom",
+    "find_images": "d2mae.data",
+    "load_image": "d2mae.data",
+    "ImageDataset": "d2mae.data",
+    "load_labeled": "d2mae.labels",
+    "make_folds": "d2mae.labels",
+    "PretrainConfig": "d2mae.pretrain",
+    "PRESETS": "d2mae.pretrain",
+    "pretrain": "d2mae.pretrain",
+    "ObsSpec": "d2mae.obs",
+    "ObsTable": "d2mae.obs",
+    "run_obs": "d2mae.obs",
+    "FinetuneConfig": "d2mae.finetune",
+    "finetune": "d2mae.finetune",
+    "load_classifier": "d2mae.finetune",
+    "predict": "d2mae.predict",
+    "evaluate_run": "d2mae.evaluate",
+    "compare_runs": "d2mae.evaluate",
+    "export_encoder": "d2mae.export",
+    "init_from_checkpoint": "d2mae.imports",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd2mae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
@@ -34,6 +35,8 @@ ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
     "vit_large_patch16": (16, 1024, 24, 16),
 }
 BLUR_EMBEDDINGS = ("token", "add", "none")
+# MAE's and timm's ViT LayerNorm (eps 1e-6): official MAE weights import, and exports to timm match exactly.
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
 
 @dataclass
@@ -182,9 +185,9 @@ class DeblurEncoder(nn.Module):
             self.register_buffer("pos_embed", pos)
         dpr = torch.linspace(0, drop_path_rate, config.blocks).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, config.heads, config.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm, drop_path=dpr[i])
+            Block(dim, config.heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM, drop_path=dpr[i])
             for i in range(config.blocks))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LAYER_NORM(dim)
         mean = config.mean if config.mean is not None else [0.5] * config.in_chans
         std = config.std if config.std is not None else [0.25] * config.in_chans
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -212,18 +215,22 @@ class DeblurEncoder(nn.Module):
         return sinusoidal_embedding(t, self.config.dim)
 
     @staticmethod
-    def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample random masking by argsort of uniform noise (MAE).
 
         Args:
             x: patch tokens [B, N, D].
+            noise: uniform noise [B, N] that decides the mask (the smallest are kept); ``None`` draws it with
+                ``torch.rand``. Pre-training passes its own, for masks that are reproducible across resumes and ranks.
 
         Returns:
             kept tokens [B, N_keep, D]; mask [B, N] (0 is keep, 1 is remove); ids_restore [B, N].
         """
         b, n, d = x.shape
         keep = int(n * (1 - mask_ratio))
-        noise = torch.rand(b, n, device=x.device)  # [B, N]
+        if noise is None:
+            noise = torch.rand(b, n, device=x.device)  # [B, N]
         ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
@@ -233,9 +240,9 @@ class DeblurEncoder(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)  # [B, N]
         return x_kept, mask, ids_restore
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float = 0.0
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode images ``x`` [B, C, H, W] in [0, 1] at blur levels ``t`` [B].
+        """Encode images ``x`` [B, C, H, W] in [0, 1] at blur levels ``t`` [B] (``noise`` [B, N]: see random_masking).
 
         Returns:
             latent [B, prefix + N_keep, D]; mask [B, N]; ids_restore [B, N].
@@ -247,7 +254,7 @@ class DeblurEncoder(nn.Module):
             tokens = tokens + self.blur_embedding(t)[:, None].to(tokens.dtype)
         b, n, _ = tokens.shape
         if mask_ratio > 0:
-            tokens, mask, ids_restore = self.random_masking(tokens, mask_ratio)
+            tokens, mask, ids_restore = self.random_masking(tokens, mask_ratio, noise)
         else:
             mask = torch.zeros(b, n, device=x.device)
             ids_restore = torch.arange(n, device=x.device).expand(b, n)
@@ -276,9 +283,9 @@ class DeblurMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(ddim, config.img_size // config.patch, prefix))
         self.decoder_blocks = nn.ModuleList(
-            Block(ddim, config.decoder_num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+            Block(ddim, config.decoder_num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM)
             for _ in range(config.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(ddim)
+        self.decoder_norm = LAYER_NORM(ddim)
         self.decoder_pred = nn.Linear(ddim, config.patch ** 2 * config.in_chans)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(_init_weights)
@@ -331,14 +338,15 @@ class DeblurMAE(nn.Module):
             return err.mean(dim=1)
         return (err * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, mask_ratio: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, mask_ratio: float | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pre-training step's forward pass.
 
         Args:
             x: original images [B, C, H, W] in [0, 1].
             t: blur levels [B]; ``None`` samples t ~ U{1..T} (Section 2.2).
             mask_ratio: share of patches to mask; ``None`` uses the config's (0.75).
+            noise: uniform noise [B, N] that decides the mask (``None``: drawn with ``torch.rand``).
 
         Returns:
             loss (scalar), prediction [B, N, p*p*C], mask [B, N] (1 = masked).
@@ -346,7 +354,7 @@ class DeblurMAE(nn.Module):
         if t is None:
             t = self.schedule.sample(x.shape[0], device=x.device)
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.encoder(x, t, ratio)
+        latent, mask, ids_restore = self.encoder(x, t, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         masked_only = self.config.loss_on == "masked" and ratio > 0
         loss = self.loss_per_sample(x, pred, mask if masked_only else None).mean()
@@ -371,7 +379,7 @@ class DeblurClassifier(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True)
-        self.fc_norm = nn.LayerNorm(config.dim)
+        self.fc_norm = LAYER_NORM(config.dim)
         self.head = nn.Linear(config.dim, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning
         nn.init.zeros_(self.head.bias)
@@ -396,7 +404,7 @@ class DeblurClassifier(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm layer grouping: stem (embeddings, CLS, BLU), one group per block, head last."""
         return dict(
-            stem=r"^encoder\.(cls_token|blur_token|pos_embed|patch_embed)",
+            stem=r"^encoder\.(?:cls_token|blur_token|pos_embed|patch_embed)",
             blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
         )
 

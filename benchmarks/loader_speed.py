@@ -1,0 +1,105 @@
+"""Loader throughput on real images: the per-image DataLoader path versus the in-memory decode cache.
+
+Usage::
+
+    python benchmarks/loader_speed.py [--data ../shared/data/bus-bra/images] [--n 512] [--size 224]
+                                      [--batch 64] [--workers 0 2] [--device cpu]
+
+Measures, for MAE pre-training views (RandomResizedCrop(S, scale=(0.2, 1)) + flip, images in [0, 1]):
+
+0. ``load_image`` alone: the PNG decode every path pays.
+1. ``ImageDataset(augment="mae")`` through a ``DataLoader`` with each number of workers: decode PNG + crop per image.
+2. ``DecodedCache``: the one-off cost of decoding and resizing every image once (threads), its memory, then
+   ``cache.batch`` (one ``grid_sample`` per batch) on ``--device``.
+3. ``ImageDataset(augment="finetune")`` (adds RandAugment + random erasing) with the largest worker count.
+
+Prints one Markdown table; images/s are steady-state (the first batch is excluded as warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from d2mae.data import DecodedCache, ImageDataset, find_images, load_image  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bus-bra" / "images"
+
+
+def loader_rate(ds: ImageDataset, batch: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                         persistent_workers=False, generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    next(it)  # warm-up (worker start, first decode)
+    start, count = time.perf_counter(), 0
+    for x, _, _ in it:
+        count += x.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--n", type=int, default=512, help="images used")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads in the main process")
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+    refs = find_images([args.data])[: args.n]
+    device = torch.device(args.device)
+    rows: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    for ref in refs[:128]:
+        load_image(ref)
+    rows.append(("load_image only (PNG decode), one process", f"{min(128, len(refs)) / (time.perf_counter() - start):,.0f}"))
+    for w in args.workers:
+        rate = loader_rate(ImageDataset(refs, args.size, augment="mae"), args.batch, w)
+        rows.append((f"ImageDataset mae, DataLoader workers={w}", f"{rate:,.0f}"))
+
+    start = time.perf_counter()
+    cache = DecodedCache(refs, args.size)
+    build = time.perf_counter() - start
+    rows.append((f"DecodedCache build (decode + resize to {cache.side}², once)", f"{len(refs) / build:,.0f}"))
+    cache.to(device)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(refs), generator=gen)
+    cache.batch(perm[: args.batch], gen)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, count = time.perf_counter(), 0
+    for _ in range(3):
+        for i in range(0, len(refs) - args.batch + 1, args.batch):
+            count += cache.batch(perm[i:i + args.batch], gen).shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rows.append((f"DecodedCache.batch mae on {device.type}", f"{count / (time.perf_counter() - start):,.0f}"))
+
+    w = max(args.workers)
+    rate = loader_rate(ImageDataset(refs, args.size, augment="finetune"), args.batch, w)
+    rows.append((f"ImageDataset finetune, DataLoader workers={w}", f"{rate:,.0f}"))
+
+    print(f"# loader speed: {len(refs)} images from {args.data}, S={args.size}, batch {args.batch}")
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+          f"torch threads {torch.get_num_threads()}, device {device}; cache memory {cache.nbytes / 2**20:.0f} MiB "
+          f"for {len(refs)} images ({cache.nbytes / len(refs) / 1024:.0f} KiB per image)")
+    print("| path | images/s |")
+    print("|---|---:|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""More than one process: torchrun, DistributedDataParallel, sharded data, ordered gathering.
+
+One machine, 8 GPUs (the same command as a single-process run, under ``torchrun``)::
+
+    torchrun --nproc_per_node 8 -m d2mae pretrain --data DIR --out runs/pt --batch-size 128
+
+Several machines: ``torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 ...``.
+CPU-only (gloo): ``torchrun --nproc_per_node 2 -m d2mae pretrain ... --device cpu``.
+
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_distributed` reads them and joins the process
+group (``nccl`` on CUDA, ``gloo`` on CPU). Without them everything here is a no-op for a single process, so the
+library code calls these helpers unconditionally.
+
+Two ways to split data across ranks:
+
+* Training — :class:`EpochBatchSampler`. Every epoch has one global permutation (seeded by ``(seed, epoch)``);
+  micro-step ``m`` takes the global batch ``perm[m·B·W : (m+1)·B·W]`` and rank ``r`` takes the ``r``-th slice of
+  ``B`` of it, so the ranks' shards are disjoint and their union is exactly what one process with batch ``B·W``
+  sees. Each sample also gets its own augmentation seed from ``(seed, epoch, index)``, which does not depend on the
+  rank, the batch layout, the number of loader workers, or whether the run was resumed.
+* Evaluation — :func:`eval_indices` gives rank ``r`` a contiguous block of the ``n`` items, padded to equal length
+  by repeating the last item; after each rank computes its outputs, :func:`gather_ordered` concatenates the blocks
+  from all ranks and drops the padding, returning exactly ``n`` rows in the original order, with no duplicates.
+  Typical use (OBS, prediction)::
+
+      idx = eval_indices(len(refs), ctx)                 # this rank's indices (padded)
+      out = torch.stack([score(refs[i]) for i in idx])   # [len(idx), ...] on this rank
+      all_out = gather_ordered(out, len(refs), ctx)      # [n, ...] on every rank, row i = item i
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from d2mae.errors import D2maeError
+from d2mae.runtime import derive_seed, resolve_device
+
+# Purposes of the derived random streams (the last key of derive_seed).
+STREAM_ORDER = 0  # the epoch's permutation of the data
+STREAM_AUGMENT = 1  # the per-sample augmentation seeds
+STREAM_STEP = 2  # blur levels t and mask noise of a micro-step
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its global rank, the number of processes, its GPU index on the node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process (rank 0) writes files and prints progress."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise D2maeError(f"environment variable {name}={value!r} must be an integer (set by torchrun)") from None
+
+
+def context_from_env() -> DistContext:
+    """Read torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (a single process when they are absent)."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise D2maeError(f"environment RANK={rank} WORLD_SIZE={world} is inconsistent; launch with torchrun")
+    return DistContext(rank=rank, world_size=world, local_rank=local)
+
+
+def init_distributed(device: str = "auto") -> tuple[DistContext, torch.device]:
+    """Join the process group when launched by torchrun and pick this rank's device.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` (each rank then uses ``cuda:LOCAL_RANK``) or ``cuda:N``.
+
+    Returns:
+        The context and this rank's device. Backend: ``nccl`` for CUDA devices, ``gloo`` for CPU.
+    """
+    ctx = context_from_env()
+    dev = resolve_device(device)
+    if not ctx.enabled:
+        return ctx, dev
+    if dev.type == "cuda":
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise D2maeError(f"LOCAL_RANK {ctx.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                             "lower --nproc_per_node")
+        dev = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
+    return ctx, dev
+
+
+def shutdown() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (plain picklable values: lists, dicts, numbers, strings)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (and return it)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed for anything a rank draws on its own (derived, so ranks' streams are unrelated)."""
+    return derive_seed(seed, rank, 1_000_003)
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` (unchanged for one process).
+
+    Every parameter of DeblurMAE takes part in every step, so ``find_unused_parameters`` stays off; the buffers
+    (fixed position embeddings, the data set's mean/std) are identical on all ranks and are not re-broadcast.
+    """
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **no_buffer_sync)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP and/or ``torch.compile`` wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    inner = getattr(inner, "module", inner)
+    return getattr(inner, "_orig_mod", inner)
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Deterministic, resumable, sharded training batches of ``(index, augmentation seed)`` pairs.
+
+    Args:
+        num_samples: size of the data set.
+        batch_size: samples per rank per micro-step (B).
+        seed: the run's seed.
+        rank, world_size: this process's place (W processes; global micro-batch B·W).
+        steps_multiple: the number of micro-steps per epoch is rounded down to a multiple of this (the gradient
+            accumulation), so every optimizer step sees ``accum_iter`` full micro-batches; the remaining images of
+            the epoch's permutation are not used in that epoch (``drop_last``, as MAE).
+
+    ``set_epoch(epoch, start)`` chooses the epoch and the first micro-step to yield (a resumed run skips the
+    micro-steps it already did, without loading them).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 steps_multiple: int = 1) -> None:
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.global_batch = self.batch_size * self.world_size
+        self.micro_steps = (self.num_samples // self.global_batch) // steps_multiple * steps_multiple
+        if self.micro_steps == 0:
+            need = self.global_batch * steps_multiple
+            raise D2maeError(f"{self.num_samples} training image(s) are fewer than one optimizer step needs "
+                             f"({need} = --batch-size {self.batch_size} × --accum-iter {steps_multiple} × "
+                             f"{self.world_size} process(es)); lower --batch-size or --accum-iter")
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.micro_steps:
+            raise ValueError(f"start micro-step {start} outside 0..{self.micro_steps}")
+        self.epoch = int(epoch)
+        self.start = int(start)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The epoch's global order of the data set [num_samples] (the same on every rank)."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_ORDER))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def sample_seeds(self, epoch: int) -> torch.Tensor:
+        """One augmentation seed per data-set index for this epoch [num_samples] int64."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_AUGMENT))
+        return torch.randint(0, 2**62, (self.num_samples,), generator=g, dtype=torch.int64)
+
+    def global_batch_indices(self, epoch: int, micro_step: int) -> torch.Tensor:
+        """Indices of micro-step ``micro_step``'s global batch [B·W], rank r's slice first-to-last by rank."""
+        perm = self.permutation(epoch)
+        return perm[micro_step * self.global_batch:(micro_step + 1) * self.global_batch]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = self.permutation(self.epoch).tolist()
+        seeds = self.sample_seeds(self.epoch).tolist()
+        lo = self.rank * self.batch_size
+        for m in range(self.start, self.micro_steps):
+            chunk = perm[m * self.global_batch + lo:m * self.global_batch + lo + self.batch_size]
+            yield [(i, seeds[i]) for i in chunk]
+
+    def __len__(self) -> int:
+        return self.micro_steps - self.start
+
+
+def step_randomness(seed: int, epoch: int, micro_step: int, global_batch: int, num_patches: int,
+                    schedule: Any, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's blur levels t [B] and mask noise [B, N] for one micro-step (CPU tensors).
+
+    Drawn for the whole global batch [B·W] from a generator seeded by ``(seed, epoch, micro_step)`` and then
+    sliced, so sample j of the global batch gets the same t and mask whichever rank processes it: a W-process run
+    equals one process with batch B·W.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, micro_step, STREAM_STEP))
+    t = schedule.sample(global_batch, generator=g)  # [B·W], t ~ U{1..T} (zeros without blur)
+    noise = torch.rand(global_batch, num_patches, generator=g)  # [B·W, N]
+    lo = rank * batch_size
+    return t[lo:lo + batch_size], noise[lo:lo + batch_size]
+
+
+def eval_indices(n_total: int, ctx: DistContext) -> list[int]:
+    """Rank ``ctx.rank``'s contiguous block of ``range(n_total)``, padded by repeating the last index so that all
+    ranks have ``ceil(n_total / W)`` items (collectives need equal shapes). Use with :func:`gather_ordered`."""
+    if n_total < 1:
+        return []
+    per = math.ceil(n_total / ctx.world_size)
+    block = list(range(ctx.rank * per, min((ctx.rank + 1) * per, n_total)))
+    return block + [n_total - 1] * (per - len(block))
+
+
+def gather_ordered(tensor: torch.Tensor, n_total: int, ctx: DistContext) -> torch.Tensor:
+    """All ranks' results of :func:`eval_indices` in the original order, padding dropped: [n_total, ...].
+
+    Args:
+        tensor: this rank's outputs [ceil(n_total / W), ...], row k belongs to ``eval_indices(n_total, ctx)[k]``;
+            on the rank's device (CUDA for nccl, CPU for gloo).
+        n_total: the number of items before padding.
+
+    Returns:
+        [n_total, ...] on every rank; row i is item i, each item exactly once.
+    """
+    if not ctx.enabled:
+        return tensor[:n_total]
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)[:n_total]
+
+
+def gather_ordered_objects(items: Sequence[Any], n_total: int, ctx: DistContext) -> list[Any]:
+    """:func:`gather_ordered` for picklable Python values (paths, strings, dicts): a list of ``n_total`` items."""
+    if not ctx.enabled:
+        return list(items)[:n_total]
+    parts: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part][:n_total]

@@ -1,0 +1,230 @@
+"""Classify new images with a fine-tuned D²MAE model: OBS on each image first, then the classifier at its t*.
+
+As in fine-tuning (Algorithm 1), a new image is first searched for its optimal blur level with the pre-trained model
+bundled in the fine-tuned folder (``pretrained/``; OBS settings from the folder's ``config.json``), batched over
+images and levels, then blurred at σ_{t*} and classified with t*::
+
+    d2mae predict --model runs/ft/fold_1/model scan.png more_scans/ --out preds.csv
+    d2mae predict --model runs/ft images/          # a run folder: the mean of its folds' probabilities
+
+``--model`` is a fine-tuned model folder (``fold_k/model``) or a whole run folder from ``d2mae finetune``. With a run
+folder, every fold's model classifies each image and the class probabilities are averaged (a k-fold ensemble; the
+folds share the pre-trained model, so OBS runs once). ``--fold K`` picks one fold's model instead.
+
+Output: a table on the terminal and, with ``--out``, a CSV with path, pred (class name), prob_<class>…, t_star,
+sigma_star.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from d2mae.errors import D2maeError
+from d2mae.runtime import atomic_write_text, resolve_device
+
+
+@dataclass
+class PredictConfig:
+    """``d2mae predict``: every field is a flag and a YAML key; images are positional arguments."""
+
+    model: str = field(default="", metadata={"help": "fine-tuned model folder (fold_k/model) or a finetune run "
+                                                     "folder (then the folds' probabilities are averaged)",
+                                             "metavar": "DIR"})
+    inputs: list[str] | None = field(default=None, metadata={"help": "images, folders or .csv/.txt lists"})
+    out: str | None = field(default=None, metadata={"help": "write the predictions to this CSV",
+                                                    "metavar": "CSV"})
+    fold: str | None = field(default=None, metadata={"help": "with a run folder: use only this fold's model"})
+    batch_size: int = field(default=32, metadata={"help": "images per batch"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32"})
+    workers: int = field(default=2, metadata={"help": "DataLoader workers"})
+    skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images instead of stopping"})
+    show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on large folders"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise D2maeError(f"option --batch-size must be ≥ 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise D2maeError(f"option --workers must be ≥ 0, got {self.workers}")
+
+
+def model_folders(path: str | Path, fold: str | None = None) -> list[Path]:
+    """The fine-tuned model folder(s) behind ``--model``: the folder itself, or every fold of a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise D2maeError(f"option --model: {path} does not exist")
+    config = path / "config.json"
+    if config.is_file():
+        if fold is not None:
+            raise D2maeError("option --fold needs --model to be a run folder (with fold_k/model inside)")
+        return [path]
+    run = path / "run.json"
+    if run.is_file():
+        try:
+            folds = [str(f) for f in json.loads(run.read_text(encoding="utf-8")).get("folds", [])]
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise D2maeError(f"{run} is not valid JSON ({exc})") from None
+        if fold is not None:
+            if str(fold) not in folds:
+                raise D2maeError(f"option --fold: {path} has no fold {fold}; its folds are {', '.join(folds)}")
+            folds = [str(fold)]
+        found = [path / f"fold_{f}" / "model" for f in folds if (path / f"fold_{f}" / "model" / "config.json").is_file()]
+        if not found:
+            raise D2maeError(f"option --model: run folder {path} holds no finished fold model (fold_k/model); "
+                             "finish the run (d2mae finetune --resume) first")
+        return found
+    raise D2maeError(f"option --model: {path} is neither a fine-tuned model folder (classifier.safetensors + "
+                     "config.json) nor a run folder from `d2mae finetune` (run.json)")
+
+
+@dataclass
+class Predictions:
+    """Per image: class probabilities (averaged over the models used), t*, σ*."""
+
+    paths: list[str]
+    classes: list[str]
+    probs: np.ndarray
+    t_star: np.ndarray
+    sigma_star: np.ndarray
+    models: list[str]
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for i, p in enumerate(self.paths):
+            row: dict[str, Any] = {"path": p, "pred": self.classes[int(self.pred[i])]}
+            for c, name in enumerate(self.classes):
+                row[f"prob_{name}"] = f"{self.probs[i, c]:.6f}"
+            row["t_star"] = f"{self.t_star[i]:g}"
+            row["sigma_star"] = f"{self.sigma_star[i]:g}"
+            out.append(row)
+        return out
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        fields = ["path", "pred"] + [f"prob_{c}" for c in self.classes] + ["t_star", "sigma_star"]
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows())
+        return buf.getvalue()
+
+    def table(self, limit: int = 20) -> str:
+        """A fixed-width text table of the first ``limit`` rows."""
+        names = [Path(p.split("#")[0]).name + (("#" + p.split("#", 1)[1]) if "#" in p else "") for p in self.paths]
+        width = min(48, max([4] + [len(n) for n in names]))
+        head = f"{'image':<{width}}  {'pred':<12}" + "".join(f"  {('p_' + c)[:10]:>10}" for c in self.classes) \
+            + f"  {'σ*':>5}"
+        lines = [head, "-" * len(head)]
+        for i, n in enumerate(names[:limit]):
+            short = n if len(n) <= width else "…" + n[-(width - 1):]
+            lines.append(f"{short:<{width}}  {self.classes[int(self.pred[i])][:12]:<12}"
+                         + "".join(f"  {self.probs[i, c]:>10.3f}" for c in range(len(self.classes)))
+                         + f"  {self.sigma_star[i]:>5.2g}")
+        if len(names) > limit:
+            lines.append(f"… {len(names) - limit} more row(s)")
+        return "\n".join(lines)
+
+
+def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None = None, batch_size: int = 32,
+            device: str | torch.device = "auto", precision: str = "auto", workers: int = 0, skip_bad: bool = False,
+            progress: bool = True) -> Predictions:
+    """Run OBS with the bundled pre-trained model, then classify every image at its t* (see the module docstring).
+
+    Raises:
+        D2maeError: a model folder that is missing, incomplete or inconsistent; unreadable images.
+    """
+    from d2mae.artifacts import load_pretrained
+    from d2mae.data import check_images, find_images
+    from d2mae.finetune import load_classifier, predict_probs
+    from d2mae.obs import ObsSpec, model_sha256, run_obs
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    folders = model_folders(model, fold)
+    loaded = [load_classifier(f, dev) for f in folders]
+    first = loaded[0][1]
+    for f, (_, meta) in zip(folders[1:], loaded[1:]):
+        for key in ("classes", "model", "obs", "pretrained_sha256"):
+            if meta.get(key) != first.get(key):
+                raise D2maeError(f"option --model: fold models disagree on '{key}' ({folders[0]} vs {f}); "
+                                 "they do not come from one run")
+    classes = list(first["classes"])
+    config = loaded[0][0].config
+    refs = find_images([str(p) for p in inputs])
+    refs = check_images(refs, config.in_chans, skip_bad=skip_bad)
+    obs = first.get("obs") or {"mode": "none"}
+    mode = obs.get("mode", "none")
+    n = len(refs)
+    if mode == "search":
+        pre_dir = folders[0] / "pretrained"
+        if not (pre_dir / "model.safetensors").is_file():
+            raise D2maeError(f"{folders[0]} has no pretrained/ folder; OBS on new images needs the pre-trained "
+                             "model — copy it there or re-run d2mae finetune")
+        expected = first.get("pretrained_sha256")
+        if expected and model_sha256(pre_dir) != expected:
+            raise D2maeError(f"{pre_dir / 'model.safetensors'} is not the pre-trained model this classifier was "
+                             f"fine-tuned from (sha256 differs from {expected[:12]}…)")
+        mae = load_pretrained(pre_dir, dev)
+        table = run_obs(mae, refs, spec=ObsSpec("search", int(obs.get("search_step") or 2)), batch_size=batch_size,
+                        device=dev, precision=precision, workers=workers, model_hash=expected or "",
+                        progress=progress)
+        t_star, sigma_star = table.t_star, table.sigma_star
+        del mae
+    elif mode == "fixed":
+        sigma = float(obs["sigma"])
+        t_star = np.full(n, config.schedule().level_of(sigma))
+        sigma_star = np.full(n, sigma)
+    else:
+        t_star, sigma_star = np.zeros(n), np.zeros(n)
+    probs = np.zeros((n, len(classes)))
+    for k, (clf, _) in enumerate(loaded):
+        probs += predict_probs(clf, refs, t_star, dev, batch_size, workers, precision, progress=progress,
+                               desc=f"classify ({k + 1}/{len(loaded)})" if len(loaded) > 1 else "classify")
+    probs /= len(loaded)
+    return Predictions(refs, classes, probs, np.asarray(t_star, float), np.asarray(sigma_star, float),
+                       [str(f) for f in folders])
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    from d2mae.config import add_arguments
+
+    parser.add_argument("inputs", nargs="*", help="images, folders or .csv/.txt lists of images")
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_arguments(parser, PredictConfig, exclude=("inputs",))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from d2mae.config import config_from_cli
+
+    if not args.inputs:
+        del args.inputs  # let a YAML file give them
+    cfg = config_from_cli(PredictConfig, args)
+    if not cfg.model:
+        raise D2maeError("option --model is required: a fine-tuned model folder or a finetune run folder")
+    if not cfg.inputs:
+        raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
+    result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=cfg.device,
+                     precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    print(result.table(cfg.show))
+    models = result.models[0] if len(result.models) == 1 else f"mean of {len(result.models)} fold models"
+    print(f"{len(result.paths)} image(s) classified ({models})", file=sys.stderr)
+    if cfg.out:
+        atomic_write_text(cfg.out, result.to_csv())
+        print(f"predictions written to {cfg.out}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["PredictConfig", "Predictions", "model_folders", "predict"]

@@ -1,0 +1,794 @@
+"""D²MAE pre-training (Section 2.2): blur each image at σ_t, t ~ U{1..T}, mask 75%, reconstruct the original.
+
+One command runs every pre-training of the paper: D²MAE itself, the MAE and DeblurrMAE baselines of Table 2 and the
+ablations of Table 3 (``--preset``)::
+
+    d2mae pretrain --data images/ --out runs/pt                           # D²MAE, ViT-B, 224 px
+    d2mae pretrain --data images/ --out runs/mae --preset mae             # MAE baseline (no blur)
+    d2mae pretrain --data images/ --out runs/pt --resume                  # continue a stopped run
+    torchrun --nproc_per_node 8 -m d2mae pretrain --data images/ --out runs/pt --batch-size 128   # 8 GPUs
+
+Python: ``pretrain(PretrainConfig(data=["images/"], out="runs/pt"))`` returns the output folder.
+
+The output folder is a pre-trained model folder (:func:`d2mae.artifacts.load_pretrained` reads it):
+
+* ``model.safetensors`` + ``config.json``: the DeblurMAE, its blur schedule and the data set's mean/std (computed
+  from the training images unless ``--mean``/``--std`` are given).
+* ``pretrain.yaml``: the resolved run config (``d2mae pretrain --config pretrain.yaml`` repeats the run).
+* ``metrics.jsonl``: one record per ``log_every_steps`` steps and at each epoch end: ``step`` (optimizer steps
+  done), ``epoch`` (1-based), ``loss`` (mean over the steps since the last record), ``lr``, ``images_per_s``,
+  ``time`` (training seconds so far, summed over resumed sessions).
+* ``resume.pt``: ``format``/``format_version``, ``model``, ``optimizer``, ``scheduler`` (timm CosineLRScheduler
+  state), ``scaler`` (None: bf16 needs none), ``epoch`` + ``micro_step`` (the next micro-batch to run), ``step``,
+  ``elapsed``, ``rng`` (Python/NumPy/torch/CUDA states as tensors), ``sampler``, ``world_size``, ``config``,
+  ``model_config``, ``data`` (image count and a hash of the list). Plain tensors and values only:
+  ``torch.load(path, weights_only=True)``. Written atomically at every epoch end (``save_every_epochs``), every
+  ``checkpoint_every_steps`` steps and on SIGTERM/SIGINT (exit status 143/130).
+
+Reproducibility. Every random number of a step comes from a generator seeded by ``(seed, epoch, step)``: the
+epoch's data order, each image's crop and flip (seeded by ``(seed, epoch, image)``, whatever loader worker decodes
+it), the blur levels t and the mask noise. A run stopped at any point and resumed therefore ends with the same
+weights as an uninterrupted run (bit for bit on a CPU), and W processes with batch B each match one process with
+batch B·W up to float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from d2mae import distributed as dist_utils
+from d2mae.artifacts import WEIGHTS, save_pretrained
+from d2mae.config import add_arguments, build_config, config_from_cli, load_yaml, save_config, to_dict
+from d2mae.distributed import DistContext, EpochBatchSampler
+from d2mae.errors import D2maeError
+from d2mae.models import DeblurMAE, ModelConfig
+from d2mae.runtime import (amp_dtype, atomic_write_text, autocast, capture_rng_state, derive_seed, load_checkpoint,
+                           restore_rng_state, save_checkpoint, seed_everything, warmup_cosine_scheduler)
+
+RESUME = "resume.pt"
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "pretrain.yaml"
+RESUME_FORMAT = "d2mae-pretrain-resume"
+RESUME_VERSION = 1
+STREAM_CROP = 3  # crops of the in-memory data path (see d2mae.distributed for streams 0-2)
+CROP_SCALE = (0.2, 1.0)  # MAE pre-training's RandomResizedCrop area range
+CROP_RATIO = (3 / 4, 4 / 3)
+
+# Table 2 (MAE, DeblurrMAE, D²MAE) and Table 3 (a: blur range, b: blur embedding) as ModelConfig overrides.
+_D2MAE = dict(blur=True, sigma_start=0.1, sigma_stop=1.1, sigma_step=0.1, blur_embed="token", loss_on="all")
+PRESETS: dict[str, dict[str, Any]] = {
+    # D²MAE: σ ∈ {0.1, 0.2, …, 1.1} (T = 11), t ~ U{1..T}, BLU(t) token after CLS, loss on every patch (Eq. 3).
+    "d2mae": dict(_D2MAE),
+    # MAE: no blur, no blur embedding, loss on the masked patches only.
+    "mae": dict(blur=False, blur_embed="none", loss_on="masked"),
+    # DeblurrMAE: one fixed blur (σ = 1.1, as its public code), no blur embedding, loss on every patch.
+    "deblurrmae": dict(blur=True, sigma_start=1.1, sigma_stop=1.1, sigma_step=0.1, blur_embed="none", loss_on="all"),
+    # Table 3a: blur ranges 0.1→0.6 and 0.1→1.6 (step 0.1).
+    "range-0.6": {**_D2MAE, "sigma_stop": 0.6},
+    "range-1.6": {**_D2MAE, "sigma_stop": 1.6},
+    # Table 3b: no blur embedding / the sinusoid added to every patch embedding.
+    "embed-none": {**_D2MAE, "blur_embed": "none"},
+    "embed-add": {**_D2MAE, "blur_embed": "add"},
+}
+
+MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
+
+# Options that change what a run computes; a resumed run must keep them (the others may change freely).
+_TRAJECTORY = ("seed", "epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay",
+               "max_steps") + MODEL_FIELDS
+
+
+@dataclass
+class PretrainConfig(ModelConfig):
+    """Every option of ``d2mae pretrain``: the model (all of :class:`ModelConfig`'s fields) and the run.
+
+    Each field is a YAML key and a flag (``batch_size`` ↔ ``--batch-size``). Precedence, lowest first: defaults <
+    ``preset`` (:data:`PRESETS`) < the YAML file (``config``) < flags. Learning rate as MAE: ``lr = blr ×
+    effective batch / 256`` with effective batch = batch_size × accum_iter × number of processes.
+    """
+
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "image folders, image files or .csv/.txt lists of images (required)", "metavar": "PATH"})
+    out: str = field(default="", metadata={
+        "help": "output folder; it becomes the pre-trained model folder (required)", "metavar": "DIR"})
+    preset: str = field(default="d2mae", metadata={
+        "help": "method: d2mae (the paper), mae, deblurrmae, or the ablations range-0.6, range-1.6, embed-none, "
+                "embed-add", "choices": list(PRESETS)})
+    config: str | None = field(default=None, metadata={
+        "help": "YAML file of options (keys as the flags, with _ or -); flags given here override it",
+        "metavar": "FILE.yaml"})
+    epochs: int = field(default=400, metadata={"help": "epochs over the data (paper: 6000-16000)"})
+    batch_size: int = field(default=64, metadata={"help": "images per process per step"})
+    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
+    blr: float = field(default=1.5e-4, metadata={"help": "base learning rate: lr = blr × effective batch / 256"})
+    lr: float | None = field(default=None, metadata={"help": "absolute learning rate (overrides --blr)"})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay"})
+    warmup_epochs: float = field(default=40.0, metadata={"help": "linear warm-up length in epochs"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, tokens)"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same result on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32", "choices": ["auto", "bf16", "fp32"]})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)"})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "leave out unreadable images (listed in OUT/bad_images.txt) instead of stopping"})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue a run: auto (OUT/resume.pt if present) or a resume.pt file / run folder"})
+    save_every_epochs: int = field(default=1, metadata={
+        "help": "write the model and resume.pt every N epochs (and at the end)"})
+    checkpoint_every_steps: int = field(default=500, metadata={
+        "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)"})
+    log_every_steps: int = field(default=20, metadata={"help": "write a metrics.jsonl record every N steps"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (the lr schedule is fitted to the shorter run)"})
+    data_path: str = field(default="auto", metadata={
+        "help": "memory: decode every image once into a cache on the device and crop batches there; loader: "
+                "decode each epoch in DataLoader workers; auto: memory when the cache fits, else loader",
+        "choices": ["auto", "memory", "loader"]})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (faster on recent GPUs)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise D2maeError("option --data is required: give one or more image folders, files or .csv/.txt lists")
+        if not str(self.out).strip():
+            raise D2maeError("option --out is required: the folder to write the pre-trained model to")
+        if self.preset not in PRESETS:
+            raise D2maeError(f"option --preset: unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}")
+        positive = ("epochs", "batch_size", "accum_iter", "save_every_epochs", "log_every_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise D2maeError(f"option --{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise D2maeError(f"option --max-steps must be ≥ 1, got {self.max_steps}")
+        for name in ("checkpoint_every_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise D2maeError(f"option --{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise D2maeError(f"option --num-workers must be ≥ 0, got {self.num_workers}")
+        for name in ("blr", "lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise D2maeError(f"option --{name} must be a number > 0, got {value}")
+        for name in ("min_lr", "warmup_epochs", "weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise D2maeError(f"option --{name.replace('_', '-')} must be a number ≥ 0, got {value}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise D2maeError(f"option --precision: unknown value '{self.precision}'; use auto, bf16 or fp32")
+        if self.data_path not in ("auto", "memory", "loader"):
+            raise D2maeError(f"option --data-path: unknown value '{self.data_path}'; use auto, memory or loader")
+
+    def model_config(self) -> ModelConfig:
+        """The :class:`ModelConfig` part (what ``config.json`` of the pre-trained folder stores)."""
+        return ModelConfig(**{k: getattr(self, k) for k in MODEL_FIELDS})
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * self.accum_iter * world_size
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """``lr``, or MAE's linear scaling rule ``blr × effective batch / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The ModelConfig overrides of a preset (a copy); unknown names are a clear error."""
+    if name not in PRESETS:
+        raise D2maeError(f"option --preset: unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def make_config(preset: str | None = None, **options: Any) -> PretrainConfig:
+    """Build a :class:`PretrainConfig` in Python with the command line's precedence: defaults < preset < options."""
+    name = preset or "d2mae"
+    return build_config(PretrainConfig, ({**preset_overrides(name), "preset": name}, f"preset '{name}'"),
+                        (options, "the arguments"))
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a resume checkpoint was written. ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.step = step
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        where = f"; checkpoint {checkpoint}, continue with --resume" if checkpoint else ""
+        super().__init__(f"stopped by {name} after step {step}{where}")
+
+
+class NonFiniteLossError(D2maeError):
+    """The loss became NaN or infinite; the weights of that step were not applied."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------------------------
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps :class:`d2mae.data.ImageDataset`: item ``(index, seed)`` -> the image [C, S, S] in [0, 1].
+
+    Before each image the global Python/NumPy/torch(CPU) generators of the process (main or loader worker) are seeded
+    with the image's own seed, so its random crop and flip depend on ``(run seed, epoch, index)`` only.
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        return self.base[index][0]  # [C, S, S]
+
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes free for a data cache on ``device`` (GPU: free device memory; CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def choose_data_path(cfg: PretrainConfig, num_images: int, device: torch.device, ctx: DistContext) -> tuple[str, str]:
+    """``memory`` or ``loader``, with the reason. The cache may use a quarter of the free memory (shared by the
+    processes of a node on the CPU)."""
+    if cfg.data_path == "loader":
+        return "loader", "--data-path loader"
+    side = max(cfg.img_size, int(round(1.15 * cfg.img_size)))
+    need = num_images * cfg.in_chans * side * side
+    share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    budget = _available_memory(device) // 4 // share
+    if need <= budget:
+        return "memory", f"decoded-image cache {need / 2**20:.0f} MiB on {device}"
+    reason = f"the decoded-image cache ({need / 2**20:.0f} MiB) exceeds a quarter of the free memory on {device}"
+    if cfg.data_path == "memory":
+        _say(ctx, f"note: --data-path memory: {reason}; using the DataLoader instead")
+    return "loader", reason
+
+
+class _MemoryBatches:
+    """Micro-batches cropped on the device from a :class:`d2mae.data.DecodedCache` (no DataLoader).
+
+    The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
+    ``(seed, epoch, micro-step)`` and sliced per rank, like t and the mask noise.
+    """
+
+    def __init__(self, cache: Any, sampler: EpochBatchSampler, img_size: int, device: torch.device) -> None:
+        self.cache = cache.to(device)
+        self.sampler = sampler
+        self.img_size = img_size
+
+    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        from d2mae import data
+
+        s = self.sampler
+        perm = s.permutation(epoch)
+        lo = s.rank * s.batch_size
+        for m in range(start, s.micro_steps):
+            gidx = perm[m * s.global_batch:(m + 1) * s.global_batch]  # [B·W]
+            g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, m, STREAM_CROP))
+            boxes = data._crop_boxes(self.cache.aspect[gidx], CROP_SCALE, CROP_RATIO, g)  # 4 × [B·W]
+            flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
+            mine = slice(lo, lo + s.batch_size)
+            idx = gidx[mine].to(self.cache.images.device)
+            yield data.crop_batch(self.cache.images[idx], tuple(b[mine] for b in boxes), self.img_size,
+                                  flip[mine])  # [B, C, S, S]
+
+
+class _LoaderBatches:
+    """Micro-batches from a DataLoader over :class:`SeededDataset` with the sampler as its batch sampler."""
+
+    def __init__(self, dataset: Any, sampler: EpochBatchSampler, num_workers: int, pin: bool) -> None:
+        self.sampler = sampler
+        self.loader = torch.utils.data.DataLoader(
+            SeededDataset(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        self.sampler.set_epoch(epoch, start)
+        yield from self.loader
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# optimisation
+# --------------------------------------------------------------------------------------------------------------------
+
+NO_WEIGHT_DECAY = ("encoder.cls_token", "encoder.blur_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed")
+
+
+def build_optimizer(model: DeblurMAE, cfg: PretrainConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW(β = 0.9, 0.95) as MAE; weight decay on weight matrices only (not on norms, biases, CLS/BLU/mask
+    tokens), grouped by timm's ``param_groups_weight_decay``."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------------------
+
+def _say(ctx: DistContext, message: str) -> None:
+    if ctx.is_main:
+        print(message, flush=True)
+
+
+def _on_main(ctx: DistContext, fn: Any) -> Any:
+    """Run ``fn`` on rank 0 and hand its result (or its D2maeError) to every rank."""
+    result: Any = None
+    error: str | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except D2maeError as exc:
+            if not ctx.enabled:
+                raise
+            error = str(exc)
+    result, error = dist_utils.broadcast_object((result, error), ctx)
+    if error is not None:
+        raise D2maeError(error)
+    return result
+
+
+def _refs_digest(refs: list[str]) -> str:
+    return hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
+
+
+def _resume_path(cfg: PretrainConfig, out: Path) -> Path | None:
+    if cfg.resume is None or str(cfg.resume).lower() in ("", "none", "no", "false"):
+        return None
+    if str(cfg.resume).lower() in ("auto", "true", "yes"):
+        path = out / RESUME
+        return path if path.is_file() else None
+    path = Path(cfg.resume)
+    if path.is_dir():
+        path = path / RESUME
+    if not path.is_file():
+        raise D2maeError(f"option --resume: {path} does not exist; give a resume.pt file, a run folder, or auto")
+    return path
+
+
+def _check_resume_matches(state: dict[str, Any], cfg: PretrainConfig, refs_digest: str, num_images: int,
+                          world_size: int, path: Path) -> None:
+    if state.get("format") != RESUME_FORMAT or not isinstance(state.get("format_version"), int):
+        raise D2maeError(f"{path} is not a d2mae pre-training resume checkpoint")
+    if state["format_version"] > RESUME_VERSION:
+        raise D2maeError(f"{path} was written by a newer d2mae (resume format {state['format_version']})")
+    saved = state.get("config", {})
+    current = to_dict(cfg)
+    diffs = []
+    for key in _TRAJECTORY:
+        if key in ("mean", "std") and current.get(key) is None:
+            continue  # computed from the data the first time; taken from the checkpoint
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now")
+    if state.get("world_size") != world_size:
+        diffs.append(f"processes: {state.get('world_size')} in the checkpoint, {world_size} now")
+    data = state.get("data", {})
+    if data.get("num_images") != num_images or data.get("refs_sha256") != refs_digest:
+        diffs.append(f"images: {data.get('num_images')} in the checkpoint, {num_images} now (or other files)")
+    if diffs:
+        raise D2maeError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs[:3])}); "
+                         "resume with the original settings or start a new --out")
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag checked after each optimizer step (a second SIGINT stops at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Run:
+    """State of one pre-training process (one rank)."""
+
+    def __init__(self, cfg: PretrainConfig, ctx: DistContext, device: torch.device) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.device = device
+        self.out = Path(cfg.out)
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> bool:
+        """Check the inputs, build everything; ``False`` when a resumed run had already finished."""
+        from d2mae import data
+
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        if out.exists() and not out.is_dir():
+            raise D2maeError(f"option --out: {out} exists and is not a folder")
+
+        def find_resume() -> Path | None:
+            path = _resume_path(cfg, out)
+            if path is None and ((out / RESUME).exists() or (out / WEIGHTS).exists()):
+                raise D2maeError(f"option --out: {out} already holds a pre-training run; continue it with --resume, "
+                                 "or choose a new --out")
+            return path
+
+        resume_path = _on_main(ctx, find_resume)
+        if cfg.resume is not None and resume_path is None:
+            _say(ctx, f"no resume checkpoint in {out}; starting a new run")
+
+        def images() -> list[str]:
+            refs = data.find_images(cfg.data)
+            return data.check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
+                                     min_size=cfg.patch)
+
+        self.refs = _on_main(ctx, images)
+        digest = _refs_digest(self.refs)
+        self.sampler = EpochBatchSampler(len(self.refs), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
+                                         steps_multiple=cfg.accum_iter)
+        self.micro_per_epoch = self.sampler.micro_steps
+        self.steps_per_epoch = self.micro_per_epoch // cfg.accum_iter
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.lr = cfg.resolved_lr(ctx.world_size)
+        self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * self.steps_per_epoch)))
+
+        state: dict[str, Any] | None = None
+        if resume_path is not None:
+            state = load_checkpoint(resume_path)
+            _check_resume_matches(state, cfg, digest, len(self.refs), ctx.world_size, resume_path)
+            model_cfg = ModelConfig.from_dict(state["model_config"], source=str(resume_path))
+        else:
+            model_cfg = cfg.model_config()
+            if model_cfg.mean is None or model_cfg.std is None:
+                mean, std = _on_main(ctx, lambda: data.compute_stats(self.refs, cfg.in_chans, seed=cfg.seed))
+                model_cfg = dataclasses.replace(model_cfg, mean=model_cfg.mean or mean, std=model_cfg.std or std)
+        self.model_cfg = model_cfg
+        # the config written beside the outputs: resolved, with the data set's statistics
+        self.cfg = dataclasses.replace(cfg, mean=model_cfg.mean, std=model_cfg.std)
+
+        seed_everything(cfg.seed)
+        self.model = DeblurMAE(model_cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr, self.device)
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.min_lr)
+        self.amp = amp_dtype(self.device, cfg.precision)
+        self.epoch, self.micro, self.step, self.elapsed = 0, 0, 0, 0.0
+        self.saved_step: int | None = None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"])
+            self.epoch, self.micro = int(state["epoch"]), int(state["micro_step"])
+            self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            self.saved_step = self.step
+            _say(ctx, f"resuming from {resume_path}: epoch {self.epoch + 1}, step {self.step}")
+        if self.step >= self.total_steps:
+            _say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
+            return False
+
+        self.data_path, why = choose_data_path(cfg, len(self.refs), self.device, ctx)
+        if state is not None and state.get("data_path_used") not in (None, self.data_path):
+            _say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
+                      f"{self.data_path}; crops differ slightly from an uninterrupted run (--data-path to choose)")
+        if self.data_path == "memory":
+            cache = data.DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
+            self.batches: Any = _MemoryBatches(cache, self.sampler, cfg.img_size, self.device)
+        else:
+            dataset = data.ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae")
+            workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
+            self.batches = _LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
+
+        self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # half-written files of a killed run (atomic writes' temp files)
+                if any(stale.name.startswith(f".{name}.") for name in (RESUME, WEIGHTS, METRICS, RUN_CONFIG,
+                                                                        "config.json")):
+                    stale.unlink(missing_ok=True)
+            save_config(self.cfg, out / RUN_CONFIG)
+            self._trim_metrics()
+            if self.warmup_steps >= self.total_steps and self.total_steps > 1:
+                print(f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
+                      "reaches its peak (lower --warmup-epochs)", flush=True)
+            print(f"pre-training {cfg.preset} ({cfg.model}, {cfg.img_size} px, T = {model_cfg.schedule().num_levels})"
+                  f" on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch × {cfg.epochs} epochs, "
+                  f"effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, {self.device}"
+                  f"{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: {why}",
+                  flush=True)
+        return True
+
+    def _trim_metrics(self) -> None:
+        """Drop records after the resumed step (they will be logged again) and any half-written line."""
+        path = self.out / METRICS
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and int(record.get("step", 0)) <= self.step:
+                keep.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        epoch, micro = self.epoch, self.micro
+        if micro >= self.micro_per_epoch:  # stopped right after an epoch's last step
+            epoch, micro = epoch + 1, 0
+        return {
+            "format": RESUME_FORMAT, "format_version": RESUME_VERSION,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": None,
+            "epoch": epoch, "micro_step": micro, "step": self.step, "elapsed": self.elapsed,
+            "rng": capture_rng_state(),
+            "sampler": {"seed": self.cfg.seed, "epoch": epoch, "start": micro,
+                        "micro_steps_per_epoch": self.micro_per_epoch, "batch_size": self.cfg.batch_size,
+                        "world_size": self.ctx.world_size},
+            "world_size": self.ctx.world_size, "data_path_used": self.data_path,
+            "config": to_dict(self.cfg), "model_config": self.model_cfg.to_dict(),
+            "data": {"num_images": len(self.refs), "refs_sha256": _refs_digest(self.refs)},
+        }
+
+    def save_resume(self) -> Path:
+        path = self.out / RESUME
+        if self.ctx.is_main:
+            save_checkpoint(self.resume_state(), path)
+        self.saved_step = self.step
+        return path
+
+    def save_model(self) -> None:
+        if self.ctx.is_main:
+            save_pretrained(self.model, self.out, extra={
+                "pretrain": {"preset": self.cfg.preset, "epoch": self.epoch, "step": self.step,
+                             "images": len(self.refs), "seed": self.cfg.seed}})
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            with open(self.out / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def train_step(self, epoch: int, batches: Iterator[torch.Tensor], stop: "_StopSignals") -> tuple[float, bool]:
+        """One optimizer step: ``accum_iter`` micro-batches forward/backward, then AdamW (Section 2.2, Eq. 3).
+
+        Returns the step's loss (mean over micro-batches and ranks) and whether a stop signal reached any rank.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        accum = cfg.accum_iter
+        self.scheduler.step_update(num_updates=self.step)  # warm-up + cosine, per step
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(accum):
+            x = next(batches).to(self.device, non_blocking=True)  # [B, C, S, S] in [0, 1], not yet blurred
+            # t ~ U{1..T} [B] and mask noise [B, N], drawn from (seed, epoch, micro-step): resumable, rank-independent
+            t, noise = dist_utils.step_randomness(cfg.seed, epoch, self.micro + k, cfg.batch_size * ctx.world_size,
+                                                  self.model_cfg.num_patches, self.schedule, ctx.rank, cfg.batch_size)
+            t = t.to(self.device, non_blocking=True)  # [B]
+            noise = noise.to(self.device, non_blocking=True)  # [B, N]
+            sync = k == accum - 1 or not ctx.enabled  # DDP: all-reduce gradients on the last micro-batch only
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                with autocast(self.device, self.amp):
+                    loss, _, _ = self.train_model(x, t, noise=noise)  # blur at σ_t, mask, reconstruct x
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
+                             torch.tensor(float(stop.signum is not None), device=self.device)])
+        flags = dist_utils.all_reduce_sum(flags, ctx).cpu()  # [loss, non-finite, stop]: one sync per step
+        step_loss = float(flags[0]) / ctx.world_size
+        if flags[1] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = (f"the last good checkpoint {self.out / RESUME} (step {self.saved_step}) is kept"
+                    if self.saved_step is not None else "no checkpoint had been written yet")
+            advice = "lower --blr" + (" or use --precision fp32" if self.amp is not None else "")
+            raise NonFiniteLossError(f"the loss became {step_loss} at step {self.step + 1} (epoch {epoch + 1}); "
+                                     f"that step was not applied and {kept}; {advice}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro += accum
+        self.step += 1
+        return step_loss, bool(flags[2] > 0)
+
+    def train(self) -> Path:
+        """Epochs of :meth:`train_step`, with logging, checkpoints and the stop signals; returns the output folder."""
+        cfg, ctx = self.cfg, self.ctx
+        self.schedule = self.model_cfg.schedule()
+        images_per_step = cfg.effective_batch(ctx.world_size)
+        with _StopSignals() as stop:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                epoch = self.epoch
+                bar = _progress(ctx, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
+                epoch_loss, epoch_steps, epoch_time = 0.0, 0, 0.0
+                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+                batches = self.batches.epoch(epoch, self.micro)
+                pending = False  # a step checkpoint that falls on the epoch's last step
+                while self.micro < self.micro_per_epoch and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    step_loss, stopping = self.train_step(epoch, batches, stop)
+                    dt = time.perf_counter() - t0
+                    self.elapsed += dt
+                    epoch_loss, epoch_steps, epoch_time = epoch_loss + step_loss, epoch_steps + 1, epoch_time + dt
+                    log_loss, log_steps = log_loss + step_loss, log_steps + 1
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
+                                        img_s=f"{epoch_steps * images_per_step / max(epoch_time, 1e-9):.1f}",
+                                        refresh=False)
+                    last_of_epoch = self.micro >= self.micro_per_epoch or self.step >= self.total_steps
+                    if self.step % cfg.log_every_steps == 0 or last_of_epoch:
+                        now = time.perf_counter()
+                        self.log({"step": self.step, "epoch": epoch + 1, "loss": round(log_loss / log_steps, 6),
+                                  "lr": lr, "images_per_s": round(log_steps * images_per_step / (now - log_start), 2),
+                                  "time": round(self.elapsed, 3)})
+                        log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+                    if stopping:
+                        if bar is not None:
+                            bar.close()
+                        path = self.save_resume()
+                        dist_utils.barrier(ctx)
+                        raise TrainingInterrupted(int(stop.signum or signal.SIGTERM), self.step, path)
+                    if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                        if last_of_epoch:
+                            pending = True
+                        else:
+                            self.save_resume()
+                if bar is not None:
+                    bar.close()
+                if self.micro >= self.micro_per_epoch:
+                    self.epoch, self.micro = epoch + 1, 0
+                done = self.epoch >= cfg.epochs or self.step >= self.total_steps
+                if ctx.is_main and not _tty():
+                    print(f"epoch {epoch + 1}/{cfg.epochs}  step {self.step}  "
+                          f"loss {epoch_loss / max(1, epoch_steps):.4f}  lr {self.optimizer.param_groups[0]['lr']:.3g}"
+                          f"  {epoch_steps * images_per_step / max(epoch_time, 1e-9):.1f} img/s  {epoch_time:.1f} s",
+                          flush=True)
+                if done or self.epoch % cfg.save_every_epochs == 0:
+                    self.save_model()
+                    self.save_resume()
+                elif pending:
+                    self.save_resume()
+        dist_utils.barrier(ctx)
+        _say(ctx, f"pre-trained model written to {self.out} ({self.step} steps)")
+        return self.out
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _progress(ctx: DistContext, total: int, initial: int, epoch: int, epochs: int) -> Any:
+    """A tqdm bar on a terminal (rank 0 only); ``None`` otherwise (one line per epoch is printed instead)."""
+    if not (ctx.is_main and _tty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
+                file=sys.stdout, leave=True)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Pre-train a DeblurMAE as ``cfg`` says and return the output folder (a pre-trained model folder).
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) each process trains on its shard with DistributedDataParallel and
+    only rank 0 writes. Raises :class:`D2maeError` for bad input before training starts,
+    :class:`NonFiniteLossError` when the loss diverges, :class:`TrainingInterrupted` after SIGTERM/SIGINT (a resume
+    checkpoint has been written).
+    """
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    ctx, device = dist_utils.init_distributed(cfg.device)
+    try:
+        run = _Run(cfg, ctx, device)
+        if not run.setup():
+            return Path(cfg.out)
+        return run.train()
+    finally:
+        if owned:
+            dist_utils.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------------------
+
+_CLI_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("what to pre-train on, and where the model goes", ("data", "out", "preset", "config", "resume", "skip_bad")),
+    ("training (MAE's recipe: AdamW β=(0.9, 0.95), warm-up + cosine lr per step)",
+     ("epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "seed",
+      "max_steps")),
+    ("model, blur schedule and normalisation (saved in config.json; a preset sets the blur options)", MODEL_FIELDS),
+    ("hardware, data loading and bookkeeping",
+     ("device", "precision", "num_workers", "data_path", "compile", "save_every_epochs", "checkpoint_every_steps",
+      "log_every_steps")),
+)
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``d2mae pretrain``: one per :class:`PretrainConfig` field."""
+    parser.description = (
+        "Pre-train D²MAE (or MAE / DeblurrMAE / a Table 3 ablation, --preset) on unlabeled images. The --out folder "
+        "becomes a pre-trained model folder (model.safetensors + config.json) with pretrain.yaml, metrics.jsonl and "
+        "resume.pt. Example: d2mae pretrain --data images/ --out runs/pt --model vit_tiny_patch16 --epochs 100. "
+        "Multi-GPU: torchrun --nproc_per_node N -m d2mae pretrain ... . Every option can also be set in a YAML file "
+        "(--config); flags win over the file, the file over the preset.")
+    all_fields = {f.name for f in fields(PretrainConfig)}
+    for title, names in _CLI_GROUPS:
+        group = parser.add_argument_group(title)
+        add_arguments(group, PretrainConfig, exclude=tuple(all_fields - set(names) | {"resume"}))
+        if "resume" in names:
+            group.add_argument("--resume", nargs="?", const="auto", default=argparse.SUPPRESS, dest="resume",
+                               metavar="PATH|auto",
+                               help="continue a stopped run: --resume alone uses OUT/resume.pt (starts fresh when "
+                                    "there is none); or give a resume.pt file or a run folder")
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """defaults < preset < YAML (--config) < flags; the preset may itself come from the YAML file."""
+    name = getattr(args, "preset", None)
+    if name is None and getattr(args, "config", None):
+        file_layer = load_yaml(args.config)
+        name = file_layer.get("preset", file_layer.get("Preset"))
+    name = str(name) if name is not None else "d2mae"
+    return config_from_cli(PretrainConfig, args, preset={**preset_overrides(name), "preset": name},
+                           preset_name=f"preset '{name}'")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        pretrain(cfg)
+    except TrainingInterrupted as exc:
+        print(f"d2mae pretrain: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0

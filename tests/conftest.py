@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny model configs and the location of the BUS-BRA data beside the repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2mae.models import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BUSBRA = REPO.parent / "shared" / "data" / "bus-bra"
+
+TINY = dict(model="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig(**TINY)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def busbra() -> Path:
+    if not (BUSBRA / "images").is_dir():
+        pytest.skip("BUS-BRA data not found beside the repository (../shared/data/bus-bra)")
+    return BUSBRA
