@@ -66,7 +66,11 @@ def main() -> None:
     ap.add_argument("--ft-batch", type=int, default=32)
     ap.add_argument("--ft-epochs", type=int, default=50, help="epochs for the OBS share estimate")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -127,6 +131,9 @@ def main() -> None:
     print(f"Command: `python benchmarks/obs_speed.py {' '.join(sys.argv[1:])}`  ")
     print(f"Machine: {device.type} ({dev_name}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads  ")
+    load_after = os.getloadavg()
+    print(f"Load average (1/5/15 min) before: {' '.join(f'{v:.1f}' for v in load_before)}, after: "
+          f"{' '.join(f'{v:.1f}' for v in load_after)} (a shared machine slows every row alike)  ")
     print(f"Model: {cfg.model} {cfg.img_size} px ({'pre-trained ' + args.model if args.model else 'random weights'}),"
           f" s = {args.search_step} → L = {n_levels} levels, {n} images\n")
     print("| OBS variant | seconds | images/s | speed-up |")

@@ -121,7 +121,8 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     mean = {p: float(np.mean(v)) for p, v in times.items()}
     step_time = sum(mean.values())
     result = {
-        "model": model_name, "decoder": f"{cfg.decoder_embed_dim}x{cfg.decoder_depth}", "img_size": cfg.img_size, "batch_size": cfg.batch_size, "steps": args.steps,
+        "model": model_name, "decoder": f"{cfg.decoder_embed_dim}x{cfg.decoder_depth}", "img_size": cfg.img_size,
+        "batch_size": cfg.batch_size, "steps": args.steps,
         "device": str(device), "precision": "bf16" if amp is not None else "fp32", "data_path": args.data_path,
         "images_per_s": cfg.batch_size / step_time, "step_s": step_time,
         "share": {p: mean[p] / step_time for p in PHASES},
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--data-path", default="memory", choices=["loader", "memory"],
                         help="memory (what `d2mae pretrain` picks when the decoded cache fits) or loader")
     parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's, one per core); 1 can be faster on a busy CPU")
     parser.add_argument("--decoder-embed-dim", type=int, default=512, help="MAE: 512")
     parser.add_argument("--decoder-depth", type=int, default=8, help="MAE: 8")
     parser.add_argument("--decoder-num-heads", type=int, default=16, help="MAE: 16")
@@ -153,6 +156,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args.data, args)), flush=True)
         return
@@ -182,6 +187,8 @@ def main() -> None:
                    "--decoder-num-heads", str(args.decoder_num_heads), "--data", *data]
             if args.num_workers is not None:
                 cmd += ["--num-workers", str(args.num_workers)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:

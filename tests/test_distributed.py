@@ -108,8 +108,16 @@ def _epoch_indices(sampler: EpochBatchSampler, epoch: int) -> list[int]:
     return [i for batch in sampler for i, _ in batch]
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the two workers: tiny models, and no OpenMP waits on a busy 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, one_thread):
     from d2mae.pretrain import make_config, pretrain
     from tests.test_pretrain import write_images
 

@@ -267,3 +267,15 @@ def test_finetune_reuses_an_obs_table_instead_of_searching(data, tmp_path: Path,
     assert json.loads((out / "run.json").read_text())["obs_seconds"] == 0
     t_of = dict(zip(table.paths, table.t_star))
     assert all(float(r["t_star"]) == t_of[r["path"]] for r in _rows(out / "predictions.csv"))
+
+
+def test_scratch_without_a_pretrained_folder(data, tmp_path: Path) -> None:
+    _, labels = data
+    out = tmp_path / "run"
+    assert main(["finetune", "--mode", "scratch", "--arch", "vit_tiny_patch16", "--img-size", "32", "--labels",
+                 str(labels), "--out", str(out), *FAST, "--epochs", "1", "--obs", "none"]) == 0
+    cfg = json.loads((out / "fold_1" / "model" / "config.json").read_text())
+    assert cfg["model"]["img_size"] == 32 and cfg["model"]["blur"] is False and cfg["pretrained_sha256"] is None
+    assert cfg["model"]["mean"] is not None  # normalised with the training images' own statistics
+    rows = _rows(out / "predictions.csv")
+    assert {r["t_star"] for r in rows} == {"0"}

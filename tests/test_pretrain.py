@@ -35,9 +35,21 @@ def write_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (4
         h, w = (int(v) for v in rng.integers(size[0], size[1], 2))
         yy, xx = np.mgrid[0:h, 0:w]
         cx, cy, r = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h), rng.uniform(5, 12)
-        img = 0.2 + 0.3 * yy / h + 0.4 * (((xx - cx) ** 2 + (yy - cy) ** 2) < r * r) + 0.03 * rng.standard_normal((h, w))
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+        img = 0.2 + 0.3 * yy / h + 0.4 * disc + 0.03 * rng.standard_normal((h, w))
         Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
     return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that wait for
+    each other make steps 10-30× slower. The subprocesses get OMP_NUM_THREADS=1 too (bit-equal runs need the same
+    thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +195,7 @@ def _flags(images: Path, out: Path, workers: int) -> list[str]:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "d2mae", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
@@ -207,12 +219,12 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(images, tmp_path, reference):
     out = tmp_path / "killed"
     proc = _start(_flags(images, out, workers=1))
-    _wait_for_step(proc, out, 17)  # inside the second epoch (steps 13-24)
+    _wait_for_step(proc, out, 16)  # inside the second epoch (steps 13-24; checkpoints after steps 15, 18, 21)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
     state = torch.load(out / "resume.pt", weights_only=True)
-    assert state["epoch"] == 1 and 0 < state["micro_step"] < 12 and state["step"] < 48  # mid-epoch checkpoint
+    assert 15 <= state["step"] < 48 and state["micro_step"] == state["step"] % 12  # a mid-run checkpoint
     assert cli.main(_flags(images, out, workers=0) + ["--resume"]) == 0
     assert _equal(_state(out), _state(reference))  # bit-identical on CPU
     steps = [r["step"] for r in _metrics(out)]
@@ -322,3 +334,14 @@ def test_help_explains_the_command(capsys):
     text = capsys.readouterr().out
     for word in ("--data", "--out", "--preset", "--resume", "--batch-size", "--config", "deblurrmae", "torchrun"):
         assert word in text
+
+
+def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(images, tmp_path, monkeypatch, capsys):
+    from d2mae import pretrain as pt
+    from d2mae.distributed import DistContext
+    cpu, ctx = torch.device("cpu"), DistContext()
+    assert pt.choose_data_path(_cfg(images, tmp_path), 48, cpu, ctx)[0] == "memory"  # 48 × 37² bytes fit
+    monkeypatch.setattr(pt, "_available_memory", lambda device: 1000)
+    assert pt.choose_data_path(_cfg(images, tmp_path), 48, cpu, ctx)[0] == "loader"
+    assert pt.choose_data_path(_cfg(images, tmp_path, data_path="memory"), 48, cpu, ctx)[0] == "loader"
+    assert "using the DataLoader instead" in capsys.readouterr().out

@@ -633,6 +633,8 @@ class ImageDataset(Dataset):
                 from timm.data.auto_augment import rand_augment_transform
                 fill = int(kw["fill"])
                 hparams = {"translate_const": int(s * 0.45), "img_mean": fill if in_chans == 1 else (fill,) * 3}
+                if "mmax" not in str(policy):  # timm clips m to [0, 10]; at m = 10 its increasing posterize keeps
+                    hparams["magnitude_max"] = 9.999  # 0 bits, which Pillow >= 10 refuses (ValueError)
                 try:
                     self.rand_augment = rand_augment_transform(str(policy), hparams)
                 except Exception as exc:  # noqa: BLE001

@@ -156,7 +156,8 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> 
 
     ids = [device.index] if device.type == "cuda" else None
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **no_buffer_sync)
 
 

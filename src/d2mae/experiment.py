@@ -44,17 +44,25 @@ Python API: ``cfg = load_experiment("configs/demo.yaml")``, ``plan = make_plan(c
 
 from __future__ import annotations
 
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # An experiment is a long CPU job, often on a machine shared with other work. OpenMP threads that spin while
+    # they wait slow torch down 20-60× as soon as other processes compete for the cores (measured on 2 cores at load
+    # average 6: a ViT-Tiny pre-training step took 4-13 s spinning, 0.2 s passive). Set before torch is imported;
+    # an explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import csv
 import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -367,6 +375,16 @@ def _check_section_types(cls: type, section: Mapping[str, Any], where: str, sour
         coerce(value, types_[key], f"{where}.{key}", source)
 
 
+def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
+    """:func:`d2mae.config.build_config`, with the file and section named in value errors of ``__post_init__``."""
+    try:
+        return build_config(cls, *layers)
+    except D2maeError as exc:
+        if source in str(exc):
+            raise
+        raise D2maeError(f"{source}, section {where}: {exc}") from None
+
+
 def parse_experiment(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
     """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
     from d2mae.labels import parse_protocol
@@ -400,14 +418,11 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
                              f"sets it ({', '.join(f'{p}: {PRESETS[p].get(key)}' for p in ('d2mae', 'mae'))}…); "
                              "choose methods/ablations instead")
     _check_section_types(ModelConfig, model, "model", source)
-    build_config(ModelConfig, (model, f"{source}, section model"))  # value checks (sizes, heads, …)
+    _build(ModelConfig, "model", source, (model, f"{source}, section model"))  # value checks (sizes, heads, …)
 
     budget_data = _section(data, "budget", source)
     _check_section_types(BudgetSpec, budget_data, "budget", source)
-    try:
-        budget = build_config(BudgetSpec, (budget_data, f"{source}, section budget"))
-    except D2maeError as exc:
-        raise D2maeError(f"{source}: {exc}") from None
+    budget = _build(BudgetSpec, "budget", source, (budget_data, f"{source}, section budget"))
 
     pretrain = _section(data, "pretrain", source)
     _refuse(pretrain, _PRETRAIN_FORBIDDEN, "pretrain", source)
@@ -425,7 +440,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
 
     report_data = _section(data, "report", source)
     _check_section_types(ReportSpec, report_data, "report", source)
-    report = build_config(ReportSpec, (report_data, f"{source}, section report"))
+    report = _build(ReportSpec, "report", source, (report_data, f"{source}, section report"))
 
     raw_datasets = data.get("datasets")
     if not isinstance(raw_datasets, Mapping) or not raw_datasets:
@@ -451,7 +466,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
                 raise D2maeError(f"option '{where}.{key}' in {source} must be a mapping (n:, size:, seed:, …)")
             phantoms[key] = _check_phantoms(dict(value), f"{where}.{key}", source)
         _check_section_types(DatasetSpec, ds_data, where, source)
-        spec = build_config(DatasetSpec, (ds_data, f"{source}, section {where}"))
+        spec = _build(DatasetSpec, where, source, (ds_data, f"{source}, section {where}"))
         spec.name = ds_name
         spec.phantoms = phantoms.get("phantoms")
         spec.pretrain_phantoms = phantoms.get("pretrain_phantoms")
@@ -463,14 +478,30 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
         if spec.phantoms is not None:
             spec.scanner_column = spec.scanner_column or "scanner"
         try:
-            parse_protocol(spec.protocol)
+            kind, params = parse_protocol(spec.protocol)
         except D2maeError as exc:
             raise D2maeError(f"option '{where}.protocol' in {source}: {exc}") from None
+        _check_protocol(kind, params, f"option '{where}.protocol' in {source}")
         _resolve_paths(spec, where, source)
         datasets[ds_name] = spec
     return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
                             flat.device, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
                             pretrain, finetune, datasets, report, source)
+
+
+def _check_protocol(kind: str, params: list[str], where: str) -> None:
+    """The protocol's parameters, checked before anything runs (the folds themselves are made by d2mae.labels)."""
+    if kind == "kfold" and (len(params) != 1 or not params[0].isdigit() or int(params[0]) < 2):
+        raise D2maeError(f"{where}: use kfold:K with an integer K ≥ 2 (e.g. kfold:5)")
+    if kind == "split":
+        try:
+            ok = len(params) == 3 and all(float(p) > 0 for p in params)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise D2maeError(f"{where}: use split:TRAIN:VAL:TEST with three positive numbers (e.g. split:3:1:1)")
+    if kind == "holdout" and not (params and params[0]):
+        raise D2maeError(f"{where}: use holdout:FILE with the list of test images")
 
 
 def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str, Any]:
@@ -482,7 +513,7 @@ def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str,
         raise D2maeError(f"option '{where}.out' in {source} is not allowed: phantoms are written into the "
                          "experiment's output folder")
     _check_section_types(PhantomConfig, value, where, source)
-    cfg = build_config(PhantomConfig, (value, f"{source}, section {where}"))
+    cfg = _build(PhantomConfig, where, source, (value, f"{source}, section {where}"))
     out = to_dict(cfg)
     out.pop("out")
     return out
@@ -541,6 +572,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict) and not raw.strip().startswith("{"):
+            value = raw  # "a: b" in free text is a string, not a mapping
         node = data
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
@@ -559,7 +592,8 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     source = str(path)
     if overrides:
         data = apply_overrides(data, overrides)
-        source = f"{path} (with --set {' '.join(overrides)})"
+        given = " ".join(overrides)
+        source = f"{path} (with --set {given})" if len(given) <= 100 else f"{path} (with {len(overrides)} --set values)"
     return parse_experiment(expand_env(data, source), source)
 
 
@@ -755,14 +789,19 @@ _FINETUNE_VOLATILE = ("out", "resume", "device", "workers", "progress", "eval_ba
                       "pretrained", "skip_bad")
 
 
-def pretrain_budget(budget: BudgetSpec, n_images: int) -> tuple[int, int | None]:
-    """(epochs, max_steps) of a pre-training on ``n_images`` images under ``budget`` (drop-last batches)."""
-    batch = budget.pretrain_batch_size
+def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> tuple[int, int | None, int]:
+    """(epochs, max_steps, optimizer steps) of a pre-training on ``n_images`` images under ``budget``.
+
+    An optimizer step takes ``batch × accum_iter`` images (the effective batch); each epoch uses the whole
+    effective batches that fit (drop-last, as :class:`d2mae.distributed.EpochBatchSampler`).
+    """
+    batch = budget.pretrain_batch_size * max(1, accum_iter)
     steps_per_epoch = n_images // batch
     if budget.pretrain_images is None:
-        return int(budget.pretrain_epochs or 1), None
+        epochs = int(budget.pretrain_epochs or 1)
+        return epochs, None, epochs * steps_per_epoch
     steps = max(1, math.ceil(budget.pretrain_images / batch))
-    return max(1, math.ceil(steps / max(1, steps_per_epoch))), steps
+    return max(1, math.ceil(steps / max(1, steps_per_epoch))), steps, steps
 
 
 def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
@@ -797,11 +836,13 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
         elif not spec.pretrain_data:
             stages.append(Stage("data", name, f"list the {dp.n_labeled} labeled images for pre-training ({name})",
                                 data_dir, dp.data_key, {"list": dp.pretrain_data[0]}))
-        epochs, max_steps = pretrain_budget(cfg.budget, dp.n_pretrain)
-        if dp.n_pretrain < cfg.budget.pretrain_batch_size and presets:
+        accum = int(cfg.pretrain.get("accum_iter", 1))
+        epochs, max_steps, _ = pretrain_budget(cfg.budget, dp.n_pretrain, accum)
+        if dp.n_pretrain < cfg.budget.pretrain_batch_size * accum and presets:
             raise D2maeError(f"dataset '{name}' in {cfg.source}: {dp.n_pretrain} pre-training images are fewer "
-                             f"than one batch (budget.pretrain_batch_size = {cfg.budget.pretrain_batch_size}); "
-                             "lower the batch size or add images")
+                             f"than one optimizer step needs (budget.pretrain_batch_size "
+                             f"{cfg.budget.pretrain_batch_size} × accum_iter {accum}); lower the batch size or add "
+                             "images")
         pre_by: dict[tuple[str, int], Stage] = {}
         arch_stage: Stage | None = None
         if any(m.preset is None for m in runs):
@@ -814,8 +855,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
             stages.append(arch_stage)
         for seed in cfg.seeds:
             for preset in presets:
-                pcfg = build_config(
-                    PretrainConfig, ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
+                pcfg = _build(
+                    PretrainConfig, "pretrain", cfg.source, ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
                     (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
                     ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
                       "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto"},
@@ -836,8 +877,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 options.update(labels=dp.labels, protocol=spec.protocol,
                                folds=",".join(spec.folds) if spec.folds else None,
                                keep_columns=[spec.scanner_column] if spec.scanner_column else None)
-                fcfg = build_config(
-                    FinetuneConfig, (cfg.finetune, f"{cfg.source}, section finetune"),
+                fcfg = _build(
+                    FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
                     (options, f"{cfg.source}, section datasets.{name}"),
                     ({"pretrained": str(base.folder), "out": "-", "obs": m.obs, "search_step": m.search_step,
                       "mode": m.mode, "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
@@ -1052,10 +1093,11 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 s.estimate_s = min(dp.n_pretrain, 512) * speed["decode"] + 2.0
             elif s.kind == "pretrain":
                 p = s.payload
-                steps = p.epochs * (dp.n_pretrain // p.batch_size)
+                eff = p.batch_size * p.accum_iter
+                steps = p.epochs * (dp.n_pretrain // eff)
                 if p.max_steps is not None:
                     steps = min(steps, p.max_steps)
-                s.estimate_s = steps * p.batch_size * speed["pretrain_step"] + dp.n_pretrain * speed["decode"] + 2.0
+                s.estimate_s = steps * eff * speed["pretrain_step"] + dp.n_pretrain * speed["decode"] + 2.0
             elif s.kind == "finetune":
                 levels = len(range(1, p_levels(PRESETS, s.preset) + 1, max(1, s.payload.search_step)))
                 s.estimate_s = _finetune_estimate(s.payload, dp, speed, levels)
@@ -1136,12 +1178,11 @@ def format_plan(plan: Plan) -> str:
         more = f" (+{len(dp.folds) - 5} more)" if len(dp.folds) > 5 else ""
         lines.append(f"dataset {name}: {dp.n_pretrain} pre-training images, {dp.n_labeled} labeled images, "
                      f"{dp.num_classes} classes, protocol {dp.spec.protocol} — folds train/val/test {fold_text}{more}")
-        epochs, max_steps = pretrain_budget(b, dp.n_pretrain)
-        steps = epochs * (dp.n_pretrain // b.pretrain_batch_size)
-        if max_steps is not None:
-            steps = min(steps, max_steps)
-        lines.append(f"  budget, the same for every method: pre-training {steps} steps × batch "
-                     f"{b.pretrain_batch_size} = {steps * b.pretrain_batch_size:,} images seen ({epochs} epoch(s)); "
+        accum = int(cfg.pretrain.get("accum_iter", 1))
+        epochs, _, steps = pretrain_budget(b, dp.n_pretrain, accum)
+        eff = b.pretrain_batch_size * accum
+        lines.append(f"  budget, the same for every method: pre-training {steps:,} steps × batch "
+                     f"{eff} = {steps * eff:,} images seen ({epochs} epoch(s)); "
                      f"fine-tuning {b.finetune_epochs} epochs × batch {b.finetune_batch_size}, the same folds")
         if dp.overlap:
             lines.append(f"  note: {dp.overlap}")
@@ -1302,7 +1343,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
     """
     plan = make_plan(cfg, out)
     prepare_out(plan, resume)
-    if estimate:
+    if estimate and any(s.done_info() is None for s in plan.stages):
         estimate_plan(plan)
     _say(format_plan(plan))
     started = time.perf_counter()
@@ -1511,7 +1552,7 @@ def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path
             if np.unique(y).size < 2:
                 continue
             fpr, tpr, _ = roc_curve(y, p[:, 1])
-            ax.plot(fpr, tpr, lw=1.8, label=f"{label} (AUROC {auc(fpr, tpr) * 100:.1f})")
+            ax.plot(fpr, tpr, lw=1.8, label=f"{label} (pooled AUROC {auc(fpr, tpr) * 100:.1f})")
         else:
             tprs = []
             for c in range(k):
@@ -1522,7 +1563,7 @@ def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path
                 tprs.append(np.interp(grid, fpr, tpr))
             if tprs:
                 macro = np.mean(tprs, axis=0)
-                ax.plot(grid, macro, lw=1.8, label=f"{label} (macro AUROC {auc(grid, macro) * 100:.1f})")
+                ax.plot(grid, macro, lw=1.8, label=f"{label} (pooled macro AUROC {auc(grid, macro) * 100:.1f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_aspect("equal")
@@ -1537,6 +1578,8 @@ def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path
 def curves_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: Path,
                   xlabel: str, title: str) -> Path:
     """Line plots, one panel per entry of ``panels`` (``{panel: {series: (x, y)}}``), one colour per series."""
+    from matplotlib.ticker import MaxNLocator
+
     from d2mae.report import save_figure
 
     fig = _figure(4.8 * len(panels) + 0.4, 3.7)
@@ -1546,6 +1589,8 @@ def curves_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Seque
             ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) <= 30 else None, ms=3, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
@@ -1654,6 +1699,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
 
     from d2mae import report as rp
     from d2mae.evaluate import load_predictions
+    from d2mae.metrics import mean_ci
 
     cfg = plan.config
     conf = cfg.report.confidence
@@ -1668,12 +1714,15 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
     for ds in plan.datasets:
         for m in _table2_methods(cfg, results, ds):
             for key, panel in (("accuracy", "ACC"), ("auroc", "AUROC")):
-                data[panel].setdefault(ds, {})[METHODS[m].label] = list(_values(results, ds, m, key).values())
+                stat = mean_ci(list(_values(results, ds, m, key).values()), conf)
+                clip = lambda v: v if not math.isfinite(v) else min(1.0, max(0.0, v))  # noqa: E731
+                data[panel].setdefault(ds, {})[METHODS[m].label] = {
+                    "mean": stat.mean, "low": clip(stat.low), "high": clip(stat.high)}
     if data["ACC"]:
         add("fig2", draw("fig2_acc_auroc", lambda p: rp.metric_bars(
             data, p, title=f"ACC and AUROC, mean with {conf:.0%} CI over folds × seeds", confidence=conf)),
             f"Figure 2 style: ACC and AUROC per method (bars: mean over folds × seeds; error bars: {conf:.0%} "
-            "t-interval).")
+            "t-interval, cut at 0 and 100%).")
 
     sigma_all: list[float] = []
     sigma_groups: list[str] = []
@@ -1833,7 +1882,7 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     _write_csv(out / "metrics.csv", rows)
     tables = comparison_tables(plan, results)
     ablations = ablation_tables(plan, results)
-    statements = significance_statements(tables)
+    statements = significance_statements({k: t for k, t in tables.items() if k in plan.datasets})
     abl_statements = []
     for ds, t in ablations.items():
         for group, entry in t.data.items():
@@ -1874,14 +1923,14 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     rep.heading("Setup")
     setup = []
     for name, dp in plan.datasets.items():
-        epochs, max_steps = pretrain_budget(b, dp.n_pretrain)
-        steps = epochs * (dp.n_pretrain // b.pretrain_batch_size)
-        steps = min(steps, max_steps) if max_steps is not None else steps
+        accum = int(cfg.pretrain.get("accum_iter", 1))
+        epochs, _, steps = pretrain_budget(b, dp.n_pretrain, accum)
+        eff = b.pretrain_batch_size * accum
         folds = "; ".join(f"fold {f[0]}: {f[1]}/{f[2]}/{f[3]}" for f in _actual_folds(plan, name) or dp.folds)
         setup.append(f"**{name}**: {dp.n_pretrain} pre-training images, {dp.n_labeled} labeled images, "
                      f"{dp.num_classes} classes; protocol `{dp.spec.protocol}` (train/val/test {folds}).")
-        setup.append(f"Equal budget on {name}: every pre-trained method {steps} optimizer steps × batch "
-                     f"{b.pretrain_batch_size} = {steps * b.pretrain_batch_size:,} images seen; every method "
+        setup.append(f"Equal budget on {name}: every pre-trained method {steps:,} optimizer steps × batch "
+                     f"{eff} = {steps * eff:,} images seen; every method "
                      f"fine-tuned ≤ {b.finetune_epochs} epochs × batch {b.finetune_batch_size} with the same recipe "
                      f"(model selection on validation macro-F1, early stopping) on the same folds "
                      f"({'verified on the predictions' if not fold_problems else 'NOT identical, see above'}).")

@@ -125,7 +125,8 @@ class PretrainConfig(ModelConfig):
     seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same result on CPU"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N"})
     precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32", "choices": ["auto", "bf16", "fp32"]})
+        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32",
+        "choices": ["auto", "bf16", "fp32"]})
     num_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)"})
     skip_bad: bool = field(default=False, metadata={

@@ -1,0 +1,62 @@
+"""Quick checks of the benchmark scripts: the reference MAE is the same model as DeblurMAE, and the GPU benchmark
+runs end to end on the CPU with a tiny model (seconds)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from d2mae.blur import gaussian_blur
+from d2mae.models import DeblurMAE, ModelConfig
+
+from .conftest import TINY
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu_bench  # noqa: E402
+import reference_mae  # noqa: E402
+
+
+def test_reference_model_equals_deblur_mae() -> None:
+    """Same weights, images, levels and mask: the reference (unfused attention, blur outside) gives DeblurMAE's loss."""
+    cfg = ModelConfig(**TINY, mean=[0.4], std=[0.2])
+    model = DeblurMAE(cfg).eval()
+    ref = reference_mae.ReferenceDeblurMAE(reference_mae.ReferenceConfig.from_d2mae(cfg)).eval()
+    reference_mae.load_from_d2mae(ref, model.state_dict())
+    assert all(not b.attn.fused_attn for b in [*ref.blocks, *ref.decoder_blocks])
+    trainable = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in model.parameters())
+    x = torch.rand(3, 1, cfg.img_size, cfg.img_size)  # [B, C, S, S] in [0, 1]
+    t = torch.tensor([1.0, 5.0, 11.0])
+    noise = torch.rand(3, cfg.num_patches)
+    with torch.no_grad():
+        loss, _, _ = model(x, t, noise=noise)
+        xb = model.encoder.normalize(gaussian_blur(x, cfg.schedule().sigma(t)))
+        loss_ref, _, _ = ref(xb, model.encoder.normalize(x), t, mask_ratio=cfg.mask_ratio, noise=noise)
+    assert torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_dataset_item(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.fromarray((torch.rand(40, 50) * 255).byte().numpy()).save(path)
+    ds = reference_mae.BlurDataset([str(path)], 32, [0.1, 0.2, 0.3], [0.5], [0.25])
+    blurred, original, t = ds[0]
+    assert blurred.shape == original.shape == (1, 32, 32)
+    assert 1 <= t <= 3
+
+
+def test_gpu_bench_runs_on_cpu_tiny(tmp_path: Path) -> None:
+    path = gpu_bench.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)])
+    text = path.read_text()
+    assert "| vit_tiny_patch16 (tiny test) | 32 | 8 | bf16 | eager |" in text
+    assert "OBS" in text and "thyroid" in text
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    row = data["rows"][0]
+    assert row["images_per_s"] > 0 and row["gflop_per_step"] > 0
+    assert data["obs"]["levels"] == 6
