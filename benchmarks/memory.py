@@ -13,6 +13,7 @@ first with AdamW's moment buffers allocated, so two steps reach the steady-state
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from speed_vs_reference import loadavg, machine_line
 
-    print(f"# peak memory of d2mae pre-training on the CPU, one fresh process per model: {machine_line()}")
+    print(f"# peak memory of d2mae pre-training on the CPU, one fresh process per model: {machine_line()}; date "
+          f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"# batch {args.batch_size} (d2mae pretrain's default: {default_batch()}), {args.img_size} px, decoder "
           f"{args.decoder_embed_dim}x{args.decoder_depth}, fp32, {args.steps} steps, data path {args.data_path}, "
           f"data {args.data}{f' (first {args.n_images})' if args.n_images else ''}; load average {loadavg()}")

@@ -152,7 +152,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         assert not set(seen0[epoch * 16:(epoch + 1) * 16]) & set(seen1[epoch * 16:(epoch + 1) * 16])
 
     # only rank 0 wrote: one set of files, every step logged once
-    assert {p.name for p in ddp_out.iterdir()} == {"model.safetensors", "config.json", "pretrain.yaml",
+    assert {p.name for p in ddp_out.iterdir()} == {"model.safetensors", "config.json", "pretrain.yaml", "pretrain_hashes.txt",
                                                   "metrics.jsonl", "resume.pt"}
     steps = [json.loads(line)["step"] for line in (ddp_out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))

@@ -33,6 +33,15 @@ def data(tmp_path: Path) -> tuple[Path, Path]:
     return make_pretrained(tmp_path / "pre"), write_labeled(tmp_path / "d", n=36, size=24)
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is faster, and on a shared CPU two threads can be 100× slower (spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def _rows(path: Path) -> list[dict[str, str]]:
     with path.open() as fh:
         return list(csv.DictReader(fh))
@@ -272,10 +281,10 @@ def test_finetune_reuses_an_obs_table_instead_of_searching(data, tmp_path: Path,
 def test_scratch_without_a_pretrained_folder(data, tmp_path: Path) -> None:
     _, labels = data
     out = tmp_path / "run"
-    assert main(["finetune", "--mode", "scratch", "--arch", "vit_tiny_patch16", "--img-size", "32", "--labels",
+    assert main(["finetune", "--mode", "scratch", "--arch", "vit_tiny_patch16", "--img-size", "16", "--labels",
                  str(labels), "--out", str(out), *FAST, "--epochs", "1", "--obs", "none"]) == 0
     cfg = json.loads((out / "fold_1" / "model" / "config.json").read_text())
-    assert cfg["model"]["img_size"] == 32 and cfg["model"]["blur"] is False and cfg["pretrained_sha256"] is None
+    assert cfg["model"]["img_size"] == 16 and cfg["model"]["blur"] is False and cfg["pretrained_sha256"] is None
     assert cfg["model"]["mean"] is not None  # normalised with the training images' own statistics
     rows = _rows(out / "predictions.csv")
     assert {r["t_star"] for r in rows} == {"0"}

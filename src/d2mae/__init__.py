@@ -1,11 +1,17 @@
 """d2mae — D²MAE (Diffusional Deblurring Masked Autoencoder, MICCAI 2025) for ultrasound images.
 
 Pre-training with a per-sample blur schedule and a blur token, optimal blurriness search (OBS), blurriness-aware
-fine-tuning, evaluation and prediction. Everything the command line does is a function here::
+fine-tuning, evaluation and prediction. Everything the command line does is a function of a module::
 
-    from d2mae import PretrainConfig, pretrain, FinetuneConfig, finetune, evaluate_run
+    from d2mae.pretrain import PretrainConfig, pretrain      # d2mae pretrain
+    from d2mae.obs import run_obs                              # d2mae obs
+    from d2mae.finetune import FinetuneConfig, finetune       # d2mae finetune
+    from d2mae.predict import predict                          # d2mae predict
+    from d2mae.evaluate import evaluate_run, compare_runs     # d2mae evaluate / compare
 
-Names are imported lazily (PEP 562), so ``import d2mae`` and ``d2mae --help`` stay fast.
+The most used classes and functions are also importable from ``d2mae`` itself; they are imported lazily (PEP 562),
+so ``import d2mae`` and ``d2mae --help`` stay fast. (The modules ``d2mae.pretrain``, ``d2mae.finetune`` and
+``d2mae.predict`` share their names with their main functions, so those are imported from the module.)
 """
 
 from __future__ import annotations
@@ -33,14 +39,11 @@ _EXPORTS: dict[str, str] = {
     "make_folds": "d2mae.labels",
     "PretrainConfig": "d2mae.pretrain",
     "PRESETS": "d2mae.pretrain",
-    "pretrain": "d2mae.pretrain",
     "ObsSpec": "d2mae.obs",
     "ObsTable": "d2mae.obs",
     "run_obs": "d2mae.obs",
     "FinetuneConfig": "d2mae.finetune",
-    "finetune": "d2mae.finetune",
     "load_classifier": "d2mae.finetune",
-    "predict": "d2mae.predict",
     "evaluate_run": "d2mae.evaluate",
     "compare_runs": "d2mae.evaluate",
     "export_encoder": "d2mae.export",

@@ -5,12 +5,11 @@ fine-tuning (t*) and prediction. The blur runs on the model's device on a whole 
 own σ: a separable Gaussian written as two matrix products, ``G_σ(x) = A_σ · x · A_σᵀ``, where ``A_σ`` holds the 1-D
 kernel with scipy's ``reflect`` border (``d c b a | a b c d``) folded in. The result equals
 ``scipy.ndimage.gaussian_filter(x, σ, mode="reflect", truncate=4.0)`` everywhere, borders included, up to float
-rounding; matrices are built once per (σ, size, device) and cached.
+rounding. The per-sample matrices are built on the device from σ with tensor ops: no host sync, no Python loop.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -99,27 +98,40 @@ def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx >= n, 2 * n - 1 - idx, idx)
 
 
-@functools.lru_cache(maxsize=512)
-def blur_matrix(sigma: float, n: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [n, n] matrix A with (A·v)[i] = Σ_k g_σ(k) · v[reflect(i + k)], i.e. a 1-D Gaussian blur of ``v``."""
-    if sigma <= 0:
-        return torch.eye(n, dtype=dtype, device=device)
-    radius = int(TRUNCATE * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    weights = weights / weights.sum()  # [K]
-    cols = _reflect(torch.arange(n)[:, None] + offsets.long()[None, :], n)  # [n, K]
-    mat = torch.zeros(n, n, dtype=torch.float64)
-    mat.scatter_add_(1, cols, weights.expand(n, -1).contiguous())
-    return mat.to(device=device, dtype=dtype)
+def blur_matrices(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:
+    """Per-sample [B, n, n] matrices A with (A·v)[i] = Σ_k g_σ(k) · v[reflect(i + k)]: 1-D Gaussian blurs of ``v``.
+
+    Built with tensor ops on ``sigma``'s device (no host sync, no Python loop, ``torch.compile``-friendly). Each
+    sample's kernel is cut at its own radius ``int(4σ + 0.5)`` as scipy does; ``max_sigma`` (a Python number, e.g.
+    the schedule's σ_T) fixes the tap count. σ = 0 gives the identity.
+    """
+    radius = max(int(TRUNCATE * max_sigma + 0.5), 0)
+    offsets = torch.arange(-radius, radius + 1, device=sigma.device)  # [K]
+    sig = sigma.double()[:, None]  # [B, 1]
+    taps = torch.exp(-0.5 * (offsets.double() / sig.clamp_min(1e-12)) ** 2)  # [B, K]
+    own_radius = torch.floor(TRUNCATE * sig + 0.5)  # [B, 1]
+    taps = torch.where(offsets.abs().double() <= own_radius, taps, torch.zeros_like(taps))
+    taps = (taps / taps.sum(dim=1, keepdim=True)).float()  # [B, K], each row sums to 1
+    cols = _reflect(torch.arange(n, device=sigma.device)[:, None] + offsets[None, :], n)  # [n, K]
+    b, k = taps.shape
+    mats = torch.zeros(b, n, n, device=sigma.device)
+    mats.scatter_add_(2, cols.expand(b, n, k), taps[:, None, :].expand(b, n, k))
+    return mats  # [B, n, n]
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def blur_matrix(sigma: float, n: int) -> torch.Tensor:
+    """The [n, n] blur matrix of one σ (see :func:`blur_matrices`)."""
+    return blur_matrices(torch.tensor([float(sigma)]), n, float(sigma))[0]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
     """Blur each image of a batch with its own σ, on ``x``'s device, in one batched matrix product.
 
     Args:
         x: images [B, C, H, W] (any float dtype; computed in fp32).
         sigma: standard deviations [B]; 0 leaves that image unchanged.
+        max_sigma: an upper bound of ``sigma`` known in advance (the schedule's σ_T); ``None`` reads
+            ``sigma.max()``, which waits for the device.
 
     Returns:
         The blurred batch [B, C, H, W], fp32.
@@ -127,14 +139,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4 or sigma.shape != (x.shape[0],):
         raise ValueError(f"expected x [B, C, H, W] and sigma [B], got {tuple(x.shape)} and {tuple(sigma.shape)}")
     x = x.float()
+    sigma = sigma.to(x.device)
+    if max_sigma is None:
+        max_sigma = float(sigma.max()) if sigma.numel() else 0.0
     _, _, h, w = x.shape
-    levels, inverse = torch.unique(sigma.detach().float().cpu(), return_inverse=True)  # a few distinct σ per batch
-    if levels.numel() == 1 and levels.item() <= 0:
-        return x
-    inverse = inverse.to(x.device)
-    dev = str(x.device)
-    rows = torch.stack([blur_matrix(round(s, 6), h, dev) for s in levels.tolist()])[inverse]  # [B, H, H]
-    cols = rows if w == h else torch.stack([blur_matrix(round(s, 6), w, dev) for s in levels.tolist()])[inverse]
+    rows = blur_matrices(sigma, h, max_sigma)  # [B, H, H]
+    cols = rows if w == h else blur_matrices(sigma, w, max_sigma)  # [B, W, W]
     return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, 1, H, H] @ [B, C, H, W] @ [B, 1, W, W]
 
 

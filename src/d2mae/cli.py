@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from d2mae.errors import D2maeError
 
@@ -35,11 +36,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 (warnings API)
+    """Warnings on the command line are one line each, without the source line Python shows by default."""
+    return f"d2mae: warning: {message}\n"
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     module_name, description = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"d2mae {command}", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"d2mae {command}", description=description)
     add = getattr(module, f"add_cli_{command}", None) or module.add_cli
     add(parser)
     parser.set_defaults(_run=getattr(module, f"run_cli_{command}", None) or module.run_cli)
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"d2mae: error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
@@ -69,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"d2mae {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

@@ -436,6 +436,11 @@ def _map_threads(fn: Callable[[str], Any], refs: Sequence[str]) -> Iterable[Any]
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def content_hashes(refs: Sequence[str]) -> list[str]:
+    """:func:`content_hash` of every image, in order, on a small thread pool."""
+    return list(_map_threads(content_hash, list(refs)))
+
+
 def check_images(refs: Sequence[str], in_chans: int = 1, skip_bad: bool = False, out_dir: str | Path | None = None,
                  min_size: int = 16) -> list[str]:
     """Open every image once before training, so a bad file stops the run at its start.

@@ -38,8 +38,12 @@ fine-tuning's finished folds).
 ``--plan`` prints every stage with an estimate of its time on this machine, from timing a few real training steps
 of the configured model (and image decoding) here, extrapolated to the planned number of steps.
 
-Python API: ``cfg = load_experiment("configs/demo.yaml")``, ``plan = make_plan(cfg, "runs/demo")``,
-``print(format_plan(plan, estimate=True))``, ``run_experiment(cfg, "runs/demo", resume=True)`` -> report.md path.
+Python API::
+
+    cfg = load_experiment("configs/demo.yaml", ["budget.pretrain_epochs=5"])   # + --set style overrides
+    plan = make_plan(cfg, "runs/demo")          # every stage, checked (paths, equal budget); nothing runs
+    print(format_plan(estimate_plan(plan)))     # with time estimates measured on this machine
+    report_md = run_experiment(cfg, "runs/demo", resume=True)
 """
 
 from __future__ import annotations
@@ -1484,6 +1488,12 @@ def significance_statements(tables: Mapping[str, Any], alpha: float = SIGNIFICAN
             diff = (cells[best][col]["mean"] - cells[second][col]["mean"]) * 100
             p = entry.get("pvalue")
             n = entry.get("n_pairs", 0)
+            if abs(diff) < 5e-3:
+                tied = [m for m in entry.get("ranking", []) if abs(cells[m][col]["mean"] - cells[best][col]["mean"])
+                        < 5e-5]
+                lines.append(f"{where}: {', '.join(tied)} tie ({cells[best][col]['mean'] * 100:.2f}); no method is "
+                             "better here.")
+                continue
             head = f"{where}: best {best}, {diff:.2f} points above {second}"
             if p is None or not math.isfinite(p):
                 why = entry.get("note") or "too few paired folds/seeds"

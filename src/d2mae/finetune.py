@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from d2mae.errors import D2maeError
 from d2mae.labels import Fold, LabeledSet, crossing_pairs, fold_summary, load_labeled, make_folds
 from d2mae.models import DeblurClassifier, ModelConfig
-from d2mae.obs import ObsSpec, ObsTable, compute_hashes, model_sha256, parse_obs, run_obs, write_summary
+from d2mae.obs import ObsSpec, ObsTable, model_sha256, parse_obs, run_obs, write_summary
 from d2mae.runtime import (amp_dtype, atomic_write_json, atomic_write_text, autocast, derive_seed, eval_mode,
                            load_checkpoint, resolve_device, save_checkpoint, seed_everything,
                            warmup_cosine_scheduler)
@@ -85,6 +85,7 @@ DONE = "done.json"
 PREDICTIONS = "predictions.csv"
 RUN_JSON = "run.json"
 RUN_CONFIG = "finetune.yaml"
+PRETRAIN_HASHES = "pretrain_hashes.txt"  # written by d2mae.pretrain
 _IGNORED_ON_RESUME = {"resume", "device", "workers", "precision", "eval_batch_size", "progress"}
 
 
@@ -364,25 +365,11 @@ def predict_probs(model: DeblurClassifier, refs: Sequence[str], t: np.ndarray, d
 
 
 def pretraining_hashes(folder: str | Path) -> tuple[set[str] | None, str]:
-    """Content hashes of the pre-training images recorded with a pre-trained folder, and where they came from.
+    """Content hashes of the pre-training images, from ``pretrain_hashes.txt`` in a pre-trained folder.
 
-    Looked for, in order: ``config.json`` ``extra.content_hashes`` or ``extra.pretrain.content_hashes`` (a list),
-    ``extra.content_hashes_file`` / ``extra.pretrain.content_hashes_file`` (a file in the folder), and
-    ``pretrain_hashes.txt`` in the folder (one sha256 per line, optionally followed by the path).
+    ``d2mae pretrain`` writes that file (one sha256 per line, then the path); ``(None, "")`` when it is absent.
     """
-    folder = Path(folder)
-    try:
-        extra = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("extra") or {}
-    except (OSError, json.JSONDecodeError):
-        extra = {}
-    for scope in (extra, extra.get("pretrain") or {}):
-        if isinstance(scope.get("content_hashes"), list):
-            return {str(h) for h in scope["content_hashes"]}, f"{folder / 'config.json'} (extra)"
-        if isinstance(scope.get("content_hashes_file"), str):
-            path = folder / scope["content_hashes_file"]
-            if path.is_file():
-                return _read_hash_file(path), str(path)
-    path = folder / "pretrain_hashes.txt"
+    path = Path(folder) / PRETRAIN_HASHES
     if path.is_file():
         return _read_hash_file(path), str(path)
     return None, ""
@@ -504,7 +491,7 @@ class _Run:
     def setup(self) -> None:
         cfg = self.cfg
         from d2mae.artifacts import load_pretrained, read_config
-        from d2mae.data import check_images
+        from d2mae.data import check_images, content_hashes
 
         if not cfg.out:
             raise D2maeError("option --out is required: the folder for the fine-tuning run")
@@ -559,7 +546,7 @@ class _Run:
                               stacklevel=2)
         used = sorted({int(i) for f in self.folds for part in f.parts().values() for i in part})
         self.used = np.array(used, dtype=np.int64)
-        self.hashes = compute_hashes(labeled.refs)
+        self.hashes = content_hashes(labeled.refs)
         self.leaks = leak_check(labeled, self.folds, self.hashes, self.pretrained, self.out, cfg.strict)
 
     def _check_out(self) -> None:

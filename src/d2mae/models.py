@@ -208,7 +208,9 @@ class DeblurEncoder(nn.Module):
 
     def blur(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Eq. 1: x_b = G_{σ_t}(x), each sample at its own level; then normalised. [B, C, H, W]."""
-        return self.normalize(gaussian_blur(x, self.schedule.sigma(t)))
+        if not self.schedule.enabled:  # MAE: σ_0 for every image
+            return self.normalize(x.float())
+        return self.normalize(gaussian_blur(x, self.schedule.sigma(t), max_sigma=self.schedule.sigmas[-1]))
 
     def blur_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """The fixed sinusoidal part of BLU(t), [B, D]."""

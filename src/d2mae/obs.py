@@ -281,18 +281,6 @@ def select_level(losses: torch.Tensor | np.ndarray, levels: Sequence[int]) -> np
     return np.asarray(levels)[order][np.argmin(arr[:, order], axis=1)]
 
 
-def compute_hashes(refs: Sequence[str]) -> list[str]:
-    """Content hash of every image (threads: file reading releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from d2mae.data import content_hash
-
-    if len(refs) < 8:
-        return [content_hash(r) for r in refs]
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(content_hash, refs))
-
-
 def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = None, batch_size: int = 32,
             device: torch.device | str | None = None, precision: str = "auto", workers: int = 0,
             max_rows: int | None = 256, model_hash: str = "", hashes: Sequence[str] | None = None,
@@ -312,7 +300,7 @@ def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = Non
         hashes: content hashes of ``refs`` if already computed.
         progress: show a progress bar (only for more than a few batches).
     """
-    from d2mae.data import ImageDataset
+    from d2mae.data import ImageDataset, content_hashes
 
     spec = spec or ObsSpec()
     refs = [str(r) for r in refs]
@@ -327,7 +315,7 @@ def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = Non
             fixed_t = schedule.level_of(float(spec.sigma))
         except D2maeError as exc:
             raise D2maeError(f"option --obs fixed:{spec.sigma:g}: {exc}") from None
-    hashes = list(hashes) if hashes is not None else compute_hashes(refs)
+    hashes = list(hashes) if hashes is not None else content_hashes(refs)
     cfg = model.config
     meta: dict[str, Any] = {
         **spec.to_dict(), "model_sha256": model_hash, "img_size": cfg.img_size, "in_chans": cfg.in_chans,
@@ -603,6 +591,6 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ObsConfig", "ObsSpec", "ObsStrip", "ObsTable", "compute_hashes", "file_sha256", "model_sha256",
+__all__ = ["ObsConfig", "ObsSpec", "ObsStrip", "ObsTable", "file_sha256", "model_sha256",
            "obs_command", "obs_strips", "parse_obs", "plot_strips", "run_obs", "search_losses",
            "searched_sigmas", "select_level", "summarize", "summary_markdown", "write_summary"]

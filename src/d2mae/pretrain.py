@@ -464,6 +464,10 @@ class _Run:
                                      min_size=cfg.patch)
 
         self.refs = _on_main(ctx, images)
+        if ctx.is_main and resume_path is None:  # for the data-leak guard of d2mae finetune
+            hashes = data.content_hashes(self.refs)
+            atomic_write_text(out / "pretrain_hashes.txt",
+                              "".join(f"{h}  {r}\n" for h, r in zip(hashes, self.refs)))
         digest = _refs_digest(self.refs)
         self.sampler = EpochBatchSampler(len(self.refs), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
                                          steps_multiple=cfg.accum_iter)
