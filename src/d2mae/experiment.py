@@ -1664,11 +1664,13 @@ def reconstruction_arrays(folder: Path, refs: Sequence[str], seed: int = 0) -> d
         blurred = gaussian_blur(x, model.schedule.sigma(t)).clamp(0, 1)  # [B, C, S, S]
     grid, p = cfg.img_size // cfg.patch, cfg.patch
     pix = mask.reshape(b, 1, grid, grid).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [B, 1, S, S]
+    hidden = pix.expand_as(blurred) > 0  # [B, C, S, S] True where a patch was masked
     masked = blurred.clone()
-    masked[pix.expand_as(masked) > 0] = float("nan")
+    masked[hidden] = float("nan")
+    pasted = torch.where(hidden, recon, blurred)  # MAE's view: the visible input, masked patches filled in
     sigma = float(model.schedule.sigma(t[:1])[0])
-    return {"original": x, "blurred": blurred, "masked": masked, "reconstruction": recon, "sigma": sigma,
-            "mask_ratio": cfg.mask_ratio}
+    return {"original": x, "blurred": blurred, "masked": masked, "reconstruction": recon, "pasted": pasted,
+            "sigma": sigma, "mask_ratio": cfg.mask_ratio}
 
 
 class _Figures:
@@ -1842,14 +1844,17 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                     continue
                 arr = reconstruction_arrays(s.folder, refs)
                 add(f"recon:{ds}", draw(f"reconstruction_{ds}_{s.preset}", lambda p, arr=arr, s=s, ds=ds:
-                                        rp.reconstruction_figure(
-                                            arr["original"], arr["masked"], arr["reconstruction"], p,
-                                            blurred=arr["blurred"], row_labels=[Path(r).name[:16] for r in refs],
+                                        rp.image_grid(
+                                            {"original x": arr["original"], "blurred x_b": arr["blurred"],
+                                             "masked input": arr["masked"], "reconstruction x̂": arr["reconstruction"],
+                                             "x̂ in the masked patches": arr["pasted"]}, p,
+                                            row_labels=[Path(r).name[:16] for r in refs],
                                             title=f"{s.preset} — {ds}: input blurred at σ = {arr['sigma']:g}, "
                                                   f"{arr['mask_ratio']:.0%} of patches masked")),
                     f"Masked reconstruction by the {s.preset} model on {ds}: original x, its blurred version "
                     f"x_b (σ = {arr['sigma']:g}{'; MAE does not blur' if arr['sigma'] == 0 else ''}), the masked "
-                    "input (gray = masked patches) and the model's output x̂ (target: the original).")
+                    "input (gray = masked patches), the model's output x̂ (its target is the original x) and, as in "
+                    "MAE's figures, the visible input with x̂ in the masked patches.")
     if sigma_all and len(plan.datasets) > 0:
         add("sigma", draw("fig3b_sigma_per_dataset", lambda p: rp.sigma_histogram(
             sigma_all, p, groups=sigma_groups, title="σ* per dataset (D²MAE OBS, s = 2)")),
