@@ -50,7 +50,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from d2mae.errors import D2maeError
-from d2mae.runtime import atomic_write_text
+from d2mae.runtime import atomic_write_text, file_sha256
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm",
                                      ".ppm", ".pbm", ".pnm")
@@ -410,14 +410,10 @@ def content_hash(ref: str | Path) -> str:
     path, frame = split_ref(str(ref))
     if frame is not None:
         return _decode(str(ref), 1)[1]
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise D2maeError(f"cannot read image {path}: {_reason(exc)}") from None
-    return h.hexdigest()
 
 
 def _threads() -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import math
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from d2mae.errors import D2maeError
 from d2mae.models import DeblurMAE
-from d2mae.runtime import amp_dtype, atomic_write_json, atomic_write_text, autocast, eval_mode
+from d2mae.runtime import amp_dtype, atomic_write_json, atomic_write_text, autocast, eval_mode, file_sha256
 
 OBS_FORMAT = "d2mae-obs"
 OBS_FORMAT_VERSION = 1
@@ -88,21 +87,13 @@ def parse_obs(spec: str, search_step: int = 2) -> ObsSpec:
     raise D2maeError(f"option --obs: unknown value '{spec}'; use search, none or fixed:SIGMA (e.g. fixed:0.5)")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file (the pre-trained model's identity: its ``model.safetensors``)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise D2maeError(f"cannot read {path}: {exc}") from None
-    return h.hexdigest()
-
-
 def model_sha256(folder: str | Path) -> str:
     """Identity of a pre-trained folder: sha256 of its ``model.safetensors``."""
-    return file_sha256(Path(folder) / "model.safetensors")
+    path = Path(folder) / "model.safetensors"
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        raise D2maeError(f"cannot read {path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------------- table
@@ -591,6 +582,6 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ObsConfig", "ObsSpec", "ObsStrip", "ObsTable", "file_sha256", "model_sha256",
+__all__ = ["ObsConfig", "ObsSpec", "ObsStrip", "ObsTable", "model_sha256",
            "obs_command", "obs_strips", "parse_obs", "plot_strips", "run_obs", "search_losses",
            "searched_sigmas", "select_level", "summarize", "summary_markdown", "write_summary"]
