@@ -240,7 +240,8 @@ def test_images_seen_budget_is_the_same_for_every_preset(tmp_path):
                       "finetune_batch_size": 8}
     plan = ex.make_plan(ex.load_experiment(write_config(tmp_path / "i.yaml", data)), tmp_path / "out")
     pre = plan.of("pretrain")
-    assert {(p.payload.max_steps, p.payload.epochs) for p in pre} == {(13, 5)}  # ⌈100/8⌉ steps, 3 steps per epoch of 30
+    # ⌈100 / 8⌉ = 13 steps; 30 images make 3 steps per epoch, so 5 epochs (cut at step 13)
+    assert {(p.payload.max_steps, p.payload.epochs) for p in pre} == {(13, 5)}
     assert "13 steps × batch 8 = 104 images seen" in ex.format_plan(plan)
 
 
@@ -391,8 +392,9 @@ def test_table3_ablation_blocks():
 
 @pytest.mark.slow
 def test_micro_experiment_end_to_end_and_resume(tmp_path):
-    """~30 phantoms of 32 px, a 2-block ViT, 1 epoch, 2 methods: every real stage, the report, then a resume."""
-    path = write_config(tmp_path / "micro.yaml", MICRO)
+    """~30 phantoms of 32 px, a 2-block ViT, 1 epoch, 2 methods (+ the OBS-setting ablation, which reuses the d2mae
+    pre-training): every real stage, the report, then a resume."""
+    path = write_config(tmp_path / "micro.yaml", with_changes(ablations=["obs_setting"]))
     out = tmp_path / "out"
     assert cli.main(["experiment", str(path), "--out", str(out), "--no-estimate"]) == 0
     md = (out / "report.md").read_text(encoding="utf-8")
@@ -400,6 +402,7 @@ def test_micro_experiment_end_to_end_and_resume(tmp_path):
     assert "Results (Table 2 style)" in md and "| ViT (no pre-training) |" in md and "| D²MAE |" in md
     assert "P-value (best vs. second)" in md
     assert "Optimal blurriness search" in md and "Reconstructions of masked inputs" in md
+    assert "Ablations (Table 3 style)" in md and "(c) OBS settings" in md and "| Fixed (σ = 0.5) |" in md
     assert "Machine, software and time" in md and "torch" in md
     for png in ("fig2_acc_auroc", "fig3a_obs_ph_1", "fig3b_sigma_per_dataset", "fig3b_sigma_ph_per_scanner",
                 "roc_ph", "pretrain_curves_ph", "finetune_curves_ph", "reconstruction_ph_d2mae"):
@@ -407,7 +410,9 @@ def test_micro_experiment_end_to_end_and_resume(tmp_path):
         assert f"figures/{png}.png" in md
     assert html.count("data:image/png;base64,") >= 8 and 'src="figures/' not in html
     rows = list(__import__("csv").DictReader(open(out / "metrics.csv", encoding="utf-8")))
-    assert {(r["method"], r["fold"]) for r in rows} == {(m, f) for m in ("supervised", "d2mae") for f in ("1", "2")}
+    methods = ("supervised", "d2mae", "d2mae-obs-none", "d2mae-obs-fixed-0.5")
+    assert {(r["method"], r["fold"]) for r in rows} == {(m, f) for m in methods for f in ("1", "2")}
+    assert len(list((out / "pretrained" / "ph").glob("d2mae-seed0-*"))) == 1  # one pre-training, reused
     for name in ("experiment.yaml", "metrics.json", "machine.json", "timings.json", "plan.json"):
         assert (out / name).is_file()
     assert yaml.safe_load((out / "experiment.yaml").read_text())["budget"]["pretrain_epochs"] == 1

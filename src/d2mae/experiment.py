@@ -38,6 +38,30 @@ fine-tuning's finished folds).
 ``--plan`` prints every stage with an estimate of its time on this machine, from timing a few real training steps
 of the configured model (and image decoding) here, extrapolated to the planned number of steps.
 
+Config file (``configs/*.yaml``; every key is checked — an unknown key or a wrong type is an error naming the key
+and the file)::
+
+    name: demo                          # the default output folder is runs/<name>
+    description: "…"
+    seeds: [0]                          # every method runs once per seed; the folds are seeded by it too
+    methods: [supervised, mae, deblurrmae, d2mae]               # Table 2 rows (any name of METHODS)
+    ablations: [blur_range, embedding, obs_setting, search_step]  # Table 3 groups (optional)
+    device: auto
+    cache_dir: null                     # pre-trained models shared between experiments (default OUT/pretrained)
+    model: {model: vit_tiny_patch16, img_size: 64, …}       # ModelConfig fields shared by all methods
+    budget: {pretrain_epochs: 20 (or pretrain_images: N), pretrain_batch_size: 32,
+             finetune_epochs: 16, finetune_batch_size: 32}   # the same for every method
+    pretrain: {lr: 1.0e-3, warmup_epochs: 2, …}              # other PretrainConfig fields, shared
+    finetune: {blr: 1.0e-2, patience: 6, …}                  # other FinetuneConfig fields, shared
+    datasets:
+      busbra: {root: …, labels: bus_data.csv, pretrain_data: [images], path_column: ID, …, protocol: csv,
+               folds: null, scanner_column: Device}          # real images (labels CSV or class folders)
+      phantoms: {phantoms: {n: 360, size: 64, seed: 1}, pretrain_phantoms: {n: 320, …}, protocol: kfold:3}
+    report: {title: null, sample_images: 4, obs_images: 2, n_bootstrap: 1000, confidence: 0.95}
+
+String values may use ``${VAR}`` / ``${VAR:-default}`` (environment variables); any value can be overridden on the
+command line with ``--set key.sub=value`` (YAML syntax: ``--set seeds=[0,1]``).
+
 Python API::
 
     cfg = load_experiment("configs/demo.yaml", ["budget.pretrain_epochs=5"])   # + --set style overrides
@@ -51,12 +75,21 @@ from __future__ import annotations
 import os
 import sys
 
-if "torch" not in sys.modules:
-    # An experiment is a long CPU job, often on a machine shared with other work. OpenMP threads that spin while
-    # they wait slow torch down 20-60× as soon as other processes compete for the cores (measured on 2 cores at load
-    # average 6: a ViT-Tiny pre-training step took 4-13 s spinning, 0.2 s passive). Set before torch is imported;
-    # an explicit OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _busy_machine() -> bool:
+    """Other processes already keep most of this machine's cores busy (1-minute load average)."""
+    try:
+        return os.getloadavg()[0] >= 0.75 * len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return False
+
+
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and _busy_machine():
+    # An experiment is a long CPU job. When other processes already compete for the cores, OpenMP threads that spin
+    # while they wait slow torch down 20-60× (measured on 2 cores at load average 6: a ViT-Tiny pre-training step
+    # took 4-13 s spinning, 0.2 s passive); on an idle machine spinning is ~2× faster (0.11 s vs 0.21 s). So: passive
+    # waiting only when the machine is busy at start. Set before torch is imported; an explicit OMP_WAIT_POLICY wins.
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import argparse
 import csv
@@ -567,7 +600,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
-            raise D2maeError(f"option --set {item!r}: use --set KEY=VALUE, e.g. --set datasets.busbra.root=/data/bus-bra")
+            raise D2maeError(f"option --set {item!r}: use --set KEY=VALUE, e.g. "
+                             "--set datasets.busbra.root=/data/bus-bra")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
@@ -860,7 +894,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
         for seed in cfg.seeds:
             for preset in presets:
                 pcfg = _build(
-                    PretrainConfig, "pretrain", cfg.source, ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
+                    PretrainConfig, "pretrain", cfg.source,
+                    ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
                     (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
                     ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
                       "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto"},
@@ -961,12 +996,13 @@ def _time_steps(step: Callable[[], None], max_steps: int = 3, max_seconds: float
 
 
 def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
-                  num_classes: int, sample_refs: Sequence[str]) -> dict[str, float]:
+                  num_classes: int, sample_refs: Sequence[str], augment: str = "finetune") -> dict[str, float]:
     """Seconds per image of each kind of work, timed here on the configured model (not a guess).
 
     Times one pre-training step (forward, backward, AdamW) of the D²MAE model, one fine-tuning step of the
     classifier, inference, one OBS forward pass per level, and decoding/augmenting a few of the dataset's images.
-    Batches are capped at 8 images so that a ViT-B at 224 px takes seconds, not minutes, to time on a CPU.
+    Steps run at the configured batch sizes when that is cheap (per-image cost falls with the batch on a CPU), and
+    at fewer images for big models, so that a ViT-B at 224 px takes seconds, not minutes, to time.
     """
     import torch
 
@@ -977,8 +1013,11 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     out: dict[str, float] = {}
-    bp = max(1, min(pretrain_batch, 8))
-    bf = max(1, min(finetune_batch, 8))
+    # per-image work of one encoder pass ~ width² × tokens × blocks; ~1.1e9 ≈ a batch of 64 ViT-Tiny images at 96 px
+    work = model_cfg.dim ** 2 * (model_cfg.num_patches + 2) * model_cfg.blocks
+    cap = max(4, int(1.1e9 // max(1, work)))
+    bp = max(1, min(pretrain_batch, cap))
+    bf = max(1, min(finetune_batch, cap))
     c, s = model_cfg.in_chans, model_cfg.img_size
     torch.manual_seed(0)
     mae = DeblurMAE(model_cfg).to(dev)
@@ -1033,8 +1072,8 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     refs = list(sample_refs)[:6]
     out["decode"] = out["augment"] = 0.0
     if refs:
-        for name, augment in (("decode", "none"), ("augment", "finetune")):
-            ds = ImageDataset(refs, s, c, augment=augment)
+        for name, mode in (("decode", "none"), ("augment", augment)):
+            ds = ImageDataset(refs, s, c, augment=mode)
             t0 = time.perf_counter()
             for i in range(len(refs)):
                 ds[i]
@@ -1052,8 +1091,8 @@ def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], l
     infer = speed["eval"] + speed["decode"]
     for _, n_train, n_val, n_test in dp.folds:
         total += fcfg.epochs * (n_train * (speed["finetune_step"] + speed["augment"]) + n_val * infer)
-        total += (n_val + n_test) * infer + 1.0  # best model's predictions, saving the fold
-    return total + 3.0  # evaluation (bootstrap CIs, figures)
+        total += (n_val + n_test) * infer + 3.0  # best model's predictions, saving the fold
+    return total + 8.0  # labels, content hashes, evaluation (bootstrap CIs, figures)
 
 
 def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
@@ -1081,8 +1120,10 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 refs = load_labeled(dp.labels, **{k: getattr(dp.spec, k) for k in _LABEL_OPTIONS}).refs[:6]
             model_cfg = build_config(ModelConfig, (PRESETS["d2mae"], "preset d2mae"),
                                      (cfg.model, f"{cfg.source}, section model"))
+            fine = [s.payload for s in plan.of("finetune", name)]
+            augment = fine[0].resolved_augment() if fine else "finetune"
             speed = measure_speed(model_cfg, cfg.device, cfg.budget.pretrain_batch_size,
-                                  cfg.budget.finetune_batch_size, dp.num_classes, refs)
+                                  cfg.budget.finetune_batch_size, dp.num_classes, refs, augment)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -1164,7 +1205,9 @@ def machine_info() -> dict[str, Any]:
     import sklearn
 
     return {"platform": platform.platform(), "cpu": cpu, "cores": affinity, "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "memory_gib": memory, "gpus": gpus or ["none"],
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "memory_gib": memory, "gpus": gpus or ["none"],
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "d2mae": d2mae.__version__}
 
@@ -1181,7 +1224,8 @@ def format_plan(plan: Plan) -> str:
         fold_text = ", ".join(f"{f[0]}: {f[1]}/{f[2]}/{f[3]}" for f in dp.folds[:5])
         more = f" (+{len(dp.folds) - 5} more)" if len(dp.folds) > 5 else ""
         lines.append(f"dataset {name}: {dp.n_pretrain} pre-training images, {dp.n_labeled} labeled images, "
-                     f"{dp.num_classes} classes, protocol {dp.spec.protocol} — folds train/val/test {fold_text}{more}")
+                     f"{dp.num_classes} classes, protocol {dp.spec.protocol} — folds train/val/test "
+                     f"{fold_text}{more}")
         accum = int(cfg.pretrain.get("accum_iter", 1))
         epochs, _, steps = pretrain_budget(b, dp.n_pretrain, accum)
         eff = b.pretrain_batch_size * accum
@@ -1275,7 +1319,7 @@ def _run_arch(stage: Stage, plan: Plan) -> None:
     torch.manual_seed(0)
     _clear_stale(stage.folder, keep_partial=False)
     save_pretrained(DeblurMAE(mc), stage.folder, extra={
-        "scratch_architecture": True, "pretrain": {"preset": "none", "images": 0},
+        "scratch_architecture": True, "pretrain": {"preset": "none", "images": 0, "content_hashes": []},
         "note": "randomly initialised; only its architecture and normalisation are used (fine-tuning --mode "
                 "scratch, the supervised floor)"})
 
@@ -2021,7 +2065,9 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     rep.heading("Machine, software and time")
     rep.table(Table(["", ""], [
         ["Platform", machine["platform"]], ["CPU", f"{machine['cpu']} ({machine['cores']} cores available, "
-                                                  f"{machine['torch_threads']} torch threads)"],
+                                                  f"{machine['torch_threads']} torch threads, OpenMP wait policy "
+                                                  f"{machine['omp_wait_policy']}; load average "
+                                                  f"{machine['load_average']} when the report was written)"],
         ["Memory", f"{machine['memory_gib']} GiB"], ["GPU", ", ".join(machine["gpus"])],
         ["Software", f"python {machine['python']}, torch {machine['torch']}, timm {machine['timm']}, numpy "
                      f"{machine['numpy']}, scikit-learn {machine['scikit-learn']}, d2mae {machine['d2mae']}"]],
