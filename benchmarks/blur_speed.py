@@ -64,7 +64,7 @@ def main() -> None:
     print(f"# batch {args.batch} x 1 x {args.size} x {args.size}, σ ~ U{{0.1..1.1}}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
           f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    print(f"| method | s / batch | images/s | d2mae is faster by |\n|---|---|---|---|")
+    print("| method | s / batch | images/s | d2mae is faster by |\n|---|---|---|---|")
     base = rows[0][1]
     for name, sec in rows:
         print(f"| {name} | {sec:.4f} | {args.batch / sec:.0f} | {sec / base:.1f}× |")

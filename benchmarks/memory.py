@@ -1,6 +1,6 @@
 """Peak memory (resident set) of d2mae pre-training steps on the CPU, one fresh process per configuration.
 
-Each configuration runs in its own subprocess, which sets up a real ``d2mae pretrain`` run (``_Run.setup``: image
+Each configuration runs in its own subprocess, which sets up a real ``d2mae pretrain`` run (``Pretrainer.setup``: image
 check, decoded-image cache of the data set on the in-memory data path, DeblurMAE, AdamW, lr schedule) and takes
 ``--steps`` optimizer steps with the run's own ``train_step``. ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the
 process's peak RSS so far) is read after the imports, after the setup, and after each step; the second step is the

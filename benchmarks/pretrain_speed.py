@@ -62,7 +62,7 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     from d2mae import distributed as du
     from d2mae.blur import gaussian_blur
     from d2mae.models import DeblurMAE
-    from d2mae.pretrain import _LoaderBatches, _MemoryBatches, build_optimizer, make_config
+    from d2mae.pretrain import LoaderBatches, MemoryBatches, build_optimizer, make_config
     from d2mae.runtime import amp_dtype, autocast, resolve_device, warmup_cosine_scheduler
 
     device = resolve_device(args.device)
@@ -76,12 +76,12 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     refs = (refs * (need // len(refs) + 1))[:need]
     sampler = du.EpochBatchSampler(len(refs), cfg.batch_size, seed=0)
     if args.data_path == "memory":
-        batches = _MemoryBatches(data_mod.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, cfg.img_size,
+        batches = MemoryBatches(data_mod.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, cfg.img_size,
                                  device)
     else:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if args.num_workers is None else args.num_workers
         dataset = data_mod.ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="mae")
-        batches = _LoaderBatches(dataset, sampler, workers, pin=device.type == "cuda")
+        batches = LoaderBatches(dataset, sampler, workers, pin=device.type == "cuda")
     torch.manual_seed(0)
     model = DeblurMAE(cfg.model_config()).to(device).train()
     opt = build_optimizer(model, cfg, cfg.resolved_lr(), device)

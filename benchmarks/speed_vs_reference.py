@@ -6,7 +6,7 @@ weights (the reference gets a copy of d2mae's), with the same AdamW, lr and sche
 * reference (:mod:`reference_mae`): PIL decode → torchvision RandomResizedCrop(0.2-1) + flip → PIL GaussianBlur at a
   per-sample σ_t drawn in the worker → normalise, in ``--ref-workers`` DataLoader workers; MAE with the blur token,
   unfused attention, fp32.
-* d2mae (:mod:`d2mae.pretrain`): the real pre-training step (``_Run.train_step``) on the in-memory data path
+* d2mae (:mod:`d2mae.pretrain`): the real pre-training step (``Pretrainer.train_step``) on the in-memory data path
   (:class:`d2mae.data.DecodedCache` decoded once + batched crops), batched per-sample blur inside the model, timm
   blocks with fused SDPA attention.
 
@@ -85,13 +85,13 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 class D2maeSide:
-    """A :class:`d2mae.pretrain._Run` set up as ``d2mae pretrain`` would (memory data path), stepped one
+    """A :class:`d2mae.pretrain.Pretrainer` set up as ``d2mae pretrain`` would (memory data path), stepped one
     optimizer step at a time with its own ``train_step``."""
 
     def __init__(self, refs: list[str], args: argparse.Namespace, mean: list[float], std: list[float],
                  total_steps: int, out: Path, data_path: str = "memory") -> None:
         from d2mae.distributed import DistContext
-        from d2mae.pretrain import _Run, make_config
+        from d2mae.pretrain import Pretrainer, make_config
 
         steps_per_epoch = len(refs) // args.batch_size
         self.cfg = make_config(
@@ -99,12 +99,12 @@ class D2maeSide:
             seed=args.seed, mean=mean, std=std, device="cpu", precision="fp32", data_path=data_path,
             epochs=max(1, -(-total_steps // max(1, steps_per_epoch))) + 1, max_steps=total_steps,
             warmup_epochs=args.warmup_steps / max(1, steps_per_epoch), blr=args.blr, lr=args.lr,
-            checkpoint_every_steps=0, log_every_steps=10**6, num_workers=0, **decoder_options(args))
-        self.run = _Run(self.cfg, DistContext(), torch.device("cpu"))
+            checkpoint_every_steps=0, log_every_steps=10**6, num_workers=0, compile=getattr(args, "compile", False),
+            tensorboard="off", **decoder_options(args))
+        self.run = Pretrainer(self.cfg, DistContext(), torch.device("cpu"))
         with _quiet():
             if not self.run.setup():
                 raise D2maeError("the d2mae run had nothing to do; lower --rounds/--steps or raise --n-images")
-        self.run.schedule = self.run.model_cfg.schedule()  # set by _Run.train(), which is not used here
         self.stop = types.SimpleNamespace(signum=None)
         self.batches: Iterator[torch.Tensor] = self.run.batches.epoch(self.run.epoch, self.run.micro)
         self.losses: list[float] = []
@@ -115,7 +115,7 @@ class D2maeSide:
 
     def step(self) -> float:
         run = self.run
-        if run.micro >= run.micro_per_epoch:  # next epoch, as _Run.train() does
+        if run.micro >= run.micro_per_epoch:  # next epoch, as Pretrainer.train() does
             run.epoch, run.micro = run.epoch + 1, 0
             self.batches = run.batches.epoch(run.epoch, 0)
         loss, _ = run.train_step(run.epoch, self.batches, self.stop)
@@ -373,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=0, help="linear lr warm-up steps (both sides)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true",
+                    help="d2mae side with torch.compile (d2mae pretrain --compile); its first warm step compiles")
     ap.add_argument("--json-out", default=None, help="also write every number to this JSON file")
     args = ap.parse_args(argv)
     for name in ("rounds", "steps", "batch_size", "img_size"):

@@ -15,6 +15,7 @@ from scipy import stats
 
 from d2mae import cli
 from d2mae import experiment as ex
+from d2mae.experiment import runner
 from d2mae.errors import D2maeError
 from tests.conftest import BUSBRA, REPO, TINY
 
@@ -262,9 +263,10 @@ def _fake_runners(monkeypatch, calls: list[str], crash_on: str | None):
         stage.folder.mkdir(parents=True, exist_ok=True)
         (stage.folder / "output.txt").write_text(stage.key)
 
-    for kind in ex._RUNNERS:
-        monkeypatch.setitem(ex._RUNNERS, kind, fake)
-    monkeypatch.setattr(ex, "write_report", lambda plan, wall_seconds=None: plan.out / "report.md")
+    for kind in runner._RUNNERS:
+        monkeypatch.setitem(runner._RUNNERS, kind, fake)
+    # patched where run_experiment looks it up
+    monkeypatch.setattr(runner, "write_report", lambda plan, wall_seconds=None: plan.out / "report.md")
 
 
 def test_interrupted_experiment_resumes_where_it_stopped(tmp_path, monkeypatch):

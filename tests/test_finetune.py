@@ -127,6 +127,7 @@ def test_short_finetune_writes_the_contract_files(data, tmp_path: Path, capsys) 
         lines = [json.loads(x) for x in (out / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()]
         assert [x["epoch"] for x in lines] == [1, 2]
         assert {"train_loss", "val_macro_f1", "lr"} <= set(lines[0])
+        assert list((out / "tensorboard" / f"fold_{k}").glob("events.out.tfevents.*"))  # tensorboard: test extra
         model_dir = out / f"fold_{k}" / "model"
         cfg = json.loads((model_dir / "config.json").read_text())
         assert cfg["format"] == "d2mae-classifier" and cfg["format_version"] == 1

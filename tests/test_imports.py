@@ -225,3 +225,32 @@ def test_bad_files_are_clear_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(D2maeError, match="no .safetensors or .pth"):
         load_checkpoint_file(tmp_path / "folder")
+
+
+def test_pretrain_cli_starts_from_official_mae_weights(tmp_path, capsys):
+    """``d2mae pretrain --init-from mae.pth``: the RGB MAE checkpoint converted (1 channel, blur token added), the
+    report beside the outputs; a resume must keep the same start weights."""
+    import json
+
+    from d2mae import cli
+    from d2mae.artifacts import load_pretrained
+    from tests.test_pretrain import write_images
+
+    state = official_mae_state(dim=64, depth=2, ddim=32, ddepth=1, grid=2)
+    ckpt = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": state}, ckpt)
+    images = write_images(tmp_path / "images", 8)
+    arch = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    out = tmp_path / "run"
+    flags = ["pretrain", "--data", str(images), "--out", str(out), *arch, "--in-chans", "1", "--batch-size", "4",
+             "--epochs", "1", "--lr", "1e-9", "--warmup-epochs", "0", "--init-from", str(ckpt)]
+    assert cli.main(flags) == 0
+    report = json.loads((out / "init_report.json").read_text())
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert "initialised from" in capsys.readouterr().out
+    model = load_pretrained(out)
+    assert torch.allclose(model.encoder.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"], atol=1e-6)
+    gray = state["patch_embed.proj.weight"].sum(1, keepdim=True)  # 3 → 1 channel as timm's adapt_input_conv
+    assert torch.allclose(model.encoder.patch_embed.proj.weight, gray, atol=1e-6)
+    assert cli.main([*flags[:-1], str(tmp_path / "other.pth"), "--resume", "--epochs", "2"]) == 2
+    assert "init_from" in capsys.readouterr().err

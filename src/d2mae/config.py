@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        if default not in (None, "", []) and "default" not in help_text:  # the help may say it in its own words
+            help_text = f"{help_text} (default: {default})".strip()
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": f.name}
         if inner is bool and container is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

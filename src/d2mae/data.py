@@ -37,6 +37,7 @@ import hashlib
 import io
 import math
 import os
+import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -666,6 +667,28 @@ class ImageDataset(Dataset):
         x = self.view(load_image(self.refs[i], self.in_chans))  # [C, S, S]
         label = self.labels[i] if self.labels is not None else -1
         return x, label, i
+
+
+class SeededDataset(Dataset):
+    """Wraps a data set (:class:`ImageDataset`): item ``(index, seed)`` -> ``base[index]``.
+
+    Before each item the global Python/NumPy/torch(CPU) generators of the process (main or loader worker) are seeded
+    with the item's own seed (from :class:`d2mae.distributed.EpochBatchSampler`), so its random crop, flip and
+    RandAugment depend on ``(run seed, epoch, index)`` only: not on the rank, the loader worker, or a resume.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        return self.base[index]
 
 
 def _shape_proxy(arr: np.ndarray) -> torch.Tensor:

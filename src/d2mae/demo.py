@@ -57,8 +57,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, quick: bool = False, estimate: bool 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Run the whole pipeline (phantoms → pre-training of MAE, DeblurrMAE and D²MAE → fine-tuning of every "
-        "method on the same folds → report with Table 2/3-style tables and Figure 2/3-style figures) on synthetic "
+        "Run the whole pipeline (phantoms → pre-training of MAE, DeblurrMAE and D²MAE → OBS → fine-tuning of "
+        "every method on the same folds → report with Table 2/3-style tables and Figure 2/3-style figures) on synthetic "
         "ultrasound phantoms, in about 5 minutes on 2 CPU cores. Prints the report's path at the end. Running it "
         "again into the same folder reuses the finished stages.")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",

@@ -17,7 +17,10 @@ Two ways to split data across ranks:
   micro-step ``m`` takes the global batch ``perm[m·B·W : (m+1)·B·W]`` and rank ``r`` takes the ``r``-th slice of
   ``B`` of it, so the ranks' shards are disjoint and their union is exactly what one process with batch ``B·W``
   sees. Each sample also gets its own augmentation seed from ``(seed, epoch, index)``, which does not depend on the
-  rank, the batch layout, the number of loader workers, or whether the run was resumed.
+  rank, the batch layout, the number of loader workers, or whether the run was resumed. With per-sample
+  ``weights`` (class-balanced fine-tuning) the epoch's global order is instead drawn with replacement, and sliced
+  the same way; fine-tuning also keeps the epoch's last, partial global batch (``min_last``), split evenly over the
+  ranks.
 * Evaluation — :func:`eval_indices` gives rank ``r`` a contiguous block of the ``n`` items, padded to equal length
   by repeating the last item; after each rank computes its outputs, :func:`gather_ordered` concatenates the blocks
   from all ranks and drops the padding, returning exactly ``n`` rows in the original order, with no duplicates.
@@ -30,6 +33,7 @@ Two ways to split data across ranks:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -112,6 +116,19 @@ def init_distributed(device: str = "auto") -> tuple[DistContext, torch.device]:
     return ctx, dev
 
 
+@contextlib.contextmanager
+def distributed_run(device: str = "auto") -> Iterator[tuple[DistContext, torch.device]]:
+    """:func:`init_distributed` for the length of one command; leaves the process group at the end only if it
+    joined it here (a caller that had joined it, such as a test or a notebook, keeps it)."""
+    owned = not (dist.is_available() and dist.is_initialized())
+    ctx, dev = init_distributed(device)
+    try:
+        yield ctx, dev
+    finally:
+        if owned:
+            shutdown()
+
+
 def shutdown() -> None:
     """Leave the process group (safe to call when none was joined)."""
     if dist.is_available() and dist.is_initialized():
@@ -132,6 +149,24 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return box[0]
 
 
+def on_main(ctx: DistContext, fn: Any) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result (or its D2maeError) to every rank: for work that writes files
+    or warns (image checks, the leak guard) but whose result every rank needs."""
+    result: Any = None
+    error: str | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except D2maeError as exc:
+            if not ctx.enabled:
+                raise
+            error = str(exc)
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise D2maeError(error)
+    return result
+
+
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (and return it)."""
     if ctx.enabled:
@@ -147,8 +182,10 @@ def rank_seed(seed: int, rank: int) -> int:
 def wrap_ddp(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` (unchanged for one process).
 
-    Every parameter of DeblurMAE takes part in every step, so ``find_unused_parameters`` stays off; the buffers
-    (fixed position embeddings, the data set's mean/std) are identical on all ranks and are not re-broadcast.
+    Every trainable parameter of DeblurMAE and DeblurClassifier takes part in every step, so
+    ``find_unused_parameters`` stays off; the buffers (fixed position embeddings, the data set's mean/std, the
+    linear probe's BatchNorm statistics, kept equal by :class:`d2mae.finetune.GlobalBatchNorm1d`) are identical on
+    all ranks and are not re-broadcast.
     """
     if not ctx.enabled:
         return model
@@ -179,20 +216,35 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         steps_multiple: the number of micro-steps per epoch is rounded down to a multiple of this (the gradient
             accumulation), so every optimizer step sees ``accum_iter`` full micro-batches; the remaining images of
             the epoch's permutation are not used in that epoch (``drop_last``, as MAE).
+        weights: optional per-sample weights [num_samples]; each epoch's order is then ``num_samples`` indices drawn
+            with replacement in proportion to them (as ``WeightedRandomSampler``) instead of a permutation.
+        min_last: keep the epoch's last, partial global batch when it holds at least this many samples (and at
+            least one per rank) instead of dropping it; it is split over the ranks as evenly as possible, in rank
+            order (fine-tuning; ``None``: drop it, as MAE pre-training). Needs ``steps_multiple`` 1.
 
     ``set_epoch(epoch, start)`` chooses the epoch and the first micro-step to yield (a resumed run skips the
     micro-steps it already did, without loading them).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 steps_multiple: int = 1) -> None:
+                 steps_multiple: int = 1, weights: Sequence[float] | torch.Tensor | None = None,
+                 min_last: int | None = None) -> None:
         self.num_samples = int(num_samples)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)  # [num_samples]
+        if self.weights is not None and self.weights.shape != (self.num_samples,):
+            raise ValueError(f"{tuple(self.weights.shape)} weights for {self.num_samples} samples")
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.global_batch = self.batch_size * self.world_size
-        self.micro_steps = (self.num_samples // self.global_batch) // steps_multiple * steps_multiple
+        if min_last is not None and steps_multiple != 1:
+            raise ValueError("min_last needs steps_multiple 1")
+        full = (self.num_samples // self.global_batch) // steps_multiple * steps_multiple
+        rest = self.num_samples - full * self.global_batch
+        keep = min_last is not None and rest >= max(min_last, self.world_size)
+        self.last_size = rest if keep else 0  # the last, partial global batch (0: none)
+        self.micro_steps = full + keep
         if self.micro_steps == 0:
             need = self.global_batch * steps_multiple
             raise D2maeError(f"{self.num_samples} training image(s) are fewer than one optimizer step needs "
@@ -208,12 +260,16 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.start = int(start)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        """The epoch's global order of the data set [num_samples] (the same on every rank)."""
+        """The epoch's global order of the data set [num_samples] (the same on every rank): a permutation, or with
+        ``weights`` a draw with replacement."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_ORDER))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
         return torch.randperm(self.num_samples, generator=g)
 
     def sample_seeds(self, epoch: int) -> torch.Tensor:
-        """One augmentation seed per data-set index for this epoch [num_samples] int64."""
+        """One augmentation seed per data-set index for this epoch [num_samples] int64 (with ``weights``: per
+        position of the epoch's order, so that an image drawn twice is augmented twice differently)."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_AUGMENT))
         return torch.randint(0, 2**62, (self.num_samples,), generator=g, dtype=torch.int64)
 
@@ -222,13 +278,26 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         perm = self.permutation(epoch)
         return perm[micro_step * self.global_batch:(micro_step + 1) * self.global_batch]
 
+    def step_size(self, micro_step: int) -> int:
+        """Samples in micro-step ``micro_step``'s global batch: B·W, or fewer in a kept last, partial batch."""
+        return self.last_size if self.last_size and micro_step == self.micro_steps - 1 else self.global_batch
+
+    def rank_slice(self, size: int) -> slice:
+        """This rank's part of a global batch of ``size`` samples: the r-th B of a full one; a partial one is
+        split as evenly as possible, in rank order."""
+        base, extra = divmod(size, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return slice(lo, lo + base + (self.rank < extra))
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        perm = self.permutation(self.epoch).tolist()
-        seeds = self.sample_seeds(self.epoch).tolist()
-        lo = self.rank * self.batch_size
+        perm = self.permutation(self.epoch)  # [num_samples]
+        seeds = self.sample_seeds(self.epoch)  # [num_samples]
+        seeds = (seeds[perm] if self.weights is None else seeds).tolist()  # the seed at each position of perm
+        perm = perm.tolist()
         for m in range(self.start, self.micro_steps):
-            chunk = perm[m * self.global_batch + lo:m * self.global_batch + lo + self.batch_size]
-            yield [(i, seeds[i]) for i in chunk]
+            part = self.rank_slice(self.step_size(m))
+            lo, hi = m * self.global_batch + part.start, m * self.global_batch + part.stop
+            yield list(zip(perm[lo:hi], seeds[lo:hi]))
 
     def __len__(self) -> int:
         return self.micro_steps - self.start

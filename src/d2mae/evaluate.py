@@ -81,7 +81,7 @@ class EvaluateConfig:
     split: str = dataclasses.field(default="test", metadata={"help": "rows of predictions.csv to evaluate "
                                                                      "(split column)"})
     group_by: list[str] = dataclasses.field(default_factory=list, metadata={
-        "help": "extra predictions.csv columns (e.g. scanner) for per-group metrics and σ* histograms",
+        "help": "extra predictions.csv columns (e.g. Device, BUS-BRA's scanner column) for per-group metrics and σ* histograms",
         "metavar": "COLUMN"})
     figures: bool = dataclasses.field(default=True, metadata={"help": "write the PNG figures"})
 
@@ -755,7 +755,7 @@ def run_cli_evaluate(args: argparse.Namespace) -> int:
 def add_cli_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_a", metavar="RUN_A", help="first run folder (differences are A − B)")
     parser.add_argument("run_b", metavar="RUN_B", help="second run folder, on the same test images")
-    parser.add_argument("--out", default=None, help="folder for compare.json and compare.md")
+    parser.add_argument("--out", default=None, help="folder for compare.json, compare.md and compare.yaml")
     parser.add_argument("--config", default=None, help="YAML file with compare options")
     add_arguments(parser, CompareConfig)
 
@@ -765,5 +765,5 @@ def run_cli_compare(args: argparse.Namespace) -> int:
     res = compare_runs(args.run_a, args.run_b, out_dir=args.out, **dataclasses.asdict(cfg))
     print(format_comparison(res))
     if args.out:
-        print(f"\nwrote compare.json, compare.md to {args.out}")
+        print(f"\nwrote compare.json, compare.md, compare.yaml to {args.out}")
     return 0

@@ -15,6 +15,12 @@ Batching: every searched level of a batch of images goes through the model in on
 repeated over the L levels to ``[B·L, C, H, W]`` with t repeated to match (chunked to bound memory), and the per-image
 losses come back as ``[B, L]``. There is no Python loop over images or levels.
 
+More than one process: under torchrun (``torchrun --nproc_per_node N -m d2mae obs …``, and the OBS that
+``d2mae finetune`` runs) each rank searches its own contiguous block of the images
+(:func:`d2mae.distributed.eval_indices`) and the blocks are gathered back in order
+(:func:`d2mae.distributed.gather_ordered`), so every rank holds the whole table, each image searched once; only rank
+0 writes files. The table is the one a single process makes.
+
 Table 3c's settings: ``search`` (the full OBS), ``none`` (no blur, t = 0 for every image) and ``fixed:SIGMA`` (one σ
 for every image, t = schedule.level_of(σ), possibly between grid levels). Table 3d: the search step s.
 """
@@ -35,7 +41,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from d2mae.artifacts import load_pretrained
+from d2mae.blur import gaussian_blur
+from d2mae.config import add_arguments, config_from_cli, save_config
+from d2mae.data import ImageDataset, check_images, content_hashes, find_images
+from d2mae.distributed import (DistContext, barrier, distributed_run, eval_indices, gather_ordered,
+                               gather_ordered_objects, on_main)
 from d2mae.errors import D2maeError
+from d2mae.labels import load_labeled
 from d2mae.models import DeblurMAE
 from d2mae.runtime import amp_dtype, atomic_write_json, atomic_write_text, autocast, eval_mode, file_sha256
 
@@ -275,7 +288,7 @@ def select_level(losses: torch.Tensor | np.ndarray, levels: Sequence[int]) -> np
 def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = None, batch_size: int = 32,
             device: torch.device | str | None = None, precision: str = "auto", workers: int = 0,
             max_rows: int | None = 256, model_hash: str = "", hashes: Sequence[str] | None = None,
-            progress: bool = True) -> ObsTable:
+            progress: bool = True, ctx: DistContext | None = None) -> ObsTable:
     """Run OBS on images ``refs`` with the pre-trained ``model``; returns the table (not yet saved).
 
     Args:
@@ -289,11 +302,12 @@ def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = Non
         max_rows: most (image, level) pairs per forward pass; halved automatically on CUDA out-of-memory.
         model_hash: sha256 of the pre-trained weights file (recorded; used to refuse stale tables).
         hashes: content hashes of ``refs`` if already computed.
-        progress: show a progress bar (only for more than a few batches).
+        progress: show a progress bar (only for more than a few batches; rank 0 only).
+        ctx: under torchrun, this process's place: it searches its block of the images, and the table returned is
+            the whole one, gathered from all ranks (default: one process).
     """
-    from d2mae.data import ImageDataset, content_hashes
-
     spec = spec or ObsSpec()
+    ctx = ctx or DistContext()
     refs = [str(r) for r in refs]
     if not refs:
         raise D2maeError("OBS: no images given")
@@ -306,13 +320,16 @@ def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = Non
             fixed_t = schedule.level_of(float(spec.sigma))
         except D2maeError as exc:
             raise D2maeError(f"option --obs fixed:{spec.sigma:g}: {exc}") from None
-    hashes = list(hashes) if hashes is not None else content_hashes(refs)
+    n = len(refs)
+    mine = eval_indices(n, ctx)  # this rank's block of images (all of them in one process)
+    if hashes is None:
+        hashes = gather_ordered_objects(content_hashes([refs[i] for i in mine]), n, ctx)
+    hashes = list(hashes)
     cfg = model.config
     meta: dict[str, Any] = {
         **spec.to_dict(), "model_sha256": model_hash, "img_size": cfg.img_size, "in_chans": cfg.in_chans,
         "schedule": {"start": cfg.sigma_start, "stop": cfg.sigma_stop, "step": cfg.sigma_step, "enabled": cfg.blur},
         "view": "resize shorter side + centre crop (ImageDataset augment='none')"}
-    n = len(refs)
     started = time.perf_counter()
     if spec.mode != "search":
         t = 0.0 if spec.mode == "none" else float(fixed_t)
@@ -324,22 +341,23 @@ def run_obs(model: DeblurMAE, refs: Sequence[str], *, spec: ObsSpec | None = Non
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev)
     dtype = amp_dtype(dev, precision)
-    loader = DataLoader(ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="none"), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda",
+    loader = DataLoader(ImageDataset([refs[i] for i in mine], cfg.img_size, cfg.in_chans, augment="none"),
+                        batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=dev.type == "cuda",
                         persistent_workers=False)
-    losses = np.zeros((n, len(levels)), dtype=np.float64)
+    local = torch.zeros(len(mine), len(levels), device=dev)  # [n_mine, L], row k = image mine[k]
     bar = None
-    if progress and n > 4 * batch_size:
+    if progress and ctx.is_main and len(mine) > 4 * batch_size:
         from tqdm import tqdm
-        bar = tqdm(total=n, desc="OBS", unit="img")
+        bar = tqdm(total=len(mine), desc="OBS", unit="img")
     with eval_mode(model), torch.inference_mode(), autocast(dev, dtype):
-        for x, _, idx in loader:
+        for x, _, k in loader:  # k: positions in this rank's block
             x = x.to(dev, non_blocking=True)  # [B, C, S, S]
-            losses[idx.numpy()] = search_losses(model, x, levels, max_rows).cpu().numpy()  # [B, L]
+            local[k.to(dev)] = search_losses(model, x, levels, max_rows)  # [B, L]
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(len(k))
     if bar is not None:
         bar.close()
+    losses = gather_ordered(local, n, ctx).cpu().double().numpy()  # [n, L] on every rank, row i = image i
     t_star = select_level(losses, levels).astype(np.float64)
     sigma_star = schedule.sigma(torch.from_numpy(t_star)).double().numpy().round(6)
     meta["seconds"] = round(time.perf_counter() - started, 3)
@@ -377,9 +395,6 @@ class ObsStrip:
 def obs_strips(model: DeblurMAE, refs: Sequence[str], search_step: int = 2, device: torch.device | str | None = None
                ) -> list[ObsStrip]:
     """The OBS strip arrays (original, blurred at each searched level, deblurred output, |difference|, losses)."""
-    from d2mae.blur import gaussian_blur
-    from d2mae.data import ImageDataset
-
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     cfg = model.config
     levels = model.schedule.search_levels(search_step)
@@ -501,12 +516,6 @@ class ObsConfig:
 
 def obs_command(cfg: ObsConfig) -> Path:
     """The work of ``d2mae obs``: load, check, search, write table + summary + figures. Returns the table path."""
-    from d2mae.artifacts import load_pretrained
-    from d2mae.config import save_config
-    from d2mae.data import check_images, find_images
-    from d2mae.labels import load_labeled
-    from d2mae.runtime import resolve_device
-
     if not cfg.model:
         raise D2maeError("option --model is required: the pre-trained D²MAE folder")
     if not cfg.out:
@@ -514,7 +523,12 @@ def obs_command(cfg: ObsConfig) -> Path:
     if bool(cfg.data) == bool(cfg.labels):
         raise D2maeError("give the images with either --data (folders, files, lists) or --labels (a labels CSV)")
     spec = parse_obs(cfg.obs, cfg.search_step)
-    device = resolve_device(cfg.device)
+    with distributed_run(cfg.device) as (ctx, device):
+        return _obs_command(cfg, spec, ctx, device)
+
+
+def _obs_command(cfg: ObsConfig, spec: ObsSpec, ctx: DistContext, device: torch.device) -> Path:
+    """:func:`obs_command` in one process (of one or more): every rank searches its block, rank 0 writes."""
     model = load_pretrained(cfg.model, device)
     groups, group_name = None, "group"
     if cfg.labels:
@@ -533,22 +547,26 @@ def obs_command(cfg: ObsConfig) -> Path:
             raise D2maeError("option --group-by needs --labels (a CSV with that column)")
         refs = find_images(cfg.data)
     out = Path(cfg.out)
-    good = check_images(refs, model.config.in_chans, skip_bad=cfg.skip_bad, out_dir=out)
+    good = on_main(ctx, lambda: check_images(refs, model.config.in_chans, skip_bad=cfg.skip_bad, out_dir=out))
     if groups is not None and len(good) != len(refs):
         keep = set(good)
         groups = [g for r, g in zip(refs, groups) if r in keep]
     refs = good
-    save_config(cfg, out / "obs.yaml")
+    if ctx.is_main:
+        save_config(cfg, out / "obs.yaml")
     table = run_obs(model, refs, spec=spec, batch_size=cfg.batch_size, device=device, precision=cfg.precision,
-                    workers=cfg.workers, max_rows=cfg.max_rows, model_hash=model_sha256(cfg.model))
+                    workers=cfg.workers, max_rows=cfg.max_rows, model_hash=model_sha256(cfg.model), ctx=ctx)
     table.meta["model_dir"] = str(Path(cfg.model).absolute())
-    path = table.save(out)
-    write_summary(table, groups, group_name, out)
-    if cfg.strips > 0 and spec.mode == "search":
-        plot_strips(obs_strips(model, refs[:cfg.strips], spec.search_step, device), out)
-    rate = len(table) / table.meta["seconds"] if table.meta.get("seconds") else float("nan")
-    print(f"OBS {spec.describe()} on {len(table)} images in {table.meta.get('seconds', 0):.1f} s "
-          f"({rate:.1f} images/s); table: {path}")
+    path = out / TABLE_NAME
+    if ctx.is_main:
+        table.save(out)
+        write_summary(table, groups, group_name, out)
+        if cfg.strips > 0 and spec.mode == "search":
+            plot_strips(obs_strips(model, refs[:cfg.strips], spec.search_step, device), out)
+        rate = len(table) / table.meta["seconds"] if table.meta.get("seconds") else float("nan")
+        print(f"OBS {spec.describe()} on {len(table)} images in {table.meta.get('seconds', 0):.1f} s "
+              f"({rate:.1f} images/s); table: {path}")
+    barrier(ctx)  # every rank returns once the files are written
     return path
 
 
@@ -569,15 +587,11 @@ def write_summary(table: ObsTable, groups: Sequence[str] | None, group_name: str
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from d2mae.config import add_arguments
-
     parser.add_argument("--config", help="YAML file with any of the options below")
     add_arguments(parser, ObsConfig)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from d2mae.config import config_from_cli
-
     obs_command(config_from_cli(ObsConfig, args))
     return 0
 

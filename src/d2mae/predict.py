@@ -13,6 +13,9 @@ folds share the pre-trained model, so OBS runs once). ``--fold K`` picks one fol
 
 Output: a table on the terminal and, with ``--out``, a CSV with path, pred (class name), prob_<class>…, t_star,
 sigma_star.
+
+Under torchrun each rank runs OBS and the classifiers on its block of the images, the results are gathered in
+order, and rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from d2mae.artifacts import load_pretrained
+from d2mae.config import add_arguments, config_from_cli
+from d2mae.data import check_images, find_images
+from d2mae.distributed import DistContext, distributed_run, on_main
 from d2mae.errors import D2maeError
+from d2mae.finetune import load_classifier, predict_probs
+from d2mae.obs import ObsSpec, model_sha256, run_obs
 from d2mae.runtime import atomic_write_text, resolve_device
 
 
@@ -141,17 +150,16 @@ class Predictions:
 
 def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None = None, batch_size: int = 32,
             device: str | torch.device = "auto", precision: str = "auto", workers: int = 0, skip_bad: bool = False,
-            progress: bool = True) -> Predictions:
+            progress: bool = True, ctx: DistContext | None = None) -> Predictions:
     """Run OBS with the bundled pre-trained model, then classify every image at its t* (see the module docstring).
+
+    ``ctx``: under torchrun, this process's place; each rank works on its block of the images and every rank
+    returns all the predictions (default: one process).
 
     Raises:
         D2maeError: a model folder that is missing, incomplete or inconsistent; unreadable images.
     """
-    from d2mae.artifacts import load_pretrained
-    from d2mae.data import check_images, find_images
-    from d2mae.finetune import load_classifier, predict_probs
-    from d2mae.obs import ObsSpec, model_sha256, run_obs
-
+    ctx = ctx or DistContext()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     folders = model_folders(model, fold)
     loaded = [load_classifier(f, dev) for f in folders]
@@ -163,8 +171,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
                                  "they do not come from one run")
     classes = list(first["classes"])
     config = loaded[0][0].config
-    refs = find_images([str(p) for p in inputs])
-    refs = check_images(refs, config.in_chans, skip_bad=skip_bad)
+    found = find_images([str(p) for p in inputs])
+    refs = on_main(ctx, lambda: check_images(found, config.in_chans, skip_bad=skip_bad))
     obs = first.get("obs") or {"mode": "none"}
     mode = obs.get("mode", "none")
     n = len(refs)
@@ -180,7 +188,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
         mae = load_pretrained(pre_dir, dev)
         table = run_obs(mae, refs, spec=ObsSpec("search", int(obs.get("search_step") or 2)), batch_size=batch_size,
                         device=dev, precision=precision, workers=workers, model_hash=expected or "",
-                        progress=progress)
+                        progress=progress, ctx=ctx)
         t_star, sigma_star = table.t_star, table.sigma_star
         del mae
     elif mode == "fixed":
@@ -192,23 +200,19 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
     probs = np.zeros((n, len(classes)))
     for k, (clf, _) in enumerate(loaded):
         probs += predict_probs(clf, refs, t_star, dev, batch_size, workers, precision, progress=progress,
-                               desc=f"classify ({k + 1}/{len(loaded)})" if len(loaded) > 1 else "classify")
+                               desc=f"classify ({k + 1}/{len(loaded)})" if len(loaded) > 1 else "classify", ctx=ctx)
     probs /= len(loaded)
     return Predictions(refs, classes, probs, np.asarray(t_star, float), np.asarray(sigma_star, float),
                        [str(f) for f in folders])
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    from d2mae.config import add_arguments
-
     parser.add_argument("inputs", nargs="*", help="images, folders or .csv/.txt lists of images")
     parser.add_argument("--config", help="YAML file with any of the options below")
     add_arguments(parser, PredictConfig, exclude=("inputs",))
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from d2mae.config import config_from_cli
-
     if not args.inputs:
         del args.inputs  # let a YAML file give them
     cfg = config_from_cli(PredictConfig, args)
@@ -216,8 +220,12 @@ def run_cli(args: argparse.Namespace) -> int:
         raise D2maeError("option --model is required: a fine-tuned model folder or a finetune run folder")
     if not cfg.inputs:
         raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
-    result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=cfg.device,
-                     precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress)
+    with distributed_run(cfg.device) as (ctx, device):
+        result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,
+                         precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress,
+                         ctx=ctx)
+    if not ctx.is_main:
+        return 0
     print(result.table(cfg.show))
     models = result.models[0] if len(result.models) == 1 else f"mean of {len(result.models)} fold models"
     print(f"{len(result.paths)} image(s) classified ({models})", file=sys.stderr)

@@ -18,6 +18,9 @@ The output folder is a pre-trained model folder (:func:`d2mae.artifacts.load_pre
 * ``metrics.jsonl``: one record per ``log_every_steps`` steps and at each epoch end: ``step`` (optimizer steps
   done), ``epoch`` (1-based), ``loss`` (mean over the steps since the last record), ``lr``, ``images_per_s``,
   ``time`` (training seconds so far, summed over resumed sessions).
+* ``tensorboard/``: the same records as TensorBoard scalars (``pretrain/loss`` …) when the tensorboard package is
+  installed (``--tensorboard auto``, the default; ``on`` requires it, ``off`` skips it).
+* ``init_report.json`` (with ``--init-from``): which tensors of the start checkpoint were loaded, converted or new.
 * ``resume.pt``: ``format``/``format_version``, ``model``, ``optimizer``, ``scheduler`` (timm CosineLRScheduler
   state), ``scaler`` (None: bf16 needs none), ``epoch`` + ``micro_step`` (the next micro-batch to run), ``step``,
   ``elapsed``, ``rng`` (Python/NumPy/torch/CUDA states as tensors), ``sampler``, ``world_size``, ``config``,
@@ -38,29 +41,28 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
-import random
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from d2mae import distributed as dist_utils
 from d2mae.artifacts import WEIGHTS, save_pretrained
 from d2mae.config import add_arguments, build_config, config_from_cli, load_yaml, save_config, to_dict
+from d2mae.data import SeededDataset
 from d2mae.distributed import DistContext, EpochBatchSampler
 from d2mae.errors import D2maeError
+from d2mae.metrics_log import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog
 from d2mae.models import DeblurMAE, ModelConfig
-from d2mae.runtime import (amp_dtype, atomic_write_text, autocast, capture_rng_state, derive_seed, load_checkpoint,
-                           restore_rng_state, save_checkpoint, seed_everything, warmup_cosine_scheduler)
+from d2mae.runtime import (StopSignals, amp_dtype, atomic_write_json, atomic_write_text, autocast, capture_rng_state,
+                           derive_seed, load_checkpoint, restore_rng_state, save_checkpoint, seed_everything,
+                           warmup_cosine_scheduler)
 
 RESUME = "resume.pt"
 METRICS = "metrics.jsonl"
@@ -91,8 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
 
 # Options that change what a run computes; a resumed run must keep them (the others may change freely).
-_TRAJECTORY = ("seed", "epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay",
-               "max_steps") + MODEL_FIELDS
+_TRAJECTORY = ("init_from", "seed", "epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "warmup_epochs",
+               "weight_decay", "max_steps") + MODEL_FIELDS
 
 
 @dataclass
@@ -114,6 +116,11 @@ class PretrainConfig(ModelConfig):
     config: str | None = field(default=None, metadata={
         "help": "YAML file of options (keys as the flags, with _ or -); flags given here override it",
         "metavar": "FILE.yaml"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from these weights instead of a random initialisation: an official MAE .pth "
+                "(mae_pretrain_vit_base.pth), timm's vit_*_patch16_224.mae model.safetensors, or a d2mae model "
+                "folder; converted to this model (blur token added, 3→1 channel, other image size; see "
+                "docs/import.md) and reported in OUT/init_report.json", "metavar": "FILE|DIR"})
     epochs: int = field(default=400, metadata={"help": "epochs over the data (paper: 6000-16000)"})
     batch_size: int = field(default=64, metadata={"help": "images per process per step"})
     accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
@@ -138,6 +145,8 @@ class PretrainConfig(ModelConfig):
     checkpoint_every_steps: int = field(default=500, metadata={
         "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)"})
     log_every_steps: int = field(default=20, metadata={"help": "write a metrics.jsonl record every N steps"})
+    tensorboard: str = field(default="auto", metadata={"help": TENSORBOARD_HELP,
+                                                        "choices": list(TENSORBOARD_CHOICES)})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many optimizer steps (the lr schedule is fitted to the shorter run)"})
     data_path: str = field(default="auto", metadata={
@@ -160,6 +169,8 @@ class PretrainConfig(ModelConfig):
                 raise D2maeError(f"option --{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise D2maeError(f"option --max-steps must be ≥ 1, got {self.max_steps}")
+        if self.tensorboard not in TENSORBOARD_CHOICES:
+            raise D2maeError(f"option --tensorboard: unknown value '{self.tensorboard}'; use auto, on or off")
         for name in ("checkpoint_every_steps", "seed"):
             if getattr(self, name) < 0:
                 raise D2maeError(f"option --{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
@@ -226,27 +237,6 @@ class NonFiniteLossError(D2maeError):
 # data
 # --------------------------------------------------------------------------------------------------------------------
 
-class SeededDataset(torch.utils.data.Dataset):
-    """Wraps :class:`d2mae.data.ImageDataset`: item ``(index, seed)`` -> the image [C, S, S] in [0, 1].
-
-    Before each image the global Python/NumPy/torch(CPU) generators of the process (main or loader worker) are seeded
-    with the image's own seed, so its random crop and flip depend on ``(run seed, epoch, index)`` only.
-    """
-
-    def __init__(self, base: torch.utils.data.Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
-        index, seed = key
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)
-        return self.base[index][0]  # [C, S, S]
-
-
 def _default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
@@ -279,7 +269,7 @@ def choose_data_path(cfg: PretrainConfig, num_images: int, device: torch.device,
     return "loader", reason
 
 
-class _MemoryBatches:
+class MemoryBatches:
     """Micro-batches cropped on the device from a :class:`d2mae.data.DecodedCache` (no DataLoader).
 
     The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
@@ -308,8 +298,9 @@ class _MemoryBatches:
                                   flip[mine])  # [B, C, S, S]
 
 
-class _LoaderBatches:
-    """Micro-batches from a DataLoader over :class:`SeededDataset` with the sampler as its batch sampler."""
+class LoaderBatches:
+    """Micro-batches from a DataLoader over :class:`d2mae.data.SeededDataset` with the sampler as its batch
+    sampler."""
 
     def __init__(self, dataset: Any, sampler: EpochBatchSampler, num_workers: int, pin: bool) -> None:
         self.sampler = sampler
@@ -319,7 +310,8 @@ class _LoaderBatches:
 
     def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         self.sampler.set_epoch(epoch, start)
-        yield from self.loader
+        for x, _, _ in self.loader:  # images [B, C, S, S], labels, indices
+            yield x
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -345,23 +337,6 @@ def build_optimizer(model: DeblurMAE, cfg: PretrainConfig, lr: float, device: to
 def _say(ctx: DistContext, message: str) -> None:
     if ctx.is_main:
         print(message, flush=True)
-
-
-def _on_main(ctx: DistContext, fn: Any) -> Any:
-    """Run ``fn`` on rank 0 and hand its result (or its D2maeError) to every rank."""
-    result: Any = None
-    error: str | None = None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except D2maeError as exc:
-            if not ctx.enabled:
-                raise
-            error = str(exc)
-    result, error = dist_utils.broadcast_object((result, error), ctx)
-    if error is not None:
-        raise D2maeError(error)
-    return result
 
 
 def _refs_digest(refs: list[str]) -> str:
@@ -406,37 +381,20 @@ def _check_resume_matches(state: dict[str, Any], cfg: PretrainConfig, refs_diges
                          "resume with the original settings or start a new --out")
 
 
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked after each optimizer step (a second SIGINT stops at once)."""
+class Pretrainer:
+    """One pre-training process (one rank): what :func:`pretrain` runs, usable step by step (benchmarks, notebooks).
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class _Run:
-    """State of one pre-training process (one rank)."""
+    ``setup()`` checks the inputs and builds the model, optimizer, schedule and data path (or resumes them);
+    ``train_step(epoch, batches, stop)`` runs one optimizer step; ``train()`` runs the epochs with logging,
+    checkpoints and stop signals.
+    """
 
     def __init__(self, cfg: PretrainConfig, ctx: DistContext, device: torch.device) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.device = device
         self.out = Path(cfg.out)
+        self.metrics: MetricsLog | None = None  # rank 0 only
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -454,7 +412,7 @@ class _Run:
                                  "or choose a new --out")
             return path
 
-        resume_path = _on_main(ctx, find_resume)
+        resume_path = dist_utils.on_main(ctx, find_resume)
         if cfg.resume is not None and resume_path is None:
             _say(ctx, f"no resume checkpoint in {out}; starting a new run")
 
@@ -463,7 +421,7 @@ class _Run:
             return data.check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
                                      min_size=cfg.patch)
 
-        self.refs = _on_main(ctx, images)
+        self.refs = dist_utils.on_main(ctx, images)
         if ctx.is_main and resume_path is None:  # for the data-leak guard of d2mae finetune
             hashes = data.content_hashes(self.refs)
             atomic_write_text(out / "pretrain_hashes.txt",
@@ -487,14 +445,17 @@ class _Run:
         else:
             model_cfg = cfg.model_config()
             if model_cfg.mean is None or model_cfg.std is None:
-                mean, std = _on_main(ctx, lambda: data.compute_stats(self.refs, cfg.in_chans, seed=cfg.seed))
+                mean, std = dist_utils.on_main(ctx, lambda: data.compute_stats(self.refs, cfg.in_chans, seed=cfg.seed))
                 model_cfg = dataclasses.replace(model_cfg, mean=model_cfg.mean or mean, std=model_cfg.std or std)
         self.model_cfg = model_cfg
+        self.schedule = model_cfg.schedule()  # the blur levels t ~ U{1..T} (Eq. 1)
         # the config written beside the outputs: resolved, with the data set's statistics
         self.cfg = dataclasses.replace(cfg, mean=model_cfg.mean, std=model_cfg.std)
 
         seed_everything(cfg.seed)
         self.model = DeblurMAE(model_cfg).to(self.device)
+        if state is None and cfg.init_from:
+            self._init_from(cfg.init_from)
         self.optimizer = build_optimizer(self.model, cfg, self.lr, self.device)
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.min_lr)
         self.amp = amp_dtype(self.device, cfg.precision)
@@ -519,11 +480,11 @@ class _Run:
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (--data-path to choose)")
         if self.data_path == "memory":
             cache = data.DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
-            self.batches: Any = _MemoryBatches(cache, self.sampler, cfg.img_size, self.device)
+            self.batches: Any = MemoryBatches(cache, self.sampler, cfg.img_size, self.device)
         else:
             dataset = data.ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae")
             workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
-            self.batches = _LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
+            self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
 
         self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
         if cfg.compile:
@@ -539,7 +500,8 @@ class _Run:
                                                                         "config.json")):
                     stale.unlink(missing_ok=True)
             save_config(self.cfg, out / RUN_CONFIG)
-            self._trim_metrics()
+            self.metrics = MetricsLog(out / METRICS, "step", cfg.tensorboard, out / "tensorboard",
+                                      resume_at=self.step, tag="pretrain")
             if self.warmup_steps >= self.total_steps and self.total_steps > 1:
                 print(f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
                       "reaches its peak (lower --warmup-epochs)", flush=True)
@@ -550,20 +512,15 @@ class _Run:
                   flush=True)
         return True
 
-    def _trim_metrics(self) -> None:
-        """Drop records after the resumed step (they will be logged again) and any half-written line."""
-        path = self.out / METRICS
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= self.step:
-                keep.append(line)
-        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    def _init_from(self, path: str) -> None:
+        """Load ImageNet MAE (or other) weights into the new model; every rank converts the same file."""
+        from d2mae.imports import init_from_checkpoint
+
+        report = init_from_checkpoint(self.model, path)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "init_report.json", report.to_dict())
+            print(report.summary(), flush=True)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def resume_state(self) -> dict[str, Any]:
@@ -598,13 +555,11 @@ class _Run:
                              "images": len(self.refs), "seed": self.cfg.seed}})
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.ctx.is_main:
-            with open(self.out / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     # ---- training ---------------------------------------------------------------------------------------------
-    def train_step(self, epoch: int, batches: Iterator[torch.Tensor], stop: "_StopSignals") -> tuple[float, bool]:
+    def train_step(self, epoch: int, batches: Iterator[torch.Tensor], stop: StopSignals) -> tuple[float, bool]:
         """One optimizer step: ``accum_iter`` micro-batches forward/backward, then AdamW (Section 2.2, Eq. 3).
 
         Returns the step's loss (mean over micro-batches and ranks) and whether a stop signal reached any rank.
@@ -646,9 +601,8 @@ class _Run:
     def train(self) -> Path:
         """Epochs of :meth:`train_step`, with logging, checkpoints and the stop signals; returns the output folder."""
         cfg, ctx = self.cfg, self.ctx
-        self.schedule = self.model_cfg.schedule()
         images_per_step = cfg.effective_batch(ctx.world_size)
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
                 epoch = self.epoch
                 bar = _progress(ctx, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
@@ -734,10 +688,14 @@ def pretrain(cfg: PretrainConfig) -> Path:
     owned = not (dist.is_available() and dist.is_initialized())
     ctx, device = dist_utils.init_distributed(cfg.device)
     try:
-        run = _Run(cfg, ctx, device)
-        if not run.setup():
-            return Path(cfg.out)
-        return run.train()
+        run = Pretrainer(cfg, ctx, device)
+        try:
+            if not run.setup():
+                return Path(cfg.out)
+            return run.train()
+        finally:
+            if run.metrics is not None:
+                run.metrics.close()
     finally:
         if owned:
             dist_utils.shutdown()
@@ -748,14 +706,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 
 _CLI_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("what to pre-train on, and where the model goes", ("data", "out", "preset", "config", "resume", "skip_bad")),
+    ("what to pre-train on, and where the model goes",
+     ("data", "out", "preset", "config", "init_from", "resume", "skip_bad")),
     ("training (MAE's recipe: AdamW β=(0.9, 0.95), warm-up + cosine lr per step)",
      ("epochs", "batch_size", "accum_iter", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "seed",
       "max_steps")),
     ("model, blur schedule and normalisation (saved in config.json; a preset sets the blur options)", MODEL_FIELDS),
     ("hardware, data loading and bookkeeping",
      ("device", "precision", "num_workers", "data_path", "compile", "save_every_epochs", "checkpoint_every_steps",
-      "log_every_steps")),
+      "log_every_steps", "tensorboard")),
 )
 
 

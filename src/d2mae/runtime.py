@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -269,3 +271,30 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, 
                                  warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     finally:
         timm_log.setLevel(level)
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a flag that training loops check after each step, so that they can write a
+    checkpoint and exit cleanly; a second SIGINT stops at once. Handlers are installed in the main thread only.
+
+    Usage: ``with StopSignals() as stop: ... if stop.signum is not None: save, then raise``.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,533 @@
+"""The experiment config: methods and ablation groups (Tables 2 and 3), the schema of an experiment file, and its
+loading (``${VAR}`` expansion, ``--set`` overrides). Part of :mod:`d2mae.experiment`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from d2mae.config import build_config, coerce, field_types, load_yaml, to_dict
+from d2mae.errors import D2maeError
+from d2mae.models import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# methods and ablation groups
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a results table: a pre-training preset (``None``: no pre-training) and a fine-tuning setting.
+
+    Attributes:
+        name: the config name (``methods:`` list).
+        label: the name shown in tables and figures.
+        preset: :data:`d2mae.pretrain.PRESETS` key, or ``None`` for the ViT trained from scratch.
+        obs: fine-tuning blur: ``none``, ``fixed:SIGMA`` or ``search`` (:func:`d2mae.obs.parse_obs`).
+        search_step: OBS step s (Table 3d).
+    """
+
+    name: str
+    label: str
+    preset: str | None
+    obs: str = "none"
+    search_step: int = 2
+
+    @property
+    def mode(self) -> str:
+        return "scratch" if self.preset is None else "full"
+
+    def describe(self) -> str:
+        pre = "no pre-training (ViT from scratch)" if self.preset is None else f"pre-training preset {self.preset}"
+        if self.preset is None:
+            ft = "fine-tuning --mode scratch, no blur"
+        elif self.obs == "search":
+            ft = f"fine-tuning with OBS (s = {self.search_step})"
+        elif self.obs == "none":
+            ft = "fine-tuning without blur"
+        else:
+            ft = f"fine-tuning at fixed σ = {self.obs.split(':', 1)[1]}"
+        return f"{pre}; {ft}"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    # Table 2
+    Method("supervised", "ViT (no pre-training)", None, "none"),
+    Method("mae", "MAE", "mae", "none"),
+    Method("deblurrmae", "DeblurrMAE", "deblurrmae", "fixed:1.1"),
+    Method("d2mae", "D²MAE", "d2mae", "search", 2),
+    # Table 3a: blur range
+    Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search", 2),
+    Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search", 2),
+    # Table 3b: blur embedding
+    Method("d2mae-embed-none", "D²MAE w/o blur embedding", "embed-none", "search", 2),
+    Method("d2mae-embed-add", "D²MAE blur embedding added", "embed-add", "search", 2),
+    # Table 3c: OBS setting (the d2mae pre-trained model)
+    Method("d2mae-obs-none", "D²MAE, no blur in fine-tuning", "d2mae", "none"),
+    Method("d2mae-obs-fixed-0.5", "D²MAE, fixed σ = 0.5", "d2mae", "fixed:0.5"),
+    # Table 3d: search step (the d2mae pre-trained model)
+    Method("d2mae-s1", "D²MAE, OBS s = 1", "d2mae", "search", 1),
+    Method("d2mae-s3", "D²MAE, OBS s = 3", "d2mae", "search", 3),
+)}
+TABLE2_METHODS: tuple[str, ...] = ("supervised", "mae", "deblurrmae", "d2mae")
+
+
+@dataclass(frozen=True)
+class AblationGroup:
+    """A Table 3 panel: its title and (method, row label) pairs, in the paper's order."""
+
+    name: str
+    title: str
+    variants: tuple[tuple[str, str], ...]
+
+
+ABLATIONS: dict[str, AblationGroup] = {g.name: g for g in (
+    AblationGroup("blur_range", "(a) Blurriness range", (
+        ("d2mae-range-0.6", "0.1 → 0.6"), ("d2mae", "0.1 → 1.1"), ("d2mae-range-1.6", "0.1 → 1.6"))),
+    AblationGroup("embedding", "(b) Blurriness embedding", (
+        ("d2mae-embed-none", "w/o embedding"), ("d2mae-embed-add", "Addition"), ("d2mae", "Extra token"))),
+    AblationGroup("obs_setting", "(c) OBS settings", (
+        ("d2mae-obs-none", "No blur"), ("d2mae-obs-fixed-0.5", "Fixed (σ = 0.5)"), ("d2mae", "With OBS"))),
+    AblationGroup("search_step", "(d) Search step", (
+        ("d2mae-s1", "s = 1"), ("d2mae", "s = 2"), ("d2mae-s3", "s = 3"))),
+)}
+
+# --------------------------------------------------------------------------------------------------------------------
+# config schema
+# --------------------------------------------------------------------------------------------------------------------
+
+#: ModelConfig fields each method's pre-training preset decides (they may not be set in ``model:``).
+PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on")
+_LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
+                  "image_ext", "folds_csv", "classes")
+_PATH_OPTIONS = ("labels", "image_root", "folds_csv")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of an experiment (a key under ``datasets:``).
+
+    Either real images — ``labels`` (a labels CSV or a class-per-folder tree) and optionally ``pretrain_data`` —
+    or synthetic ones — ``phantoms`` (options of :func:`d2mae.phantom.generate_phantoms`, written into the output
+    folder) and optionally ``pretrain_phantoms`` (a second, disjoint phantom set for pre-training). Relative paths
+    are taken relative to ``root`` when it is set, else to the current folder.
+    """
+
+    root: str | None = field(default=None, metadata={"help": "folder the other relative paths start from"})
+    labels: str | None = field(default=None, metadata={"help": "labels CSV or class-per-folder tree"})
+    pretrain_data: list[str] | None = field(default=None, metadata={
+        "help": "pre-training images: folders, files, .csv/.txt lists (default: the labeled images)"})
+    path_column: str = "path"
+    label_column: str = "label"
+    group_column: str | None = None
+    split_column: str | None = None
+    fold_column: str | None = None
+    image_root: str | None = None
+    image_ext: str = ""
+    folds_csv: str | None = None
+    classes: list[str] | None = None
+    protocol: str = field(default="kfold:5", metadata={"help": "split:3:1:1, kfold:5, csv or holdout:FILE"})
+    folds: list[str] | None = field(default=None, metadata={"help": "run only these folds (e.g. a smoke run)"})
+    scanner_column: str | None = field(default=None, metadata={
+        "help": "labels column naming the scanner/device (σ* histogram per scanner)"})
+    name: str = ""
+    phantoms: dict[str, Any] | None = None
+    pretrain_phantoms: dict[str, Any] | None = None
+
+
+@dataclass
+class BudgetSpec:
+    """The compute budget every method gets (the equal-budget rule): set once, here, never per method."""
+
+    pretrain_epochs: int | None = field(default=None, metadata={"help": "pre-training epochs (or pretrain_images)"})
+    pretrain_images: int | None = field(default=None, metadata={
+        "help": "pre-training budget as images seen (instead of epochs)"})
+    pretrain_batch_size: int = 64
+    finetune_epochs: int = 50
+    finetune_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.pretrain_epochs is not None and self.pretrain_images is not None:
+            raise D2maeError("budget: give pretrain_epochs or pretrain_images, not both")
+        if self.pretrain_epochs is None and self.pretrain_images is None:
+            self.pretrain_epochs = 400
+        for name in ("pretrain_epochs", "pretrain_images", "pretrain_batch_size", "finetune_epochs",
+                     "finetune_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise D2maeError(f"budget.{name} must be ≥ 1, got {value}")
+
+
+@dataclass
+class ReportSpec:
+    """What the report shows."""
+
+    title: str | None = None
+    sample_images: int = field(default=4, metadata={"help": "images in the reconstruction figures"})
+    obs_images: int = field(default=2, metadata={"help": "images in the OBS strip figure (Figure 3a)"})
+    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for pooled CIs (evaluate)"})
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.sample_images < 0 or self.obs_images < 0:
+            raise D2maeError("report.sample_images and report.obs_images must be ≥ 0")
+        if not 0 < self.confidence < 1:
+            raise D2maeError(f"report.confidence must be between 0 and 1, got {self.confidence}")
+        if self.n_bootstrap < 1:
+            raise D2maeError(f"report.n_bootstrap must be ≥ 1, got {self.n_bootstrap}")
+
+
+@dataclass
+class _TopLevel:
+    """The scalar top-level keys of an experiment file (sections are checked separately)."""
+
+    name: str = "experiment"
+    description: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    methods: list[str] = field(default_factory=lambda: list(TABLE2_METHODS))
+    ablations: list[str] = field(default_factory=list)
+    device: str = "auto"
+    cache_dir: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A parsed, checked experiment config (:func:`load_experiment`)."""
+
+    name: str
+    description: str
+    seeds: list[int]
+    methods: list[str]
+    ablations: list[str]
+    device: str
+    cache_dir: str | None
+    model: dict[str, Any]
+    budget: BudgetSpec
+    pretrain: dict[str, Any]
+    finetune: dict[str, Any]
+    datasets: dict[str, DatasetSpec]
+    report: ReportSpec
+    source: str = "config"
+
+    def runs(self) -> list[Method]:
+        """Every method to fine-tune: the ``methods`` list, then the ablation groups' variants (no repeats)."""
+        names: list[str] = []
+        for name in self.methods:
+            if name not in names:
+                names.append(name)
+        for group in self.ablations:
+            for name, _ in ABLATIONS[group].variants:
+                if name not in names:
+                    names.append(name)
+        return [METHODS[n] for n in names]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (saved as ``experiment.yaml`` beside the report)."""
+        datasets = {}
+        for name, ds in self.datasets.items():
+            d = {k: v for k, v in dataclasses.asdict(ds).items() if k != "name" and v not in (None, "", [])}
+            datasets[name] = d
+        return {"name": self.name, "description": self.description, "seeds": list(self.seeds),
+                "methods": list(self.methods), "ablations": list(self.ablations), "device": self.device,
+                "cache_dir": self.cache_dir, "model": dict(self.model), "budget": dataclasses.asdict(self.budget),
+                "pretrain": dict(self.pretrain), "finetune": dict(self.finetune), "datasets": datasets,
+                "report": dataclasses.asdict(self.report)}
+
+
+_TOP_SECTIONS = ("model", "budget", "pretrain", "finetune", "datasets", "report")
+
+# pre-training options an experiment decides itself, with what to do instead
+_PRETRAIN_FORBIDDEN = {
+    "epochs": "set the pre-training budget under budget: (pretrain_epochs or pretrain_images) — the same for every "
+              "method",
+    "max_steps": "set the pre-training budget under budget: (pretrain_images) — the same for every method",
+    "batch_size": "set budget.pretrain_batch_size — the same for every method",
+    "data": "the pre-training images come from datasets.<name>.pretrain_data (or the labeled images)",
+    "out": "the experiment chooses the output folders (--out, cache_dir)",
+    "preset": "each method has its own preset; choose methods: / ablations: instead",
+    "config": "put the options in this file",
+    "seed": "list the seeds under seeds:",
+    "resume": "use d2mae experiment --resume",
+    "device": "set device: at the top level",
+}
+_FINETUNE_FORBIDDEN = {
+    "epochs": "set budget.finetune_epochs — the same for every method",
+    "batch_size": "set budget.finetune_batch_size — the same for every method",
+    "pretrained": "the experiment passes each method's pre-trained model",
+    "obs": "each method has its own OBS setting; choose methods: / ablations: instead",
+    "search_step": "each method has its own search step; use ablations: [search_step]",
+    "obs_table": "the experiment runs OBS itself",
+    "mode": "each method has its own mode (supervised = scratch)",
+    "method": "the experiment names the methods",
+    "seed": "list the seeds under seeds:",
+    "out": "the experiment chooses the output folders (--out)",
+    "resume": "use d2mae experiment --resume",
+    "device": "set device: at the top level",
+    "config": "put the options in this file",
+    "labels": "set datasets.<name>.labels",
+    "protocol": "set datasets.<name>.protocol",
+    "folds": "set datasets.<name>.folds",
+    "keep_columns": "set datasets.<name>.scanner_column",
+    "arch": "set model.model",
+    "img_size": "set model.img_size",
+    "in_chans": "set model.in_chans",
+    **{k: f"set datasets.<name>.{k}" for k in _LABEL_OPTIONS},
+}
+
+
+def _section(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise D2maeError(f"section '{key}' in {source} must be a mapping of option: value, not "
+                         f"{type(value).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in value.items()}
+
+
+def _refuse(section: Mapping[str, Any], forbidden: Mapping[str, str], where: str, source: str) -> None:
+    for key in section:
+        if key in forbidden:
+            raise D2maeError(f"option '{where}.{key}' in {source} is not allowed: {forbidden[key]}")
+
+
+def _check_section_types(cls: type, section: Mapping[str, Any], where: str, source: str) -> None:
+    """Unknown keys and wrong types of a section whose keys are fields of ``cls`` (no ``__post_init__`` run)."""
+    types_ = field_types(cls)
+    for key, value in section.items():
+        if key not in types_:
+            close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise D2maeError(f"unknown option '{where}.{key}' in {source}{hint}")
+        coerce(value, types_[key], f"{where}.{key}", source)
+
+
+def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
+    """:func:`d2mae.config.build_config`, with the file and section named in value errors of ``__post_init__``."""
+    try:
+        return build_config(cls, *layers)
+    except D2maeError as exc:
+        if source in str(exc):
+            raise
+        raise D2maeError(f"{source}, section {where}: {exc}") from None
+
+
+def parse_experiment(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
+    from d2mae.labels import parse_protocol
+    from d2mae.pretrain import MODEL_FIELDS, PRESETS, PretrainConfig
+
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    top = {k: v for k, v in data.items() if k not in _TOP_SECTIONS}
+    unknown = [k for k in top if k not in field_types(_TopLevel)]
+    if unknown:
+        known = ", ".join(list(field_types(_TopLevel)) + list(_TOP_SECTIONS))
+        raise D2maeError(f"unknown option '{unknown[0]}' in {source}; known top-level options: {known}")
+    flat = build_config(_TopLevel, (top, source))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", flat.name):
+        raise D2maeError(f"option 'name' in {source} must be letters, digits, '-', '_' or '.', got {flat.name!r}")
+    if not flat.seeds or len(set(flat.seeds)) != len(flat.seeds) or min(flat.seeds) < 0:
+        raise D2maeError(f"option 'seeds' in {source} must list distinct seeds ≥ 0, got {flat.seeds}")
+    for m in flat.methods:
+        if m not in METHODS:
+            raise D2maeError(f"option 'methods' in {source}: unknown method '{m}'; choose from {', '.join(METHODS)}")
+    for g in flat.ablations:
+        if g not in ABLATIONS:
+            raise D2maeError(f"option 'ablations' in {source}: unknown group '{g}'; choose from "
+                             f"{', '.join(ABLATIONS)}")
+    if not flat.methods and not flat.ablations:
+        raise D2maeError(f"{source}: no methods and no ablations to run; list some under methods:")
+
+    model = _section(data, "model", source)
+    for key in model:
+        if key in PRESET_FIELDS:
+            raise D2maeError(f"option 'model.{key}' in {source} is not allowed: each method's pre-training preset "
+                             f"sets it ({', '.join(f'{p}: {PRESETS[p].get(key)}' for p in ('d2mae', 'mae'))}…); "
+                             "choose methods/ablations instead")
+    _check_section_types(ModelConfig, model, "model", source)
+    _build(ModelConfig, "model", source, (model, f"{source}, section model"))  # value checks (sizes, heads, …)
+
+    budget_data = _section(data, "budget", source)
+    _check_section_types(BudgetSpec, budget_data, "budget", source)
+    budget = _build(BudgetSpec, "budget", source, (budget_data, f"{source}, section budget"))
+
+    pretrain = _section(data, "pretrain", source)
+    _refuse(pretrain, _PRETRAIN_FORBIDDEN, "pretrain", source)
+    for key in pretrain:
+        if key in MODEL_FIELDS:
+            raise D2maeError(f"option 'pretrain.{key}' in {source} is not allowed: architecture options go under "
+                             "model: (shared by pre-training and fine-tuning)")
+    _check_section_types(PretrainConfig, pretrain, "pretrain", source)
+
+    from d2mae.finetune import FinetuneConfig
+
+    finetune = _section(data, "finetune", source)
+    _refuse(finetune, _FINETUNE_FORBIDDEN, "finetune", source)
+    _check_section_types(FinetuneConfig, finetune, "finetune", source)
+
+    report_data = _section(data, "report", source)
+    _check_section_types(ReportSpec, report_data, "report", source)
+    report = _build(ReportSpec, "report", source, (report_data, f"{source}, section report"))
+
+    raw_datasets = data.get("datasets")
+    if not isinstance(raw_datasets, Mapping) or not raw_datasets:
+        raise D2maeError(f"{source}: section 'datasets' is missing or empty; name at least one dataset "
+                         "(labels: FILE or phantoms: {n: ...})")
+    datasets: dict[str, DatasetSpec] = {}
+    for ds_name, ds_data in raw_datasets.items():
+        ds_name = str(ds_name)
+        where = f"datasets.{ds_name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", ds_name):
+            raise D2maeError(f"dataset name '{ds_name}' in {source} must be letters, digits, '-', '_' or '.'")
+        if not isinstance(ds_data, Mapping):
+            raise D2maeError(f"'{where}' in {source} must be a mapping (labels:, protocol:, …)")
+        ds_data = {str(k).replace("-", "_"): v for k, v in ds_data.items()}
+        if "name" in ds_data:
+            raise D2maeError(f"option '{where}.name' in {source} is not allowed: the key is the dataset's name")
+        phantoms = {}
+        for key in ("phantoms", "pretrain_phantoms"):
+            value = ds_data.pop(key, None)
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise D2maeError(f"option '{where}.{key}' in {source} must be a mapping (n:, size:, seed:, …)")
+            phantoms[key] = _check_phantoms(dict(value), f"{where}.{key}", source)
+        _check_section_types(DatasetSpec, ds_data, where, source)
+        spec = _build(DatasetSpec, where, source, (ds_data, f"{source}, section {where}"))
+        spec.name = ds_name
+        spec.phantoms = phantoms.get("phantoms")
+        spec.pretrain_phantoms = phantoms.get("pretrain_phantoms")
+        if (spec.labels is None) == (spec.phantoms is None):
+            raise D2maeError(f"'{where}' in {source} needs exactly one of labels: (real images) or phantoms: "
+                             "(synthetic images generated into the output folder)")
+        if spec.pretrain_phantoms is not None and spec.pretrain_data is not None:
+            raise D2maeError(f"'{where}' in {source}: give pretrain_data or pretrain_phantoms, not both")
+        if spec.phantoms is not None:
+            spec.scanner_column = spec.scanner_column or "scanner"
+        try:
+            kind, params = parse_protocol(spec.protocol)
+        except D2maeError as exc:
+            raise D2maeError(f"option '{where}.protocol' in {source}: {exc}") from None
+        _check_protocol(kind, params, f"option '{where}.protocol' in {source}")
+        _resolve_paths(spec, where, source)
+        datasets[ds_name] = spec
+    return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
+                            flat.device, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
+                            pretrain, finetune, datasets, report, source)
+
+
+def _check_protocol(kind: str, params: list[str], where: str) -> None:
+    """The protocol's parameters, checked before anything runs (the folds themselves are made by d2mae.labels)."""
+    if kind == "kfold" and (len(params) != 1 or not params[0].isdigit() or int(params[0]) < 2):
+        raise D2maeError(f"{where}: use kfold:K with an integer K ≥ 2 (e.g. kfold:5)")
+    if kind == "split":
+        try:
+            ok = len(params) == 3 and all(float(p) > 0 for p in params)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise D2maeError(f"{where}: use split:TRAIN:VAL:TEST with three positive numbers (e.g. split:3:1:1)")
+    if kind == "holdout" and not (params and params[0]):
+        raise D2maeError(f"{where}: use holdout:FILE with the list of test images")
+
+
+def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str, Any]:
+    """Phantom options (:class:`d2mae.phantom.PhantomConfig` without ``out``), checked and with defaults filled."""
+    from d2mae.phantom import PhantomConfig
+
+    value = {str(k).replace("-", "_"): v for k, v in value.items()}
+    if "out" in value:
+        raise D2maeError(f"option '{where}.out' in {source} is not allowed: phantoms are written into the "
+                         "experiment's output folder")
+    _check_section_types(PhantomConfig, value, where, source)
+    cfg = _build(PhantomConfig, where, source, (value, f"{source}, section {where}"))
+    out = to_dict(cfg)
+    out.pop("out")
+    return out
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _resolve_paths(spec: DatasetSpec, where: str, source: str) -> None:
+    """Make relative paths absolute: against ``root`` when set (itself against the current folder)."""
+    base = Path(_abspath(spec.root)) if spec.root else Path.cwd()
+    if spec.root:
+        spec.root = str(base)
+    for key in _PATH_OPTIONS:
+        value = getattr(spec, key)
+        if value:
+            setattr(spec, key, str(base / os.path.expanduser(value)))
+    if spec.pretrain_data:
+        spec.pretrain_data = [str(base / os.path.expanduser(p)) for p in spec.pretrain_data]
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, source: str, where: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values by environment variables (recursively)."""
+    if isinstance(data, Mapping):
+        return {k: expand_env(v, source, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, source, where) for v in data]
+    if isinstance(data, str) and "${" in data:
+        def repl(m: re.Match) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                if m.group(2) is None:
+                    raise D2maeError(f"option '{where}' in {source} uses ${{{m.group(1)}}} but the environment "
+                                     f"variable {m.group(1)} is not set; set it or write ${{{m.group(1)}:-default}}")
+                return m.group(2)
+            return value
+        return _ENV.sub(repl, data)
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``--set key.sub=value`` overrides (values parsed as YAML: numbers, lists, true/false)."""
+    data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise D2maeError(f"option --set {item!r}: use --set KEY=VALUE, e.g. "
+                             "--set datasets.busbra.root=/data/bus-bra")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise D2maeError(f"option --set {item!r}: the key is empty")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict) and not raw.strip().startswith("{"):
+            value = raw  # "a: b" in free text is a string, not a mapping
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise D2maeError(f"option --set {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment YAML file, apply ``--set`` overrides and ``${ENV}`` variables, check everything."""
+    data = load_yaml(path)
+    source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        given = " ".join(overrides)
+        source = f"{path} (with --set {given})" if len(given) <= 100 else f"{path} (with {len(overrides)} --set values)"
+    return parse_experiment(expand_env(data, source), source)

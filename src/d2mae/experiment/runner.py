@@ -1,0 +1,159 @@
+"""Running the stages of a plan (data, architecture, pre-training, fine-tuning + evaluation), each once, with a DONE
+marker. Part of :mod:`d2mae.experiment`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from d2mae.errors import D2maeError
+from d2mae.experiment.config import _LABEL_OPTIONS, ExperimentConfig
+from d2mae.experiment.plan import (DONE, EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, estimate_plan,
+                                   format_plan, make_plan)
+from d2mae.experiment.report import write_report
+from d2mae.models import ModelConfig
+from d2mae.runtime import atomic_write_json, atomic_write_text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# running the stages
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"[experiment] {message}", file=sys.stderr, flush=True)
+
+
+def _write_done(stage: Stage, seconds: float, extra: Mapping[str, Any] | None = None) -> None:
+    atomic_write_json(stage.folder / DONE, {
+        "stage": stage.label, "kind": stage.kind, "key": stage.key, "seconds": round(seconds, 3),
+        "estimate_s": None if not math.isfinite(stage.estimate_s) else round(stage.estimate_s, 1),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(extra or {})})
+
+
+def _clear_stale(folder: Path, keep_partial: bool) -> None:
+    """A stage folder whose DONE marker belongs to another config (or is unreadable) is emptied before re-running;
+    a folder without a marker is a stopped run of this stage and is kept (its own checkpoint resumes it)."""
+    marker = folder / DONE
+    if marker.exists() or (folder.exists() and not keep_partial):
+        shutil.rmtree(folder)
+
+
+def _run_data(stage: Stage, plan: Plan) -> None:
+    if "list" in stage.payload:
+        from d2mae.labels import load_labeled
+
+        spec = plan.config.datasets[stage.dataset]
+        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in _LABEL_OPTIONS})
+        atomic_write_text(stage.payload["list"], "".join(f"{r}\n" for r in labeled.refs))
+        return
+    from d2mae.phantom import generate_phantoms
+
+    _clear_stale(stage.folder, keep_partial=False)
+    generate_phantoms(stage.folder, **stage.payload)
+
+
+def _run_arch(stage: Stage, plan: Plan) -> None:
+    """The supervised floor's ViT: an untrained model folder with the experiment's architecture and the
+    pre-training images' mean/std (fine-tuning ``--mode scratch`` reads only its config, not its weights)."""
+    import torch
+
+    from d2mae.artifacts import save_pretrained
+    from d2mae.data import compute_stats, find_images
+    from d2mae.models import DeblurMAE
+
+    mc: ModelConfig = stage.payload["model"]
+    if mc.mean is None or mc.std is None:
+        mean, std = compute_stats(find_images(stage.payload["data"]), mc.in_chans, seed=0)
+        mc = dataclasses.replace(mc, mean=mc.mean or mean, std=mc.std or std)
+    torch.manual_seed(0)
+    _clear_stale(stage.folder, keep_partial=False)
+    save_pretrained(DeblurMAE(mc), stage.folder, extra={
+        "scratch_architecture": True, "pretrain": {"preset": "none", "images": 0, "content_hashes": []},
+        "note": "randomly initialised; only its architecture and normalisation are used (fine-tuning --mode "
+                "scratch, the supervised floor)"})
+
+
+def _run_pretrain(stage: Stage, plan: Plan) -> None:
+    from d2mae.pretrain import pretrain
+
+    _clear_stale(stage.folder, keep_partial=True)
+    pretrain(stage.payload)
+
+
+def _run_finetune(stage: Stage, plan: Plan) -> None:
+    from d2mae.evaluate import evaluate_run
+    from d2mae.finetune import finetune
+
+    _clear_stale(stage.folder, keep_partial=True)
+    spec = plan.config.datasets[stage.dataset]
+    rep = plan.config.report
+    finetune(stage.payload)
+    evaluate_run(stage.folder, n_bootstrap=rep.n_bootstrap, seed=0, confidence=rep.confidence,
+                 group_by=[spec.scanner_column] if spec.scanner_column else [], figures=True)
+
+
+_RUNNERS: dict[str, Callable[[Stage, Plan], None]] = {
+    "data": _run_data, "arch": _run_arch, "pretrain": _run_pretrain, "finetune": _run_finetune}
+
+
+def run_stage(stage: Stage, plan: Plan, index: int = 0, total: int = 0) -> dict[str, Any]:
+    """Run one stage unless its DONE marker (same config) exists; write the marker after the outputs."""
+    where = f"[{index}/{total}] " if total else ""
+    info = stage.done_info()
+    if info is not None:
+        _say(f"{where}{stage.label}: finished before, skipped ({stage.folder})")
+        return {**info, "skipped": True}
+    _say(f"{where}{stage.label} …")
+    t0 = time.perf_counter()
+    _RUNNERS[stage.kind](stage, plan)
+    seconds = time.perf_counter() - t0
+    _write_done(stage, seconds)
+    _say(f"{where}{stage.label}: done in {_fmt_seconds(seconds)}")
+    return {**(stage.done_info() or {}), "skipped": False}
+
+
+def prepare_out(plan: Plan, resume: bool) -> None:
+    """Refuse to mix two experiments in one folder; save the resolved config and the plan."""
+    from d2mae.config import save_config
+
+    out = plan.out
+    previous = out / EXPERIMENT_CONFIG
+    if previous.is_file() and not resume:
+        raise D2maeError(f"option --out: {out} already holds an experiment ({previous}); continue it with --resume "
+                         "(finished stages are skipped) or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(plan.config.to_dict(), previous)
+    atomic_write_json(out / PLAN_FILE, {"stages": [
+        {"id": s.id, "kind": s.kind, "dataset": s.dataset, "label": s.label, "folder": str(s.folder), "key": s.key,
+         "seed": s.seed, "method": s.method, "preset": s.preset,
+         "estimate_s": None if not math.isfinite(s.estimate_s) else round(s.estimate_s, 1)} for s in plan.stages]})
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False, estimate: bool = True) -> Path:
+    """Run every stage of the experiment (skipping finished ones) and write the report; returns report.md.
+
+    Args:
+        cfg: the parsed config (:func:`load_experiment`).
+        out: the output folder.
+        resume: continue an experiment already in ``out`` (without it, a folder holding one is refused).
+        estimate: time a few steps first so that the plan and the report show estimates beside actual times.
+    """
+    plan = make_plan(cfg, out)
+    prepare_out(plan, resume)
+    if estimate and any(s.done_info() is None for s in plan.stages):
+        estimate_plan(plan)
+    _say(format_plan(plan))
+    started = time.perf_counter()
+    for i, stage in enumerate(plan.stages, 1):
+        run_stage(stage, plan, i, len(plan.stages))
+    _say("writing the report …")
+    path = write_report(plan, wall_seconds=time.perf_counter() - started)
+    _say(f"report: {path}")
+    return path
