@@ -6,9 +6,9 @@ are pre-trained with the same budget, every Table-2 method (and a ViT trained fr
 same folds, and a report with the paper's tables and figures is written. The last line printed is the report's
 path::
 
-    d2mae demo                      # into ./d2mae-demo (about 5 minutes on 2 CPU cores)
+    d2mae demo                      # into ./d2mae-demo (3.5 minutes on an idle 2-core CPU)
     d2mae demo --out /tmp/demo      # elsewhere
-    d2mae demo --quick              # a smaller, faster version (about 1-2 minutes): a smoke test of the install
+    d2mae demo --quick              # a smaller, faster version: a smoke test of the install
 
 Running it again into the same folder reuses every finished stage (the report is rewritten); delete the folder to
 start over. Python: ``run_demo("d2mae-demo")`` returns the path of ``report.md``.
@@ -59,12 +59,12 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run the whole pipeline (phantoms → pre-training of MAE, DeblurrMAE and D²MAE → OBS → fine-tuning of "
         "every method on the same folds → report with Table 2/3-style tables and Figure 2/3-style figures) on synthetic "
-        "ultrasound phantoms, in about 5 minutes on 2 CPU cores. Prints the report's path at the end. Running it "
+        "ultrasound phantoms, in about 3.5 minutes on an idle 2-core CPU. Prints the report's path at the end. Running it "
         "again into the same folder reuses the finished stages.")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help="output folder (default: ./d2mae-demo in the current folder)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller and faster (about 1-2 minutes): fewer phantoms and epochs, a smoke test")
+                        help="smaller and faster: fewer phantoms and epochs, a smoke test")
     parser.add_argument("--no-estimate", action="store_true",
                         help="skip timing a few steps before the run (the report then shows no estimates)")
 
