@@ -33,6 +33,16 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts with one torch thread (as above), whatever an earlier test set; bit-equal comparisons
+    with subprocesses (OMP_NUM_THREADS=1) need the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def busbra() -> Path:
     if not (BUSBRA / "images").is_dir():

@@ -143,16 +143,8 @@ def _epoch_indices(sampler: EpochBatchSampler, epoch: int) -> list[int]:
     return [i for batch in sampler for i, _ in batch]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the two workers: tiny models, and no OpenMP waits on a busy 2-core machine
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, one_thread):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     from d2mae.pretrain import make_config, pretrain
     from tests.test_pretrain import write_images
 
@@ -269,7 +261,7 @@ def _files(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, one_thread, monkeypatch):
+def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkeypatch):
     from d2mae import finetune as ft
     from d2mae.cli import main
     from d2mae.data import SeededDataset

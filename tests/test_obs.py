@@ -22,14 +22,6 @@ from tests.conftest import TINY
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster, and on a shared CPU two threads can be 100× slower (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def make_pretrained(folder: Path, seed: int = 0, **overrides) -> Path:
     """A tiny DeblurMAE with random weights, saved as a pre-trained folder."""
     torch.manual_seed(seed)

@@ -22,14 +22,6 @@ CLASSES = ["benign", "malignant", "other"]
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is faster, and on a shared CPU two threads can be 100× slower (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def make_finetuned(folder: Path, pre: Path, seed: int, obs: dict | None = None) -> Path:
     """A fine-tuned model folder as `d2mae finetune` writes it (random head, pre-trained encoder)."""
     mae = load_pretrained(pre)

@@ -41,17 +41,6 @@ def write_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (4
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that wait for
-    each other make steps 10-30× slower. The subprocesses get OMP_NUM_THREADS=1 too (bit-equal runs need the same
-    thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("data") / "images", 48)
