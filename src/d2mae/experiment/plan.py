@@ -389,6 +389,60 @@ def _time_steps(step: Callable[[], None], max_steps: int = 3, max_seconds: float
     return float(np.median(times))
 
 
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _time_mae(mae: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a pre-training step (forward, backward, AdamW) and of one OBS level, on batch x."""
+    import torch
+
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
+    t = torch.ones(x.shape[0], device=x.device)  # [B]
+
+    def pre_step() -> None:
+        loss, _, _ = mae(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(x.device)
+
+    def obs_step() -> None:
+        with torch.no_grad():
+            mae.deblur_loss(x, t)
+        _sync(x.device)
+
+    return {"pretrain_step": _time_steps(pre_step) / len(x), "obs_level": _time_steps(obs_step) / len(x)}
+
+
+def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
+    import torch
+
+    opt = torch.optim.AdamW(clf.parameters(), lr=1e-4)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
+    t = torch.ones(len(x), device=x.device)  # [B]
+
+    def ft_step() -> None:
+        loss = torch.nn.functional.cross_entropy(clf(x, t), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(x.device)
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            clf.eval()
+            clf(x, t)
+            clf.train()
+        _sync(x.device)
+
+    return {"finetune_step": _time_steps(ft_step) / len(x), "eval": _time_steps(eval_step) / len(x)}
+
+
 def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
                   num_classes: int, sample_refs: Sequence[str], augment: str = "finetune") -> dict[str, float]:
     """Seconds per image of each kind of work, timed here on the configured model (not a guess).
@@ -414,55 +468,10 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     bf = max(1, min(finetune_batch, cap))
     c, s = model_cfg.in_chans, model_cfg.img_size
     torch.manual_seed(0)
-    mae = DeblurMAE(model_cfg).to(dev)
-    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
-    x = torch.rand(bp, c, s, s, generator=gen).to(dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def pre_step() -> None:
-        loss, _, _ = mae(x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync()
-
-    out["pretrain_step"] = _time_steps(pre_step) / bp
-    t = torch.ones(bp, device=dev)
-
-    def obs_step() -> None:
-        with torch.no_grad():
-            mae.deblur_loss(x, t)
-        sync()
-
-    out["obs_level"] = _time_steps(obs_step) / bp
-    del mae, opt
-    clf = DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev)
-    opt = torch.optim.AdamW(clf.parameters(), lr=1e-4)
-    xf = torch.rand(bf, c, s, s, generator=gen).to(dev)
-    y = torch.zeros(bf, dtype=torch.long, device=dev)
-    tf = torch.ones(bf, device=dev)
-
-    def ft_step() -> None:
-        loss = torch.nn.functional.cross_entropy(clf(xf, tf), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync()
-
-    out["finetune_step"] = _time_steps(ft_step) / bf
-
-    def eval_step() -> None:
-        with torch.no_grad():
-            clf.eval()
-            clf(xf, tf)
-            clf.train()
-        sync()
-
-    out["eval"] = _time_steps(eval_step) / bf
-    del clf, opt
+    x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
+    out.update(_time_mae(DeblurMAE(model_cfg).to(dev), x))
+    xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
+    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev), xf))
     refs = list(sample_refs)[:6]
     out["decode"] = out["augment"] = 0.0
     if refs:
