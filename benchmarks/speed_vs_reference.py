@@ -385,6 +385,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def images_per_second(step: Any, args: argparse.Namespace) -> float:
+    """``args.warm`` untimed then ``args.steps`` timed training steps of one side; its rate in images/s."""
+    for _ in range(args.warm):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
@@ -436,21 +446,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates: dict[str, float] = {}
             for side in order:
                 if side == "reference":
-                    rf.start_round()
-                    for _ in range(args.warm):
-                        rf.step()
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        rf.step()
-                    rates[side] = args.steps * args.batch_size / (time.perf_counter() - t0)
+                    rf.start_round()  # fresh loader workers for this round only
+                    rates[side] = images_per_second(rf.step, args)
                     rf.end_round()
                 else:
-                    for _ in range(args.warm):
-                        d2.step()
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        d2.step()
-                    rates[side] = args.steps * args.batch_size / (time.perf_counter() - t0)
+                    rates[side] = images_per_second(d2.step, args)
             rates["ratio"] = rates["d2mae"] / rates["reference"]
             rates["load1"] = os.getloadavg()[0]
             rounds.append(rates)
