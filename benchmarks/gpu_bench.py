@@ -3,8 +3,9 @@
 For each batch size (and eager and/or ``torch.compile``) it times real pre-training steps of a ViT-B/16 DeblurMAE
 (MAE decoder 512 × 8, 224 px, bf16 autocast, fused AdamW — what ``d2mae pretrain`` does on a GPU) on the in-memory
 data path: synthetic uint8 ultrasound-like images (speckle on a smooth background; no data set exists on the GPU
-machine) held on the GPU, cropped per batch with :func:`d2mae.data.random_resized_crop_batch`, blurred per sample
-inside the model. It reports
+machine) of a BUS-BRA-like native size (``NATIVE`` × the input size) held on the GPU, cropped per batch with
+:func:`d2mae.resample.crop_resize` (the memory cache's antialiased bicubic crops), blurred per sample inside the
+model. It reports
 
 * images/s and ms per step (after ``--warmup`` untimed steps; the first compiled step's time is reported apart);
 * model FLOP utilisation: FLOPs of one training step (forward + backward, counted once with
@@ -41,6 +42,7 @@ if str(REPO / "src") not in sys.path:
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 (NVIDIA data sheet; 1979 is with 2:4 sparsity)
 THYROID_IMAGES = 10_675  # the paper's thyroid pre-training set
 THYROID_EPOCHS = 8_000
+NATIVE = 1.8  # stored image side / model input side: BUS-BRA's ~400 px images for a 224 px model
 TINY = dict(model="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=2)
 
@@ -123,6 +125,25 @@ def synthetic_images(n: int, side: int, device: Any, seed: int) -> Any:
     return out.to(device)
 
 
+def crop_batch(images: Any, idx: Any, size: int, generator: Any | None) -> Any:
+    """The memory path's crops of ``images[idx]``: RandomResizedCrop + flip (``generator``), or the deterministic
+    centre view (``None``), resampled on the device -> float32 [B, 1, S, S]."""
+    import torch
+
+    from d2mae.data import CROP_RATIO, CROP_SCALE, center_fractions, crop_boxes
+    from d2mae.resample import crop_resize
+
+    batch = images[idx]  # [B, 1, H, W] uint8, square synthetic images
+    b, side = batch.shape[0], batch.shape[-1]
+    aspect = torch.ones(b)
+    if generator is None:
+        (cx, cy, w, h), flip = center_fractions(aspect), None
+    else:
+        (cx, cy, w, h), flip = crop_boxes(aspect, CROP_SCALE, CROP_RATIO, generator), torch.rand(b, generator=generator) < 0.5
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).double() * side  # [B, 4] pixels
+    return crop_resize(batch, torch.full((b, 2), side), boxes, size, flip)
+
+
 def sync(device: Any) -> None:
     import torch
 
@@ -145,7 +166,6 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     from torch.utils.flop_counter import FlopCounterMode
 
     from d2mae import distributed as du
-    from d2mae.data import random_resized_crop_batch
     from d2mae.models import DeblurMAE
     from d2mae.pretrain import build_optimizer
     from d2mae.runtime import amp_dtype, autocast, warmup_cosine_scheduler
@@ -159,14 +179,11 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     total = args.warmup + args.steps
     scheduler = warmup_cosine_scheduler(optimizer, total, 0, 0.0)
     amp = amp_dtype(device, cfg.precision)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     gen = torch.Generator().manual_seed(args.seed)
 
     def batch_at(step: int) -> tuple[Any, Any, Any]:
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x = random_resized_crop_batch(images[idx.to(device)], cfg.img_size, generator=gen)  # [B, 1, S, S]
+        x = crop_batch(images, idx.to(device), cfg.img_size, gen)  # [B, 1, S, S]
         t, noise = du.step_randomness(args.seed, 0, step, batch, model_cfg.num_patches, schedule, 0, batch)
         return x, t.to(device), noise.to(device)
 
@@ -235,7 +252,6 @@ def measure_obs(args: argparse.Namespace, device: Any, images: Any) -> dict[str,
     """OBS throughput: images × 6 searched levels through deblur_loss in one batched pass (Eqs. 4-5)."""
     import torch
 
-    from d2mae.data import center_crop_batch
     from d2mae.models import DeblurMAE
     from d2mae.runtime import amp_dtype, autocast
 
@@ -245,7 +261,7 @@ def measure_obs(args: argparse.Namespace, device: Any, images: Any) -> dict[str,
     amp = amp_dtype(device, args.precision)
     levels = cfg.schedule().search_levels(2)  # t = 1, 3, 5, 7, 9, 11
     b = args.obs_batch
-    x = center_crop_batch(images[:b], cfg.img_size)  # [B, 1, S, S]
+    x = crop_batch(images, torch.arange(b, device=images.device), cfg.img_size, None)  # [B, 1, S, S]
     xr = x.unsqueeze(1).expand(b, len(levels), *x.shape[1:]).reshape(b * len(levels), *x.shape[1:])  # [B·L, ...]
     tr = torch.tensor(levels, dtype=torch.float32, device=device).repeat(b)  # [B·L]
     if device.type == "cuda":
@@ -337,7 +353,7 @@ def main(argv: list[str] | None = None) -> Path:
               "precision": args.precision}
     print(f"gpu_bench on {name}: batch sizes {args.batch_sizes}, modes {args.compile_modes}, "
           f"{args.warmup} + {args.steps} steps each; writing to {out}", flush=True)
-    side = max(args.img_size, int(round(1.15 * args.img_size)))  # as the DecodedCache stores images
+    side = int(round(NATIVE * args.img_size))  # stored at native resolution, as the DecodedCache does
     images = synthetic_images(args.cache_images, side, device, args.seed)
     rows: list[dict[str, Any]] = []
     flops_cache: dict[int, float] = {}

@@ -9,8 +9,9 @@ Measures, for MAE pre-training views (RandomResizedCrop(S, scale=(0.2, 1)) + fli
 
 0. ``load_image`` alone: the PNG decode every path pays.
 1. ``ImageDataset(augment="mae")`` through a ``DataLoader`` with each number of workers: decode PNG + crop per image.
-2. ``DecodedCache``: the one-off cost of decoding and resizing every image once (threads), its memory, then
-   ``cache.batch`` (one ``grid_sample`` per batch) on ``--device``.
+2. ``DecodedCache``: the one-off cost of decoding every image once at native resolution (threads), its memory,
+   then ``cache.batch`` (PIL's antialiased bicubic crops resampled as one batch, :mod:`d2mae.resample`) on
+   ``--device``.
 3. ``ImageDataset(augment="finetune")`` (adds RandAugment + random erasing) with the largest worker count.
 
 Prints one Markdown table; images/s are steady-state (the first batch is excluded as warm-up).
@@ -72,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     cache = DecodedCache(refs, args.size)
     build = time.perf_counter() - start
-    rows.append((f"DecodedCache build (decode + resize to {cache.side}², once)", f"{len(refs) / build:,.0f}"))
+    rows.append(("DecodedCache build (decode at native resolution, once)", f"{len(refs) / build:,.0f}"))
     cache.to(device)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(refs), generator=gen)

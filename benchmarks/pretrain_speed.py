@@ -76,8 +76,7 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     refs = (refs * (need // len(refs) + 1))[:need]
     sampler = du.EpochBatchSampler(len(refs), cfg.batch_size, seed=0)
     if args.data_path == "memory":
-        batches = MemoryBatches(data_mod.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, cfg.img_size,
-                                 device)
+        batches = MemoryBatches(data_mod.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, device)
     else:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if args.num_workers is None else args.num_workers
         dataset = data_mod.ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="mae")

@@ -130,9 +130,9 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_tokens: int) -> 
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """DDPM/diffusers sinusoidal timestep embedding [B, dim] of levels ``t`` [B]."""
+    """DDPM's sinusoidal timestep embedding [B, dim] of levels ``t`` [B] (frequencies 10000^(−i/(h−1)))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:

@@ -94,8 +94,63 @@ def test_blur_rows_sum_to_one(sigma, n):
     assert (m >= 0).all()
 
 
-def test_sinusoidal_embedding_distinguishes_levels():
-    e = sinusoidal_embedding(torch.arange(12).float(), 64)
-    assert e.shape == (12, 64)
-    dist = torch.cdist(e, e)
-    assert dist[~torch.eye(12, dtype=bool)].min() > 0.1
+def _ddpm_timestep_embedding(t: np.ndarray, dim: int) -> np.ndarray:
+    """DDPM's get_timestep_embedding (Ho et al. 2020), transcribed in NumPy float64."""
+    half = dim // 2
+    freqs = np.exp(np.arange(half) * -(np.log(10000.0) / (half - 1)))
+    args = t[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    return np.pad(emb, ((0, 0), (0, 1))) if dim % 2 else emb
+
+
+@pytest.mark.parametrize("dim", [64, 65, 192, 768])
+def test_sinusoidal_embedding_is_ddpms(dim):
+    """BLU(t)'s fixed part is DDPM's timestep embedding: frequencies 10000^(−i/(h−1)), sines then cosines."""
+    t = np.arange(12, dtype=np.float64)
+    got = sinusoidal_embedding(torch.from_numpy(t).float(), dim).double().numpy()
+    np.testing.assert_allclose(got, _ddpm_timestep_embedding(t, dim), atol=2e-6)
+    # the first and last frequencies are exactly 1 and 1/10000
+    e = sinusoidal_embedding(torch.tensor([1.0]), 4)[0]
+    torch.testing.assert_close(e, torch.tensor([np.sin(1.0), np.sin(1e-4), np.cos(1.0), np.cos(1e-4)]).float())
+    dist = torch.cdist(torch.from_numpy(got), torch.from_numpy(got))
+    assert dist[~torch.eye(12, dtype=bool)].min() > 0.1  # distinct levels, distinct tokens
+
+
+def test_blur_is_fp32_under_autocast():
+    """The blur of a 0.1-pixel σ must not be rounded to bf16 by autocast: same result, fp32, with and without."""
+    x = torch.rand(4, 1, 40, 40)
+    sigma = torch.tensor([0.1, 0.4, 0.8, 1.1])
+    plain = gaussian_blur(x, sigma)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gaussian_blur(x, sigma)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain)
+
+
+def test_resampling_and_the_models_blur_are_fp32_under_autocast(tiny_config):
+    from d2mae.models import DeblurMAE
+    from d2mae.resample import crop_resize
+
+    enc = DeblurMAE(tiny_config).encoder
+    x = torch.rand(2, 1, 32, 32)
+    t = torch.tensor([5.0, 11.0])
+    boxes = torch.tensor([[1.5, 2.5, 30.0, 31.0], [0.0, 0.0, 32.0, 32.0]], dtype=torch.float64)
+    sizes = torch.tensor([[32, 32], [32, 32]])
+    plain = enc.blur(x, t), crop_resize(x, sizes, boxes, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = enc.blur(x, t), crop_resize(x, sizes, boxes, 24)
+    for a, b in zip(plain, mixed):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_level_one_is_the_identity_so_fixed_0_1_is_no_blur_with_the_token_of_t_1(tiny_config):
+    """σ_1 = 0.1: its kernel's radius int(4σ + 0.5) is 0, so x_b^(1) = x. `--obs fixed:0.1` (t = 1) therefore shows
+    the classifier the un-blurred pixels of `--obs none` (t = 0) with a token seen in pre-training."""
+    from d2mae.models import DeblurMAE
+    from d2mae.obs import parse_obs
+
+    enc = DeblurMAE(tiny_config).encoder
+    x = torch.rand(3, 1, 32, 32)
+    assert torch.equal(enc.blur(x, torch.ones(3)), enc.blur(x, torch.zeros(3)))
+    assert enc.schedule.level_of(parse_obs("fixed:0.1").sigma) == 1.0
+    assert not torch.equal(enc.blur_embedding(torch.ones(1)), enc.blur_embedding(torch.zeros(1)))

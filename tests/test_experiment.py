@@ -412,7 +412,7 @@ def test_micro_experiment_end_to_end_and_resume(tmp_path):
         assert f"figures/{png}.png" in md
     assert html.count("data:image/png;base64,") >= 8 and 'src="figures/' not in html
     rows = list(__import__("csv").DictReader(open(out / "metrics.csv", encoding="utf-8")))
-    methods = ("supervised", "d2mae", "d2mae-obs-none", "d2mae-obs-fixed-0.5")
+    methods = ("supervised", "d2mae", "d2mae-obs-none", "d2mae-obs-none-t1", "d2mae-obs-fixed-0.5")
     assert {(r["method"], r["fold"]) for r in rows} == {(m, f) for m in methods for f in ("1", "2")}
     assert len(list((out / "pretrained" / "ph").glob("d2mae-seed0-*"))) == 1  # one pre-training, reused
     for name in ("experiment.yaml", "metrics.json", "machine.json", "timings.json", "plan.json"):

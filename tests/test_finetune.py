@@ -67,6 +67,10 @@ def test_blur_token_is_in_the_stem_group_without_weight_decay() -> None:
 
 
 def test_the_classifier_receives_t_star(data, tmp_path: Path, monkeypatch) -> None:
+    """Algorithm 1 l. 11-12: every call of f_θ — training steps, validation after each epoch, the final val/test
+    predictions — gets each image's own t*; evaluation sees OBS's deterministic view (the same pixels, 1e-6)."""
+    from d2mae.data import center_box, load_image, resize_box
+
     pre, labels = data
     mae = load_pretrained(pre)
     clf = ft.build_classifier(mae.config, 2, "full", 0.0)
@@ -77,12 +81,11 @@ def test_the_classifier_receives_t_star(data, tmp_path: Path, monkeypatch) -> No
         a, b = clf.eval()(x, torch.tensor([1.0, 1.0])), clf(x, torch.tensor([9.0, 9.0]))
     assert not torch.allclose(a, b)  # changing t* changes the output (blur + BLU(t))
 
-    seen: list[torch.Tensor] = []
+    calls: list[tuple[bool, torch.Tensor, torch.Tensor]] = []
     original = DeblurClassifier.forward
 
     def spy(self, x, t):
-        if self.training:
-            seen.append(t.detach().cpu().clone())
+        calls.append((self.training, x.detach().cpu().clone(), t.detach().cpu().clone()))
         return original(self, x, t)
 
     monkeypatch.setattr(DeblurClassifier, "forward", spy)
@@ -91,11 +94,26 @@ def test_the_classifier_receives_t_star(data, tmp_path: Path, monkeypatch) -> No
                  "--out", str(out), *FAST, "--epochs", "1"]) == 0
     table = ObsTable.load(out / "obs")
     t_of = dict(zip(table.paths, table.t_star))
+    assert len(set(t_of.values())) > 1  # the images do not share one level: a constant t would show
     preds = _rows(out / "predictions.csv")
-    used = {r["path"] for r in preds}
-    train = [p for p in t_of if p not in used]
-    got = sorted(torch.cat(seen).tolist())
+    evaluated = {r["path"] for r in preds}
+    train = [p for p in t_of if p not in evaluated]
+    got = sorted(float(v) for training, _, t in calls if training for v in t)
     assert got == sorted(t_of[p] for p in train)  # every training image, once per epoch, at its own t*
+    views = {p: torch.from_numpy(resize_box(im, center_box(*im.shape[:2]), 32))
+             for p, im in ((p, load_image(p)) for p in evaluated)}
+    seen: dict[str, int] = {}
+    for training, xs, ts in calls:
+        if training:
+            continue
+        for x_row, t_row in zip(xs, ts):
+            match = [p for p, v in views.items() if float((v - x_row).abs().max()) <= 1e-6]
+            assert len(match) == 1  # an evaluated row is the deterministic view of exactly one image
+            assert float(t_row) == t_of[match[0]]
+            seen[match[0]] = seen.get(match[0], 0) + 1
+    val = {r["path"] for r in preds if r["split"] == "val"}
+    assert set(seen) == evaluated  # validation (each epoch + final) and test, every image
+    assert all(seen[p] == 2 for p in val) and all(seen[p] == 1 for p in evaluated - val)
     assert all(float(r["t_star"]) == t_of[r["path"]] for r in preds)
 
 
@@ -281,3 +299,14 @@ def test_scratch_without_a_pretrained_folder(data, tmp_path: Path) -> None:
     assert cfg["model"]["mean"] is not None  # normalised with the training images' own statistics
     rows = _rows(out / "predictions.csv")
     assert {r["t_star"] for r in rows} == {"0"}
+
+
+def test_obs_runs_once_per_finetuning_not_per_epoch(data, tmp_path: Path, monkeypatch) -> None:
+    """Section 2.3: the OBS procedure is executed only once, not at every fine-tuning epoch (nor per fold)."""
+    pre, labels = data
+    calls: list[int] = []
+    original = ft.run_obs
+    monkeypatch.setattr(ft, "run_obs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert main(["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "kfold:3",
+                 "--folds", "1,2", "--out", str(tmp_path / "run"), *FAST]) == 0
+    assert len(calls) == 1

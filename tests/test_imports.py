@@ -144,7 +144,8 @@ def test_classifier_from_timm_weights_and_sincos_regenerated(tmp_path):
     save_file(vit.state_dict(), str(path))
     clf = DeblurClassifier(ModelConfig(**{**TINY, "img_size": 64}), num_classes=2)
     report = init_from_checkpoint(clf, path)
-    assert report.missing == [] and report.unexpected == []
+    assert report.missing == [] and report.unexpected == ["norm.bias", "norm.weight"]  # global pooling: fc_norm
+    assert any("norm.weight: not used" in note for note in report.converted)
     assert torch.allclose(clf.encoder.pos_embed, sincos_pos_embed_2d(64, 4, 2), atol=1e-6)  # exact 4×4 grid
     assert any("sin-cos grid regenerated" in note for note in report.converted)
 

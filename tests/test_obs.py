@@ -56,19 +56,46 @@ def setup(tmp_path: Path) -> tuple[Path, list[str], DeblurMAE]:
     return pre, refs, load_pretrained(pre)
 
 
-def test_obs_picks_the_argmin_level_of_a_direct_per_level_loop(setup) -> None:
-    pre, refs, model = setup
+def _oracle(model: DeblurMAE, eps: dict[int, float]) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Make ``model`` reconstruct x + ε_t · n (n a ±1 checkerboard) from the x and t its encoder received, so that
+    L_deblur^(t) against the original is (ε_t / std)² exactly; returns the (x, t, mask ratio) calls it saw."""
+    calls: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    model.encoder.register_forward_pre_hook(lambda _m, args: calls.append((args[0], args[1], float(args[2]))))
+
+    def decode(latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x, t, _ = calls[-1]
+        h, w = x.shape[-2:]
+        n = torch.tensor([[(-1.0) ** (i + j) for j in range(w)] for i in range(h)])  # [H, W], n² = 1
+        e = torch.tensor([eps[int(v)] for v in t.tolist()])[:, None, None, None]  # [B, 1, 1, 1]
+        return model.patchify(model.encoder.normalize(x + e * n))
+
+    model.forward_decoder = decode
+    return calls
+
+
+def test_obs_picks_the_level_whose_reconstruction_is_closest_to_the_original(setup) -> None:
+    """Eq. 4-5 against an independent oracle: t* = argmin_t ‖x̂^(t) − x‖² with x the original view, searched at
+    t = 1, 3, …, 11 (s = 2) with mask ratio 0 on the deterministic view."""
+    from d2mae.data import center_box, load_image, resize_box
+
+    _, refs, model = setup
+    eps = {1: 0.05, 3: 0.04, 5: 0.03, 7: 0.01, 9: 0.02, 11: 0.06}
+    calls = _oracle(model, eps)
     table = run_obs(model, refs, spec=ObsSpec("search", 2), batch_size=4, progress=False)
-    levels = model.schedule.search_levels(2)
-    assert table.levels == levels == [1, 3, 5, 7, 9, 11]
-    ds = ImageDataset(refs, 32, 1, augment="none")
-    for i in range(4):
-        x = ds[i][0][None]
-        direct = [model.deblur_loss(x, torch.tensor([float(t)])).item() for t in levels]  # Eq. 4, one at a time
-        np.testing.assert_allclose(table.losses[i], direct, rtol=1e-4, atol=1e-6)
-        assert table.t_star[i] == levels[int(np.argmin(direct))]  # Eq. 5
-        assert table.sigma_star[i] == pytest.approx(0.1 + 0.1 * (table.t_star[i] - 1))
-    assert len(set(table.t_star.tolist())) > 1  # the images do not all pick one level
+    assert table.levels == [1, 3, 5, 7, 9, 11]
+    std = float(model.encoder.pixel_std.flatten()[0])
+    expected = np.array([(eps[t] / std) ** 2 for t in table.levels])
+    for i in range(len(refs)):
+        np.testing.assert_allclose(table.losses[i], expected, rtol=1e-4)
+    assert table.t_star.tolist() == [7.0] * len(refs)
+    assert table.sigma_star.tolist() == [pytest.approx(0.7)] * len(refs)
+    assert {ratio for _, _, ratio in calls} == {0.0}  # Eq. 4: mask ratio 0
+    views = torch.cat([x for x, _, _ in calls]).unique(dim=0)  # every image, once per level
+    expected_views = torch.stack([torch.from_numpy(resize_box(a, center_box(*a.shape[:2]), 32))
+                                  for a in map(load_image, refs)])
+    assert views.shape[0] == len(refs)
+    for v in expected_views:
+        assert float((views - v).abs().flatten(1).max(1).values.min()) <= 1e-6
 
 
 def test_batched_obs_equals_one_image_one_level_at_a_time(setup) -> None:

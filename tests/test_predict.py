@@ -62,6 +62,31 @@ def test_predict_runs_obs_then_classifies_at_t_star(run_dir) -> None:
     np.testing.assert_allclose(single.probs[0], result.probs[i], atol=1e-5)
 
 
+def test_sharp_predict_classifies_the_deterministic_view_at_t_star(run_dir, monkeypatch) -> None:
+    """predict feeds the classifier OBS's deterministic view of each new image (the same pixels to 1e-6) and t*."""
+    from d2mae.data import center_box, load_image, resize_box
+    from d2mae.models import DeblurClassifier
+
+    run, pre, refs = run_dir
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = DeblurClassifier.forward
+
+    def spy(self, x, t):
+        calls.append((x.detach().clone(), t.detach().clone()))
+        return original(self, x, t)
+
+    monkeypatch.setattr(DeblurClassifier, "forward", spy)
+    result = predict(run / "fold_1" / "model", refs, device="cpu", progress=False)
+    xs = torch.cat([x for x, _ in calls])
+    ts = torch.cat([t for _, t in calls])
+    assert xs.shape[0] == len(result.paths)
+    for i, ref in enumerate(result.paths):
+        a = load_image(ref)
+        view = torch.from_numpy(resize_box(a, center_box(*a.shape[:2]), 32))
+        assert float((xs[i] - view).abs().max()) <= 1e-6
+        assert float(ts[i]) == result.t_star[i] >= 1  # searched: t ≥ 1
+
+
 def test_a_run_folder_averages_its_folds(run_dir) -> None:
     run, _, refs = run_dir
     both = predict(run, refs, device="cpu", progress=False)

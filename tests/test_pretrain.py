@@ -328,10 +328,111 @@ def test_help_explains_the_command(capsys):
 
 def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(images, tmp_path, monkeypatch, capsys):
     from d2mae import pretrain as pt
+    from d2mae.data import DecodedCache, cache_bytes, find_images
     from d2mae.distributed import DistContext
     cpu, ctx = torch.device("cpu"), DistContext()
-    assert pt.choose_data_path(_cfg(images, tmp_path), 48, cpu, ctx)[0] == "memory"  # 48 × 37² bytes fit
-    monkeypatch.setattr(pt, "_available_memory", lambda device: 1000)
-    assert pt.choose_data_path(_cfg(images, tmp_path), 48, cpu, ctx)[0] == "loader"
-    assert pt.choose_data_path(_cfg(images, tmp_path, data_path="memory"), 48, cpu, ctx)[0] == "loader"
+    refs = find_images(images)
+    need = cache_bytes(refs, 32)
+    assert need == DecodedCache(refs, 32).nbytes  # the estimate from the headers is the cache's size
+    assert pt.choose_data_path(_cfg(images, tmp_path), refs, cpu, ctx)[0] == "memory"
+    monkeypatch.setattr(pt, "_available_memory", lambda device: 4 * need - 4)
+    assert pt.choose_data_path(_cfg(images, tmp_path), refs, cpu, ctx)[0] == "loader"
+    assert pt.choose_data_path(_cfg(images, tmp_path, data_path="memory"), refs, cpu, ctx)[0] == "loader"
     assert "using the DataLoader instead" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the target is the original image, as sharp as PIL's crop of the file, on every data path (Eq. 3)
+# --------------------------------------------------------------------------------------------------------------------
+
+def _reference_crop(ref: str, box: tuple[float, ...], flip: bool, size: int) -> torch.Tensor:
+    """PIL's antialiased bicubic crop of the original file: box (cx, cy, w, h) in fractions of the image."""
+    from d2mae.data import load_image, resize_box
+
+    a = load_image(ref)
+    h, w = a.shape[:2]
+    cx, cy, bw, bh = box
+    pixels = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
+    return torch.from_numpy(resize_box(a, pixels, size, flip=flip))
+
+
+def _memory_batch_sigmas(refs: list[str], size: int, rank: int, world: int, device: str = "cpu") -> list[float]:
+    from d2mae.data import DecodedCache
+    from d2mae.distributed import EpochBatchSampler
+    from d2mae.pretrain import MemoryBatches
+    from d2mae.sharpness import equivalent_sigma
+
+    sampler = EpochBatchSampler(len(refs), 3, seed=5, rank=rank, world_size=world)
+    batches = MemoryBatches(DecodedCache(refs, size), sampler, torch.device(device))
+    idx, boxes, flip = batches.plan(0, 0)
+    x = next(batches.epoch(0, 0)).cpu()  # [B, C, S, S]: what train_step receives
+    return [equivalent_sigma(x[k], _reference_crop(refs[int(i)], tuple(float(b[k]) for b in boxes), bool(flip[k]),
+                                                   size)) for k, i in enumerate(idx.tolist())]
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (0, 2), (1, 2)])
+def test_sharp_memory_path_batches_on_busbra(busbra: Path, rank: int, world: int) -> None:
+    """What train_step receives on the memory path — one process, or either rank's slice of a DDP global batch —
+    is PIL's crop of the original BUS-BRA file to σ ≤ 0.1 px."""
+    from d2mae.data import find_images
+
+    refs = find_images([busbra / "images"])[::150][:12]
+    sigmas = _memory_batch_sigmas(refs, 96, rank, world)
+    assert max(abs(s) for s in sigmas) <= 0.1, sigmas
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sharp_memory_path_batches_on_cuda(busbra: Path) -> None:
+    from d2mae.data import find_images
+
+    refs = find_images([busbra / "images"])[::150][:12]
+    sigmas = _memory_batch_sigmas(refs, 96, 0, 1, "cuda")
+    assert max(abs(s) for s in sigmas) <= 0.1, sigmas
+
+
+def test_sharp_loader_path_batches_on_busbra(busbra: Path) -> None:
+    """The loader path's pre-training crops are PIL's crop of the original file (σ ≤ 0.1 px), whatever the rank."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from d2mae.data import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset, find_images, load_image
+    from d2mae.distributed import EpochBatchSampler
+    from d2mae.sharpness import equivalent_sigma
+
+    refs = find_images([busbra / "images"])[::150][:8]
+    sampler = EpochBatchSampler(len(refs), 4, seed=5, rank=1, world_size=2)
+    data = SeededDataset(ImageDataset(refs, 96, augment="mae"))
+    for index, seed in next(iter(sampler)):
+        x = data[(index, seed)][0]
+        torch.default_generator.manual_seed(seed)  # the draws SeededDataset made for this item
+        a = load_image(refs[index])
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(1, *a.shape[:2]), list(CROP_SCALE),
+                                                       list(CROP_RATIO))
+        flip = bool(torch.rand(()) < 0.5)
+        box = ((left + w / 2) / a.shape[1], (top + h / 2) / a.shape[0], w / a.shape[1], h / a.shape[0])
+        assert abs(equivalent_sigma(x, _reference_crop(refs[index], box, flip, 96))) <= 0.1
+
+
+@pytest.mark.parametrize("preset,levels", [("d2mae", set(range(1, 12))), ("mae", {0}), ("deblurrmae", {1})])
+def test_pretraining_draws_a_blur_level_per_sample_and_masks_75_percent(images, tmp_path, monkeypatch, preset,
+                                                                         levels):
+    """Section 2.2: each sample of a step gets its own t ~ U{1..T} (MAE: no blur, t = 0; DeblurrMAE: its one
+    level, σ = 1.1), and 75% of its patches are masked."""
+    from d2mae.models import DeblurMAE
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = DeblurMAE.forward
+
+    def spy(self, x, t=None, mask_ratio=None, noise=None):
+        loss, pred, mask = original(self, x, t, mask_ratio, noise)
+        seen.append((t.detach().clone(), mask.detach().clone()))
+        return loss, pred, mask
+
+    monkeypatch.setattr(DeblurMAE, "forward", spy)
+    pretrain(_cfg(images, tmp_path / "run", preset=preset, max_steps=6))
+    t = torch.cat([s[0] for s in seen])  # [6 · B]
+    assert set(t.long().tolist()) <= levels and t.shape == (48,)
+    if preset == "d2mae":
+        assert len(set(t.tolist())) >= 8  # 48 draws from 11 levels
+        assert all(len(set(s[0].tolist())) > 1 for s in seen)  # per sample, not one level per batch
+    masks = torch.cat([s[1] for s in seen])  # [6 · B, N]
+    assert torch.all(masks.sum(1) == 3)  # N = 4 patches, 75% masked

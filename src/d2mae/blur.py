@@ -127,6 +127,9 @@ def blur_matrix(sigma: float, n: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
     """Blur each image of a batch with its own σ, on ``x``'s device, in one batched matrix product.
 
+    Always fp32: under autocast (bf16 on GPUs) the blur is computed outside it, since a bf16 blur of a
+    0.1-pixel σ would be rounding noise.
+
     Args:
         x: images [B, C, H, W] (any float dtype; computed in fp32).
         sigma: standard deviations [B]; 0 leaves that image unchanged.
@@ -138,20 +141,28 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
     """
     if x.ndim != 4 or sigma.shape != (x.shape[0],):
         raise ValueError(f"expected x [B, C, H, W] and sigma [B], got {tuple(x.shape)} and {tuple(sigma.shape)}")
-    x = x.float()
-    sigma = sigma.to(x.device)
-    if max_sigma is None:
-        max_sigma = float(sigma.max()) if sigma.numel() else 0.0
-    _, _, h, w = x.shape
-    rows = blur_matrices(sigma, h, max_sigma)  # [B, H, H]
-    cols = rows if w == h else blur_matrices(sigma, w, max_sigma)  # [B, W, W]
-    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, 1, H, H] @ [B, C, H, W] @ [B, 1, W, W]
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        sigma = sigma.to(x.device)
+        if max_sigma is None:
+            max_sigma = float(sigma.max()) if sigma.numel() else 0.0
+        _, _, h, w = x.shape
+        rows = blur_matrices(sigma, h, max_sigma)  # [B, H, H]
+        cols = rows if w == h else blur_matrices(sigma, w, max_sigma)  # [B, W, W]
+        return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, 1, H, H] @ [B, C, H, W] @ [B, 1, W, W]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """DDPM's sinusoidal timestep embedding [B, dim] of levels ``t`` [B] (Section 2.2, BLU(t))."""
+    """DDPM's sinusoidal timestep embedding [B, dim] of levels ``t`` [B] (Section 2.2, BLU(t); Ho et al. 2020).
+
+    DDPM's ``get_timestep_embedding``: with h = dim // 2 frequencies ω_i = max_period^(−i / (h − 1)),
+    i = 0 … h−1, the embedding is [sin(t·ω_0), …, sin(t·ω_{h−1}), cos(t·ω_0), …, cos(t·ω_{h−1})], zero-padded to an
+    odd ``dim``.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    if half < 2:
+        raise ValueError(f"the sinusoidal embedding needs dim ≥ 4, got {dim}")
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     args = t.float()[:, None] * freqs[None, :]  # [B, dim/2]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:

@@ -25,9 +25,10 @@ Anything that cannot be read raises :class:`~d2mae.errors.D2maeError` naming the
 every image once before training, so a bad file stops a run at its start, or (``skip_bad``) is listed in
 ``bad_images.txt`` and left out. docs/bad-inputs.md lists every bad input tried and what happens.
 
-For pre-training without a DataLoader, :class:`DecodedCache` decodes and resizes every image once into one uint8
-tensor, and :func:`random_resized_crop_batch` draws MAE's RandomResizedCrop + flip for a whole batch with one
-``grid_sample`` call on the batch's device.
+Views. Every path resamples with PIL's antialiased bicubic filter from the original resolution: the loaders with
+PIL itself (:func:`resize_box`, the reference view), and the pre-training memory cache (:class:`DecodedCache`,
+images decoded once and kept at native resolution) with the same filter on the device (:mod:`d2mae.resample`), so
+that no data path softens the image D²MAE reconstructs (σ ≤ 0.1 px against the reference, :mod:`d2mae.sharpness`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ DICOM_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom", ".dic")
 LIST_EXTENSIONS: tuple[str, ...] = (".csv", ".txt")
 FRAME_MARK = "#frame="
 AUGMENTS = ("none", "mae", "finetune")
+CROP_SCALE = (0.2, 1.0)  # MAE pre-training's RandomResizedCrop area range
+CROP_RATIO = (3 / 4, 4 / 3)  # and its aspect range (width / height, original pixels)
+#: The cache keeps at least this many stored pixels per output pixel for the smallest crop an image can give, so
+#: that its crops are as sharp as PIL's crop of the original file (equivalent σ ≤ 0.1 px; tests/test_data.py).
+CACHE_MARGIN = 2.0
 
 DICOM_HINT = "reading DICOM needs pydicom: pip install d2mae[dicom]"
 
@@ -653,7 +659,8 @@ class ImageDataset(Dataset):
             return torch.from_numpy(resize_box(arr, center_box(arr.shape[0], arr.shape[1]), s))
         if self.augment == "mae":
             from torchvision.transforms import RandomResizedCrop
-            i, j, h, w = RandomResizedCrop.get_params(_shape_proxy(arr), scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+            i, j, h, w = RandomResizedCrop.get_params(_shape_proxy(arr), scale=list(CROP_SCALE),
+                                                      ratio=list(CROP_RATIO))
             flip = bool(torch.rand(()) < 0.5)
             return torch.from_numpy(resize_box(arr, (j, i, j + w, i + h), s, flip=flip))
         img = self.geometry(_to_pil(arr))
@@ -704,34 +711,34 @@ def center_box(h: int, w: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def resize_box(arr: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool = False) -> np.ndarray:
-    """Crop ``box`` (left, top, right, bottom) of float32 [H, W, C] and resize it to [C, size, size], in [0, 1].
+def resize_box(arr: np.ndarray, box: tuple[float, float, float, float], size: int | tuple[int, int],
+               flip: bool = False) -> np.ndarray:
+    """Crop ``box`` (left, top, right, bottom) of float32 [H, W, C] and resize it to [C, h, w], in [0, 1].
 
-    PIL's bicubic resampling on 32-bit float images ('F' mode): antialiased when shrinking (as torchvision's
-    ``antialias=True``), no precision lost for 16-bit or float sources, and single-threaded C, so that it stays
-    fast in DataLoader workers and on busy machines alike.
+    ``size`` is S (a square S × S) or (w, h). PIL's bicubic resampling on 32-bit float images ('F' mode):
+    antialiased when shrinking (as torchvision's ``antialias=True``), no precision lost for 16-bit or float sources,
+    and single-threaded C, so that it stays fast in DataLoader workers and on busy machines alike. This is the
+    reference view every other data path is measured against (:mod:`d2mae.sharpness`); the memory cache's crops
+    reproduce it on the device (:mod:`d2mae.resample`).
     """
-    out = np.empty((arr.shape[2], size, size), dtype=np.float32)
+    w, h = (size, size) if isinstance(size, int) else size
+    out = np.empty((arr.shape[2], h, w), dtype=np.float32)
     for c in range(arr.shape[2]):
         img = Image.fromarray(np.ascontiguousarray(arr[:, :, c], dtype=np.float32))  # mode F
-        out[c] = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=tuple(map(float, box))))
+        out[c] = np.asarray(img.resize((w, h), Image.Resampling.BICUBIC, box=tuple(map(float, box))))
     if flip:
         out = np.ascontiguousarray(out[:, :, ::-1])
     return np.clip(out, 0.0, 1.0, out=out)
-
-
-def center_view(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The deterministic view of a [C, H, W] tensor in [0, 1]: shorter side to ``size``, centre crop -> [C, S, S]."""
-    arr = x.detach().cpu().float().permute(1, 2, 0).numpy()
-    return torch.from_numpy(resize_box(arr, center_box(arr.shape[0], arr.shape[1]), size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # decode cache and batched crops (pre-training without a DataLoader)
 # ---------------------------------------------------------------------------------------------------------------
 
+
+
 def crop_boxes(aspect: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
-                generator: torch.Generator | None, attempts: int = 10) -> tuple[torch.Tensor, ...]:
+               generator: torch.Generator | None, attempts: int = 10) -> tuple[torch.Tensor, ...]:
     """Sample RandomResizedCrop boxes in fractions of each image's width/height (torchvision's algorithm, batched).
 
     Args:
@@ -762,147 +769,170 @@ def crop_boxes(aspect: torch.Tensor, scale: tuple[float, float], ratio: tuple[fl
     return cx, cy, w, h
 
 
-_crop_boxes = crop_boxes  # the name an earlier version used
-
-
-def crop_batch(images: torch.Tensor, boxes: tuple[torch.Tensor, ...], size: int, flip: torch.Tensor | None = None,
-               mode: str = "bilinear") -> torch.Tensor:
-    """Resample one box per image to ``size`` × ``size`` with a single ``grid_sample``.
-
-    Args:
-        images: uint8 or float [B, C, H0, W0] (uint8 is read as value / 255).
-        boxes: (cx, cy, w, h) [B] each, in fractions of the image.
-        flip: bool [B], mirror those crops horizontally.
-
-    Returns:
-        float32 [B, C, size, size] in [0, 1], on ``images``' device.
-    """
-    cx, cy, w, h = (t.to(images.device, torch.float32) for t in boxes)
-    sx = w if flip is None else torch.where(flip.to(images.device), -w, w)
-    theta = torch.zeros(images.shape[0], 2, 3, device=images.device)  # [B, 2, 3] output -> input coordinates
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = 2 * cx - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * cy - 1
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # [B, C, H0, W0]
-    grid = torch.nn.functional.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
-    out = torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)  # [B, C, S, S]
-
-
-def random_resized_crop_batch(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.2, 1.0),
-                              generator: torch.Generator | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                              hflip: float = 0.5, aspect: torch.Tensor | None = None,
-                              mode: str = "bilinear") -> torch.Tensor:
-    """MAE's RandomResizedCrop(size, scale) + horizontal flip for a whole batch, with torch ops on its device.
-
-    The crop parameters follow torchvision's RandomResizedCrop (area fraction ~ U(scale), log aspect ~ U(log ratio),
-    up to 10 tries, then the whole image at the nearest allowed aspect) and are drawn on the CPU from ``generator``,
-    so the same seed gives the same crops on any device; the resampling is one bilinear ``grid_sample``.
-    Without antialiasing, so the stored images should be at most slightly larger than ``size`` (the
-    :class:`DecodedCache` stores them at about 1.15 × size; downscaling by 1.15 aliases negligibly).
-
-    Args:
-        images: uint8 (or float in [0, 1]) [B, C, H0, W0].
-        size: output side S.
-        scale: area range of the crop, as a fraction of the original image (pre-training: (0.2, 1.0)).
-        generator: CPU generator for the crop parameters and flips.
-        ratio: aspect range of the crop (width / height, original pixels).
-        hflip: flip probability.
-        aspect: the original width / height of each image [B] when ``images`` were resized to a square (as the
-            cache stores them); ``None`` means the images are stored at their true aspect.
-
-    Returns:
-        float32 [B, C, S, S] in [0, 1].
-    """
-    b, _, h0, w0 = images.shape
-    if aspect is None:
-        aspect = torch.full((b,), w0 / h0)
-    boxes = crop_boxes(aspect.float().cpu(), scale, ratio, generator)
-    flip = torch.rand(b, generator=generator) < hflip
-    return crop_batch(images, boxes, size, flip, mode)
-
-
-def center_crop_batch(images: torch.Tensor, size: int, aspect: torch.Tensor | None = None,
-                      mode: str = "bilinear") -> torch.Tensor:
-    """The deterministic view (largest centred square, resized to ``size``) for a batch; float [B, C, S, S]."""
-    b, _, h0, w0 = images.shape
-    if aspect is None:
-        aspect = torch.full((b,), w0 / h0)
-    aspect = aspect.float().cpu()
+def center_fractions(aspect: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The deterministic view's box (the largest centred square, :func:`center_box`) as (cx, cy, w, h) fractions."""
+    aspect = aspect.float()
     w = torch.where(aspect > 1, 1 / aspect, torch.ones_like(aspect))
     h = torch.where(aspect < 1, aspect, torch.ones_like(aspect))
     half = torch.full_like(aspect, 0.5)
-    return crop_batch(images, (half, half, w, h), size, None, mode)
+    return half, half, w, h
+
+
+def stored_shape(h: int, w: int, img_size: int, scale: float = CROP_SCALE[0], ratio: tuple[float, float] = CROP_RATIO,
+                 margin: float = CACHE_MARGIN) -> tuple[int, int]:
+    """(height, width) at which :class:`DecodedCache` keeps an ``h`` × ``w`` image: native, or smaller when even its
+    smallest crop (area ``scale``, the most extreme aspect of ``ratio``) would be ``margin`` × ``img_size`` pixels
+    wide at a lower resolution."""
+    smallest = math.sqrt(scale * h * w * min(ratio[0], 1 / ratio[1]))  # the shortest side any crop can have
+    f = min(1.0, margin * img_size / max(smallest, 1e-9))
+    return max(1, round(f * h)), max(1, round(f * w))
+
+
+def image_shape(ref: str) -> tuple[int, int]:
+    """(height, width) of an image from its header, without decoding the pixels (DICOM: Rows/Columns)."""
+    path, frame = split_ref(ref)
+    if frame is not None or Path(path).suffix.lower() in DICOM_EXTENSIONS or _sniff_dicom(Path(path)):
+        ds = _import_pydicom(path).dcmread(path, stop_before_pixels=True, force=True)
+        return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if (im.getexif() or {}).get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation that swaps the axes
+                w, h = h, w
+            return h, w
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt data
+        raise D2maeError(f"cannot read image {path}: {_reason(exc)}") from None
+
+
+def cache_bytes(refs: Sequence[str], img_size: int, in_chans: int = 1, sample: int = 256, seed: int = 0) -> int:
+    """The memory a :class:`DecodedCache` of ``refs`` would take, from the headers of up to ``sample`` images."""
+    refs = list(refs)
+    if not refs:
+        return 0
+    pick = refs if len(refs) <= sample else [refs[i] for i in np.random.default_rng(seed).choice(len(refs), sample,
+                                                                                                 replace=False)]
+    sizes = [math.prod(stored_shape(*image_shape(r), img_size)) for r in pick]
+    return int(round(np.mean(sizes) * len(refs) * in_chans))
 
 
 class DecodedCache:
-    """Every image decoded and resized once, held as one uint8 tensor, for pre-training with no DataLoader.
+    """Every image decoded once and kept, at native resolution, in one flat uint8 buffer on the device.
 
-    Each image is resized — not cropped — to a square of side ``R = round(cache_scale × img_size)`` (bicubic,
-    antialiased), so the whole field of view is kept; its original width/height ratio is stored in ``aspect`` and
-    :func:`random_resized_crop_batch` measures crop areas and aspects in original pixels, which makes the crops
-    those of torchvision's RandomResizedCrop on the original image. Detail finer than R pixels across the image is
-    lost (small crops are upsampled from the cached resolution, not the original); memory is N × C × R² bytes
-    (BUS-BRA, 1,875 images at S = 224: about 125 MB).
+    Pre-training without a DataLoader: :meth:`batch` draws MAE's RandomResizedCrop + flip for a whole batch and
+    resamples it with :func:`d2mae.resample.crop_resize` — the same antialiased bicubic filter as PIL's crop of the
+    original file, so the target that Eq. 3 reconstructs is as sharp as the loader path's. An image is stored
+    smaller than native only where even its smallest crop cannot use the resolution (:func:`stored_shape`, at
+    least ``CACHE_MARGIN`` stored pixels per output pixel); crop boxes are drawn in original pixels.
+
+    Memory: the stored pixels, one byte each (BUS-BRA, 1,875 images: 240 MB at 224 px, ~190 MB at 96 px).
 
     Attributes:
-        images: uint8 [N, C, R, R] (move with :meth:`to`).
-        aspect: float32 [N], original width / height.
+        data: uint8 [Σ C·h·w], image i at ``offsets[i]`` as [C, h_i, w_i] (move with :meth:`to`).
+        shapes: stored (h, w) per image [N, 2]; ``original``: original (h, w) [N, 2].
         labels: int64 [N] (-1 when none were given).
     """
 
-    def __init__(self, refs: Sequence[str], img_size: int, in_chans: int = 1, cache_scale: float = 1.15,
+    def __init__(self, refs: Sequence[str], img_size: int, in_chans: int = 1,
                  labels: Sequence[int] | None = None, progress: bool = False) -> None:
         refs = [str(r) for r in refs]
         if not refs:
             raise D2maeError("cannot build the decoded-image cache: the list of images is empty")
-        if cache_scale < 1.0:
-            raise D2maeError(f"cache scale must be >= 1 (stored side relative to the model input), got {cache_scale}")
         self.refs = refs
         self.img_size = int(img_size)
         self.in_chans = in_chans
-        self.side = max(self.img_size, int(round(cache_scale * self.img_size)))
-        self.images = torch.empty(len(refs), in_chans, self.side, self.side, dtype=torch.uint8)
-        self.aspect = torch.empty(len(refs), dtype=torch.float32)
         self.labels = torch.tensor(list(labels) if labels is not None else [-1] * len(refs), dtype=torch.long)
         if self.labels.shape[0] != len(refs):
             raise D2maeError(f"{self.labels.shape[0]} labels for {len(refs)} images; give one label per image")
 
-        def decode(ref: str) -> tuple[torch.Tensor, float]:
+        def decode(ref: str) -> tuple[np.ndarray, tuple[int, int]]:
             arr = load_image(ref, in_chans)  # [H, W, C]
-            x = resize_box(arr, (0, 0, arr.shape[1], arr.shape[0]), self.side)  # [C, R, R], whole field of view
-            return torch.from_numpy(np.rint(x * 255.0).astype(np.uint8)), arr.shape[1] / arr.shape[0]
+            h, w = arr.shape[:2]
+            hs, ws = stored_shape(h, w, self.img_size)
+            x = (np.ascontiguousarray(arr.transpose(2, 0, 1)) if (hs, ws) == (h, w)
+                 else resize_box(arr, (0, 0, w, h), (ws, hs)))  # [C, hs, ws], antialiased when shrunk
+            return np.rint(x * 255.0).astype(np.uint8), (h, w)
 
         items = _map_threads(decode, refs)
         if progress:
             from tqdm import tqdm
             items = tqdm(items, total=len(refs), desc="decoding images", unit="img")
-        for i, (x, a) in enumerate(items):
-            self.images[i] = x
-            self.aspect[i] = a
+        chunks, shapes, original = [], [], []
+        for x, hw in items:
+            chunks.append(torch.from_numpy(x.reshape(-1)))
+            shapes.append(x.shape[1:])
+            original.append(hw)
+        self.shapes = torch.tensor(shapes, dtype=torch.long)  # [N, 2]
+        self.original = torch.tensor(original, dtype=torch.long)  # [N, 2]
+        sizes = torch.tensor([c.numel() for c in chunks], dtype=torch.long)
+        self.offsets = torch.cumsum(sizes, 0) - sizes  # [N]
+        self.data = torch.cat(chunks)
 
     def __len__(self) -> int:
         return len(self.refs)
 
     @property
     def nbytes(self) -> int:
-        return self.images.numel()
+        return self.data.numel()
+
+    @property
+    def aspect(self) -> torch.Tensor:
+        """Original width / height per image [N]."""
+        return self.original[:, 1].float() / self.original[:, 0].float()
 
     def to(self, device: torch.device | str) -> "DecodedCache":
         """Move the images (and labels) to ``device``, e.g. the GPU, so that batches never leave it."""
-        self.images = self.images.to(device)
+        self.data = self.data.to(device)
         self.labels = self.labels.to(device)
         return self
 
+    def gather(self, idx: torch.Tensor, windows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx`` [B] as one zero-padded uint8 batch [B, C, H_max, W_max] on the cache's device, and their
+        (h, w) [B, 2]; with ``windows`` (top, bottom, left, right) [B, 4] only those stored pixels of each image."""
+        idx = idx.cpu()
+        shapes = self.shapes[idx]  # [B, 2]
+        if windows is None:
+            windows = torch.stack([torch.zeros_like(shapes[:, 0]), shapes[:, 0], torch.zeros_like(shapes[:, 1]),
+                                   shapes[:, 1]], 1)
+        sizes = torch.stack([windows[:, 1] - windows[:, 0], windows[:, 3] - windows[:, 2]], 1)  # [B, 2]
+        hb, wb = (int(v) for v in sizes.max(0).values)
+        out = torch.zeros(len(idx), self.in_chans, hb, wb, dtype=torch.uint8, device=self.data.device)
+        for k, (i, (top, bottom, left, right)) in enumerate(zip(idx.tolist(), windows.tolist())):
+            h, w = (int(v) for v in self.shapes[i])  # copies only: the resampling is one batched operation
+            o = int(self.offsets[i])
+            image = self.data[o:o + self.in_chans * h * w].view(self.in_chans, h, w)
+            out[k, :, :bottom - top, :right - left] = image[:, top:bottom, left:right]
+        return out, sizes
+
+    def crops(self, idx: torch.Tensor, boxes: tuple[torch.Tensor, ...], flip: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Boxes (cx, cy, w, h) in fractions of each original image [B] each, resampled to S × S as PIL would
+        resample them from the original file -> float32 [B, C, S, S] in [0, 1] on the cache's device.
+
+        Only each box's window (the box and the filter's reach around it) is copied and resampled."""
+        from d2mae.resample import BICUBIC_SUPPORT, crop_resize
+
+        idx = idx.cpu()
+        cx, cy, w, h = (b.double().cpu() for b in boxes)
+        shapes = self.shapes[idx]
+        hs, ws = shapes[:, 0].double(), shapes[:, 1].double()
+        pixels = torch.stack([(cx - w / 2) * ws, (cy - h / 2) * hs, (cx + w / 2) * ws, (cy + h / 2) * hs], 1)
+        reach = BICUBIC_SUPPORT * torch.stack([w * ws, h * hs], 1).div(self.img_size).clamp_min(1.0) + 1  # [B, 2]
+        lo = torch.floor(pixels[:, :2] - reach).clamp_min(0).long()  # [B, 2] (left, top)
+        hi = torch.minimum(torch.ceil(pixels[:, 2:] + reach).long(), shapes.flip(1))  # [B, 2] (right, bottom)
+        windows = torch.stack([lo[:, 1], hi[:, 1], lo[:, 0], hi[:, 0]], 1)  # [B, 4] top, bottom, left, right
+        images, sizes = self.gather(idx, windows)
+        local = pixels - torch.cat([lo, lo], 1).double()  # the boxes in window coordinates
+        return crop_resize(images, sizes, local, self.img_size, flip)
+
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None,
-              scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5) -> torch.Tensor:
-        """MAE-augmented images for indices ``idx`` [B] -> float32 [B, C, S, S] in [0, 1] on the cache's device."""
-        idx = idx.to(self.images.device)
-        return random_resized_crop_batch(self.images[idx], self.img_size, scale=scale, generator=generator,
-                                         hflip=hflip, aspect=self.aspect[idx.cpu()])
+              scale: tuple[float, float] = CROP_SCALE, hflip: float = 0.5) -> torch.Tensor:
+        """MAE-augmented images for indices ``idx`` [B] (RandomResizedCrop + flip) -> float32 [B, C, S, S]."""
+        idx = idx.cpu()
+        boxes = crop_boxes(self.aspect[idx], scale, CROP_RATIO, generator)
+        flip = torch.rand(len(idx), generator=generator) < hflip
+        return self.crops(idx, boxes, flip)
 
     def center(self, idx: torch.Tensor) -> torch.Tensor:
         """The deterministic view for indices ``idx`` [B] -> float32 [B, C, S, S]."""
-        idx = idx.to(self.images.device)
-        return center_crop_batch(self.images[idx], self.img_size, aspect=self.aspect[idx.cpu()])
+        idx = idx.cpu()
+        return self.crops(idx, center_fractions(self.aspect[idx]))

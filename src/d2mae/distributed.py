@@ -273,11 +273,6 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_AUGMENT))
         return torch.randint(0, 2**62, (self.num_samples,), generator=g, dtype=torch.int64)
 
-    def global_batch_indices(self, epoch: int, micro_step: int) -> torch.Tensor:
-        """Indices of micro-step ``micro_step``'s global batch [B·W], rank r's slice first-to-last by rank."""
-        perm = self.permutation(epoch)
-        return perm[micro_step * self.global_batch:(micro_step + 1) * self.global_batch]
-
     def step_size(self, micro_step: int) -> int:
         """Samples in micro-step ``micro_step``'s global batch: B·W, or fewer in a kept last, partial batch."""
         return self.last_size if self.last_size and micro_step == self.micro_steps - 1 else self.global_batch

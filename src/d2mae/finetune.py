@@ -875,7 +875,7 @@ class _Run:
                 probs = predict_probs(model, val_refs, self.t_star[fold.val], dev, cfg.eval_batch_size,
                                       cfg.workers, cfg.precision, ctx=ctx)  # [n_val, K], the same on every rank
                 y_val = labels[fold.val]
-                f1, acc = _macro_f1(y_val, probs, len(self.labeled.classes))
+                f1, acc = _selection_scores(y_val, probs)
                 val_loss = float(eval_ce(torch.log(torch.as_tensor(probs).clamp_min(1e-12)),
                                          torch.as_tensor(y_val)))
                 state["epoch"] = epoch + 1
@@ -960,12 +960,12 @@ class _Run:
         return rows
 
 
-def _macro_f1(y: np.ndarray, probs: np.ndarray, num_classes: int) -> tuple[float, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+def _selection_scores(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """Validation macro-F1 (:func:`d2mae.metrics.macro_f1`, the rule evaluation uses) and accuracy."""
+    from d2mae.metrics import macro_f1
 
     pred = probs.argmax(axis=1)
-    f1 = f1_score(y, pred, average="macro", labels=list(range(num_classes)), zero_division=0)
-    return float(f1), float(accuracy_score(y, pred))
+    return macro_f1(y, pred), float(np.mean(pred == y))
 
 
 def finetune(cfg: FinetuneConfig) -> Path:

@@ -287,6 +287,10 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
 
     for key, value in source.items():
         tkey = _target_key(model, key)
+        if isinstance(model, DeblurClassifier) and key.startswith("norm."):
+            report.unexpected.append(key)  # MAE's global pooling drops the encoder's final norm
+            notes["encoder"].append(f"{key}: not used, the classifier pools first and normalises with fc_norm")
+            continue
         if tkey is None or tkey not in target:
             report.unexpected.append(key)
             if key == "blur_token":

@@ -167,9 +167,12 @@ class DeblurEncoder(nn.Module):
         config: the architecture, blur schedule and normalisation.
         drop_path_rate: stochastic depth (fine-tuning).
         learn_pos_embed: ``False`` in pre-training (fixed sin-cos, as MAE); ``True`` when fine-tuning.
+        final_norm: end with a LayerNorm over every token (pre-training, as MAE); ``False`` for the classifier,
+            which pools first and normalises the pooled features instead (MAE's global pooling).
     """
 
-    def __init__(self, config: ModelConfig, drop_path_rate: float = 0.0, learn_pos_embed: bool = False) -> None:
+    def __init__(self, config: ModelConfig, drop_path_rate: float = 0.0, learn_pos_embed: bool = False,
+                 final_norm: bool = True) -> None:
         super().__init__()
         self.config = config
         self.schedule = config.schedule()
@@ -187,7 +190,7 @@ class DeblurEncoder(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, config.heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM, drop_path=dpr[i])
             for i in range(config.blocks))
-        self.norm = LAYER_NORM(dim)
+        self.norm = LAYER_NORM(dim) if final_norm else nn.Identity()
         mean = config.mean if config.mean is not None else [0.5] * config.in_chans
         std = config.std if config.std is not None else [0.25] * config.in_chans
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -373,22 +376,27 @@ class DeblurClassifier(nn.Module):
     """Algorithm 1's f_θ: the pre-trained encoder (blur conditioning included) + average pooling + a linear head.
 
     ``forward(x, t)`` blurs ``x`` at σ_t itself and feeds t to the blur token, as in lines 11-12 of Algorithm 1.
-    Layer-wise lr decay (timm ``param_groups_layer_decay``) puts CLS, BLU, position and patch embeddings in the stem.
+    Pooling follows MAE's fine-tuning with global pooling (and timm's ``global_pool="avg"``): the patch tokens of the
+    last block are averaged and normalised by ``fc_norm``; the encoder's final LayerNorm is not used (its
+    pre-trained weights are not loaded). Layer-wise lr decay (timm ``param_groups_layer_decay``) puts CLS, BLU,
+    position and patch embeddings in the stem.
     """
 
     def __init__(self, config: ModelConfig, num_classes: int, drop_path_rate: float = 0.1) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
-        self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True)
+        self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True, final_norm=False)
         self.fc_norm = LAYER_NORM(config.dim)
         self.head = nn.Linear(config.dim, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning
         nn.init.zeros_(self.head.bias)
 
     def load_encoder(self, mae_state: dict[str, torch.Tensor]) -> None:
-        """Copy the encoder weights from a DeblurMAE state dict (``encoder.*`` keys); all must match."""
-        enc = {k[len("encoder."):]: v for k, v in mae_state.items() if k.startswith("encoder.")}
+        """Copy the encoder weights from a DeblurMAE state dict (``encoder.*`` keys but the final norm, which the
+        classifier does not use); all must match."""
+        enc = {k[len("encoder."):]: v for k, v in mae_state.items()
+               if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
         missing, unexpected = self.encoder.load_state_dict(enc, strict=False)
         if missing or unexpected:
             raise D2maeError(f"pre-trained weights do not match the classifier's encoder "
@@ -404,10 +412,11 @@ class DeblurClassifier(nn.Module):
         return self.head(self.features(x, t))
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm layer grouping: stem (embeddings, CLS, BLU), one group per block, head last."""
+        """timm layer grouping: stem (embeddings, CLS, BLU), one group per block, then fc_norm and the head (lr
+        scale 1, as MAE's ``get_layer_id_for_vit``)."""
         return dict(
             stem=r"^encoder\.(?:cls_token|blur_token|pos_embed|patch_embed)",
-            blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+            blocks=[(r"^encoder\.blocks\.(\d+)", None)],
         )
 
     def no_weight_decay(self) -> set[str]:

@@ -70,8 +70,6 @@ RUN_CONFIG = "pretrain.yaml"
 RESUME_FORMAT = "d2mae-pretrain-resume"
 RESUME_VERSION = 1
 STREAM_CROP = 3  # crops of the in-memory data path (see d2mae.distributed for streams 0-2)
-CROP_SCALE = (0.2, 1.0)  # MAE pre-training's RandomResizedCrop area range
-CROP_RATIO = (3 / 4, 4 / 3)
 
 # Table 2 (MAE, DeblurrMAE, D²MAE) and Table 3 (a: blur range, b: blur embedding) as ModelConfig overrides.
 _D2MAE = dict(blur=True, sigma_start=0.1, sigma_stop=1.1, sigma_step=0.1, blur_embed="token", loss_on="all")
@@ -252,13 +250,15 @@ def _available_memory(device: torch.device) -> int:
         return 0
 
 
-def choose_data_path(cfg: PretrainConfig, num_images: int, device: torch.device, ctx: DistContext) -> tuple[str, str]:
-    """``memory`` or ``loader``, with the reason. The cache may use a quarter of the free memory (shared by the
-    processes of a node on the CPU)."""
+def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device, ctx: DistContext
+                     ) -> tuple[str, str]:
+    """``memory`` or ``loader``, with the reason. The cache (native resolution, :func:`d2mae.data.cache_bytes`) may
+    use a quarter of the free memory (shared by the processes of a node on the CPU)."""
+    from d2mae.data import cache_bytes
+
     if cfg.data_path == "loader":
         return "loader", "--data-path loader"
-    side = max(cfg.img_size, int(round(1.15 * cfg.img_size)))
-    need = num_images * cfg.in_chans * side * side
+    need = cache_bytes(refs, cfg.img_size, cfg.in_chans)
     share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
     budget = _available_memory(device) // 4 // share
     if need <= budget:
@@ -273,29 +273,33 @@ class MemoryBatches:
     """Micro-batches cropped on the device from a :class:`d2mae.data.DecodedCache` (no DataLoader).
 
     The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
-    ``(seed, epoch, micro-step)`` and sliced per rank, like t and the mask noise.
+    ``(seed, epoch, micro-step)`` and sliced per rank, like t and the mask noise. The crops are PIL's antialiased
+    bicubic resampling of the cached native-resolution images (:func:`d2mae.resample.crop_resize`), as sharp as the
+    loader path's.
     """
 
-    def __init__(self, cache: Any, sampler: EpochBatchSampler, img_size: int, device: torch.device) -> None:
+    def __init__(self, cache: Any, sampler: EpochBatchSampler, device: torch.device) -> None:
         self.cache = cache.to(device)
         self.sampler = sampler
-        self.img_size = img_size
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
 
-    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        from d2mae import data
+    def plan(self, epoch: int, micro_step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """This rank's images [B], crop boxes (cx, cy, w, h) [B] each and flips [B] of one micro-step."""
+        from d2mae.data import CROP_RATIO, CROP_SCALE, crop_boxes
 
         s = self.sampler
-        perm = s.permutation(epoch)
-        lo = s.rank * s.batch_size
-        for m in range(start, s.micro_steps):
-            gidx = perm[m * s.global_batch:(m + 1) * s.global_batch]  # [B·W]
-            g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, m, STREAM_CROP))
-            boxes = data._crop_boxes(self.cache.aspect[gidx], CROP_SCALE, CROP_RATIO, g)  # 4 × [B·W]
-            flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
-            mine = slice(lo, lo + s.batch_size)
-            idx = gidx[mine].to(self.cache.images.device)
-            yield data.crop_batch(self.cache.images[idx], tuple(b[mine] for b in boxes), self.img_size,
-                                  flip[mine])  # [B, C, S, S]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, s.permutation(epoch))
+        gidx = self._order[1][micro_step * s.global_batch:(micro_step + 1) * s.global_batch]  # [B·W]
+        g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, micro_step, STREAM_CROP))
+        boxes = crop_boxes(self.cache.aspect[gidx], CROP_SCALE, CROP_RATIO, g)  # 4 × [B·W]
+        flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
+        mine = slice(s.rank * s.batch_size, (s.rank + 1) * s.batch_size)
+        return gidx[mine], tuple(b[mine] for b in boxes), flip[mine]
+
+    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        for m in range(start, self.sampler.micro_steps):
+            yield self.cache.crops(*self.plan(epoch, m))  # [B, C, S, S]
 
 
 class LoaderBatches:
@@ -474,13 +478,13 @@ class Pretrainer:
             _say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
             return False
 
-        self.data_path, why = choose_data_path(cfg, len(self.refs), self.device, ctx)
+        self.data_path, why = choose_data_path(cfg, self.refs, self.device, ctx)
         if state is not None and state.get("data_path_used") not in (None, self.data_path):
             _say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (--data-path to choose)")
         if self.data_path == "memory":
             cache = data.DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
-            self.batches: Any = MemoryBatches(cache, self.sampler, cfg.img_size, self.device)
+            self.batches: Any = MemoryBatches(cache, self.sampler, self.device)
         else:
             dataset = data.ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae")
             workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
@@ -489,9 +493,6 @@ class Pretrainer:
         self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)

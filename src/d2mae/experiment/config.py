@@ -70,8 +70,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # Table 3b: blur embedding
     Method("d2mae-embed-none", "D²MAE w/o blur embedding", "embed-none", "search", 2),
     Method("d2mae-embed-add", "D²MAE blur embedding added", "embed-add", "search", 2),
-    # Table 3c: OBS setting (the d2mae pre-trained model)
+    # Table 3c: OBS setting (the d2mae pre-trained model). "No blur" is t = 0 (σ 0 and a token pre-training never
+    # saw); σ_1 = 0.1 has a one-tap kernel, so fixed:0.1 is the same pixels with the in-distribution token t = 1.
     Method("d2mae-obs-none", "D²MAE, no blur in fine-tuning", "d2mae", "none"),
+    Method("d2mae-obs-none-t1", "D²MAE, no blur, token t = 1", "d2mae", "fixed:0.1"),
     Method("d2mae-obs-fixed-0.5", "D²MAE, fixed σ = 0.5", "d2mae", "fixed:0.5"),
     # Table 3d: search step (the d2mae pre-trained model)
     Method("d2mae-s1", "D²MAE, OBS s = 1", "d2mae", "search", 1),
@@ -95,7 +97,8 @@ ABLATIONS: dict[str, AblationGroup] = {g.name: g for g in (
     AblationGroup("embedding", "(b) Blurriness embedding", (
         ("d2mae-embed-none", "w/o embedding"), ("d2mae-embed-add", "Addition"), ("d2mae", "Extra token"))),
     AblationGroup("obs_setting", "(c) OBS settings", (
-        ("d2mae-obs-none", "No blur"), ("d2mae-obs-fixed-0.5", "Fixed (σ = 0.5)"), ("d2mae", "With OBS"))),
+        ("d2mae-obs-none", "No blur"), ("d2mae-obs-none-t1", "No blur (token t = 1)"),
+        ("d2mae-obs-fixed-0.5", "Fixed (σ = 0.5)"), ("d2mae", "With OBS"))),
     AblationGroup("search_step", "(d) Search step", (
         ("d2mae-s1", "s = 1"), ("d2mae", "s = 2"), ("d2mae-s3", "s = 3"))),
 )}
