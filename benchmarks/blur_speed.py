@@ -1,4 +1,4 @@
-"""Batched per-sample blur (d2mae.blur.gaussian_blur) against blurring one image at a time, side by side.
+"""Batched per-sample blur (d2mae.method.blur.gaussian_blur) against blurring one image at a time, side by side.
 
 Usage: python benchmarks/blur_speed.py [--batch 64] [--size 224] [--repeats 5] [--device cpu]
 
@@ -20,7 +20,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from scipy.ndimage import gaussian_filter
 
-from d2mae.blur import BlurSchedule, gaussian_blur
+from d2mae.method.blur import BlurSchedule, gaussian_blur
 
 
 def _time(fn, repeats: int) -> float:

@@ -4,7 +4,7 @@ For each batch size (and eager and/or ``torch.compile``) it times real pre-train
 (MAE decoder 512 × 8, 224 px, bf16 autocast, fused AdamW — what ``d2mae pretrain`` does on a GPU) on the in-memory
 data path: synthetic uint8 ultrasound-like images (speckle on a smooth background; no data set exists on the GPU
 machine) of a BUS-BRA-like native size (``NATIVE`` × the input size) held on the GPU, cropped per batch with
-:func:`d2mae.resample.crop_resize` (the memory cache's antialiased bicubic crops), blurred per sample inside the
+:func:`d2mae.data.resample.crop_resize` (the memory cache's antialiased bicubic crops), blurred per sample inside the
 model. It reports
 
 * images/s and ms per step (after ``--warmup`` untimed steps; the first compiled step's time is reported apart);
@@ -13,8 +13,8 @@ model. It reports
   the batched blur's matrix products included),
   achieved TFLOP/s, and that over the dense bf16 peak (``--peak-tflops``; H100 SXM: 989 TFLOP/s);
 * peak GPU memory (``torch.cuda.max_memory_allocated``);
-* OBS images/s: :meth:`d2mae.models.DeblurMAE.deblur_loss` on a batch of images × the 6 searched levels
-  (t = 1, 3, …, 11; search step 2) in one pass, as :func:`d2mae.obs.search_losses` does;
+* OBS images/s: :meth:`d2mae.method.models.DeblurMAE.deblur_loss` on a batch of images × the 6 searched levels
+  (t = 1, 3, …, 11; search step 2) in one pass, as :func:`d2mae.method.obs.search_losses` does;
 * the wall time the paper's thyroid schedule (10,675 images × 8,000 epochs) would take on one such GPU.
 
 Writes ``gpu_bench.md`` (Markdown table) and ``gpu_bench.json`` to ``--out`` (default ``$OUT``, else
@@ -130,8 +130,9 @@ def crop_batch(images: Any, idx: Any, size: int, generator: Any | None) -> Any:
     centre view (``None``), resampled on the device -> float32 [B, 1, S, S]."""
     import torch
 
-    from d2mae.data import CROP_RATIO, CROP_SCALE, center_fractions, crop_boxes
-    from d2mae.resample import crop_resize
+    from d2mae.data.cache import center_fractions, crop_boxes
+    from d2mae.data.dataset import CROP_RATIO, CROP_SCALE
+    from d2mae.data.resample import crop_resize
 
     batch = images[idx]  # [B, 1, H, W] uint8, square synthetic images
     b, side = batch.shape[0], batch.shape[-1]
@@ -152,8 +153,8 @@ def sync(device: Any) -> None:
 
 
 def train_config(args: argparse.Namespace, batch: int) -> Any:
-    """A :class:`d2mae.pretrain.PretrainConfig` as ``d2mae pretrain`` would build it (data unused here)."""
-    from d2mae.pretrain import make_config
+    """A :class:`d2mae.train.pretrain.PretrainConfig` as ``d2mae pretrain`` would build it (data unused here)."""
+    from d2mae.train.pretrain import make_config
 
     return make_config(data=["synthetic"], out="unused", batch_size=batch, mean=[0.45], std=[0.25],
                        precision=args.precision, seed=args.seed, **model_options(args))
@@ -165,14 +166,14 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from d2mae import distributed as du
-    from d2mae.models import DeblurMAE
-    from d2mae.pretrain import build_optimizer
-    from d2mae.runtime import amp_dtype, autocast, warmup_cosine_scheduler
+    from d2mae.method.models import DeblurMAE
+    from d2mae.runtime.device import amp_dtype, autocast
+    from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
+    from d2mae.train.pretrain import step_randomness
 
     cfg = train_config(args, batch)
     model_cfg = cfg.model_config()
-    schedule = model_cfg.schedule()
+    schedule = model_cfg.schedule
     torch.manual_seed(args.seed)
     model = DeblurMAE(model_cfg).to(device).train()
     optimizer = build_optimizer(model, cfg, cfg.resolved_lr(), device)
@@ -184,7 +185,7 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     def batch_at(step: int) -> tuple[Any, Any, Any]:
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
         x = crop_batch(images, idx.to(device), cfg.img_size, gen)  # [B, 1, S, S]
-        t, noise = du.step_randomness(args.seed, 0, step, batch, model_cfg.num_patches, schedule, 0, batch)
+        t, noise = step_randomness(args.seed, 0, step, batch, model_cfg.num_patches, schedule, 0, batch)
         return x, t.to(device), noise.to(device)
 
     if batch not in flops_cache:  # FLOPs of one step (forward + backward), eager, counted once per batch size
@@ -252,14 +253,14 @@ def measure_obs(args: argparse.Namespace, device: Any, images: Any) -> dict[str,
     """OBS throughput: images × 6 searched levels through deblur_loss in one batched pass (Eqs. 4-5)."""
     import torch
 
-    from d2mae.models import DeblurMAE
-    from d2mae.runtime import amp_dtype, autocast
+    from d2mae.method.models import DeblurMAE
+    from d2mae.runtime.device import amp_dtype, autocast
 
     cfg = train_config(args, args.obs_batch).model_config()
     torch.manual_seed(args.seed)
     model = DeblurMAE(cfg).to(device).eval()
     amp = amp_dtype(device, args.precision)
-    levels = cfg.schedule().search_levels(2)  # t = 1, 3, 5, 7, 9, 11
+    levels = cfg.schedule.search_levels(2)  # t = 1, 3, 5, 7, 9, 11
     b = args.obs_batch
     x = crop_batch(images, torch.arange(b, device=images.device), cfg.img_size, None)  # [B, 1, S, S]
     xr = x.unsqueeze(1).expand(b, len(levels), *x.shape[1:]).reshape(b * len(levels), *x.shape[1:])  # [B·L, ...]
@@ -292,7 +293,7 @@ def human_time(seconds: float) -> str:
 
 def write_report(out: Path, header: dict[str, Any], rows: list[dict[str, Any]], obs: dict[str, Any] | None,
                  peak: float | None, args: argparse.Namespace) -> Path:
-    from d2mae.runtime import atomic_write_json, atomic_write_text
+    from d2mae.runtime.files import atomic_write_json, atomic_write_text
 
     lines = [f"# GPU benchmark: D²MAE pre-training and OBS on {header['device_name']}", "",
              f"- date {header['date']}; torch {header['torch']}, timm {header['timm']}, CUDA {header['cuda']}; "
@@ -332,8 +333,8 @@ def main(argv: list[str] | None = None) -> Path:
     import timm
     import torch
 
-    from d2mae.errors import D2maeError
-    from d2mae.runtime import resolve_device
+    from d2mae.runtime.device import resolve_device
+    from d2mae.runtime.errors import D2maeError
 
     args = parse_args(argv)
     try:

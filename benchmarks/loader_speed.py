@@ -10,7 +10,7 @@ Measures, for MAE pre-training views (RandomResizedCrop(S, scale=(0.2, 1)) + fli
 0. ``load_image`` alone: the PNG decode every path pays.
 1. ``ImageDataset(augment="mae")`` through a ``DataLoader`` with each number of workers: decode PNG + crop per image.
 2. ``DecodedCache``: the one-off cost of decoding every image once at native resolution (threads), its memory,
-   then ``cache.batch`` (PIL's antialiased bicubic crops resampled as one batch, :mod:`d2mae.resample`) on
+   then ``cache.batch`` (PIL's antialiased bicubic crops resampled as one batch, :mod:`d2mae.data.resample`) on
    ``--device``.
 3. ``ImageDataset(augment="finetune")`` (adds RandAugment + random erasing) with the largest worker count.
 
@@ -30,7 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from d2mae.data import DecodedCache, ImageDataset, find_images, load_image  # noqa: E402
+from d2mae.data.cache import DecodedCache
+from d2mae.data.dataset import ImageDataset
+from d2mae.data.decode import load_image
+from d2mae.data.sources import find_images
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bus-bra" / "images"
 

@@ -40,7 +40,7 @@ def maxrss_mib() -> float:
 
 def default_batch() -> int:
     """``d2mae pretrain``'s default --batch-size."""
-    from d2mae.pretrain import PretrainConfig
+    from d2mae.train.pretrain import PretrainConfig
 
     return next(f.default for f in fields(PretrainConfig) if f.name == "batch_size")
 
@@ -50,12 +50,13 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     rss = {"imports": maxrss_mib()}
-    from d2mae import data as data_mod
     from speed_vs_reference import D2maeSide
+
+    from d2mae.data import sources as data_sources
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    refs = data_mod.find_images([args.data])
+    refs = data_sources.find_images([args.data])
     if args.n_images:
         refs = refs[:args.n_images]
     ns = argparse.Namespace(model=args.one, img_size=args.img_size, batch_size=args.batch_size, seed=0, blr=1.5e-4,
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"({r['peak_mib'] / 1024:.2f} GiB) | {' / '.join(f'{s:.1f}' for s in r['step_s'])} |", flush=True)
     print(f"# load average after: {loadavg()}")
     if args.json_out:
-        from d2mae.runtime import atomic_write_json
+        from d2mae.runtime.files import atomic_write_json
         atomic_write_json(args.json_out, results)
     return results
 

@@ -9,9 +9,9 @@ Usage (prints a Markdown block for benchmarks/RESULTS.md)::
 
 What is timed (after one warm-up pass each, images already decoded to tensors, so the model alone is measured):
 
-* batched: :func:`d2mae.obs.search_losses` on batches of ``--batch-size`` images × L levels (``--max-rows`` per pass);
+* batched: :func:`d2mae.method.obs.search_losses` on batches of ``--batch-size`` images × L levels (``--max-rows`` per pass);
 * one at a time: ``model.deblur_loss(x[i:i+1], t)`` for every image i and level t (the per-level loop of Alg. 1);
-* end to end: :func:`d2mae.obs.run_obs` (decoding + deterministic view + batched search);
+* end to end: :func:`d2mae.eval.obs.run_obs` (decoding + deterministic view + batched search);
 * fine-tuning: forward + backward + AdamW step of the classifier on batches of 32 (``--ft-batch``), blurred at t*,
   giving seconds per training epoch of the same images; the OBS share is OBS / (OBS + epochs × epoch time).
 """
@@ -31,12 +31,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from d2mae.artifacts import load_pretrained  # noqa: E402
-from d2mae.data import ImageDataset, find_images  # noqa: E402
-from d2mae.finetune import FinetuneConfig, build_classifier, make_optimizer  # noqa: E402
-from d2mae.models import DeblurMAE, ModelConfig  # noqa: E402
-from d2mae.obs import ObsSpec, run_obs, search_losses  # noqa: E402
-from d2mae.runtime import resolve_device  # noqa: E402
+from d2mae.data.dataset import ImageDataset
+from d2mae.data.sources import find_images
+from d2mae.eval.obs import run_obs
+from d2mae.io.artifacts import load_pretrained
+from d2mae.method.models import DeblurMAE, ModelConfig, build_classifier
+from d2mae.method.obs import ObsSpec, search_losses
+from d2mae.runtime.device import resolve_device
+from d2mae.train.finetune import FinetuneConfig
+from d2mae.train.optim import make_optimizer
 
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"
 

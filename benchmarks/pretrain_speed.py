@@ -58,35 +58,38 @@ def _synthetic_images(folder: Path, n: int) -> Path:
 
 def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     """Time ``args.steps`` pre-training steps (after ``args.warmup`` untimed ones) of one model in this process."""
-    from d2mae import data as data_mod
-    from d2mae import distributed as du
-    from d2mae.blur import gaussian_blur
-    from d2mae.models import DeblurMAE
-    from d2mae.pretrain import LoaderBatches, MemoryBatches, build_optimizer, make_config
-    from d2mae.runtime import amp_dtype, autocast, resolve_device, warmup_cosine_scheduler
+    from d2mae.data import cache as data_cache
+    from d2mae.data import dataset as data_dataset
+    from d2mae.data import sources as data_sources
+    from d2mae.data.sampler import EpochBatchSampler
+    from d2mae.method.blur import gaussian_blur
+    from d2mae.method.models import DeblurMAE
+    from d2mae.runtime.device import amp_dtype, autocast, resolve_device
+    from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
+    from d2mae.train.pretrain import LoaderBatches, MemoryBatches, make_config, step_randomness
 
     device = resolve_device(args.device)
     cfg = make_config(data=data, out="unused", model=model_name, img_size=args.img_size, batch_size=args.batch_size,
                       mean=[0.5], std=[0.25], precision=args.precision, data_path=args.data_path,
                       decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                       decoder_num_heads=args.decoder_num_heads)
-    refs = data_mod.find_images(cfg.data)
+    refs = data_sources.find_images(cfg.data)
     total = args.warmup + args.steps
     need = cfg.batch_size * total
     refs = (refs * (need // len(refs) + 1))[:need]
-    sampler = du.EpochBatchSampler(len(refs), cfg.batch_size, seed=0)
+    sampler = EpochBatchSampler(len(refs), cfg.batch_size, seed=0)
     if args.data_path == "memory":
-        batches = MemoryBatches(data_mod.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, device)
+        batches = MemoryBatches(data_cache.DecodedCache(refs, cfg.img_size, cfg.in_chans), sampler, device)
     else:
         workers = max(0, min(8, (os.cpu_count() or 1) - 1)) if args.num_workers is None else args.num_workers
-        dataset = data_mod.ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="mae")
+        dataset = data_dataset.ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="mae")
         batches = LoaderBatches(dataset, sampler, workers, pin=device.type == "cuda")
     torch.manual_seed(0)
     model = DeblurMAE(cfg.model_config()).to(device).train()
     opt = build_optimizer(model, cfg, cfg.resolved_lr(), device)
     sched = warmup_cosine_scheduler(opt, 1000, 10, 0.0)
     amp = amp_dtype(device, cfg.precision)
-    schedule = cfg.model_config().schedule()
+    schedule = cfg.model_config().schedule
     times = {p: [] for p in PHASES}
     it = batches.epoch(0, 0)
     for step in range(total):
@@ -95,7 +98,7 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
         x = next(it).to(device, non_blocking=True)  # [B, C, S, S]
         _sync(device)
         t1 = time.perf_counter()
-        t, noise = du.step_randomness(0, 0, step, cfg.batch_size, cfg.num_patches, schedule, 0, cfg.batch_size)
+        t, noise = step_randomness(0, 0, step, cfg.batch_size, cfg.num_patches, schedule, 0, cfg.batch_size)
         t, noise = t.to(device), noise.to(device)
         with torch.no_grad():
             gaussian_blur(x, schedule.sigma(t))  # [B, C, S, S]; the model does the same inside its forward

@@ -12,7 +12,7 @@ code (``models_mae.py`` / ``main_pretrain.py`` / ``engine_pretrain.py``) plus th
 * model — :class:`ReferenceDeblurMAE`, MAE's ``MaskedAutoencoderViT`` with the blur token of Eq. 2
   (``[CLS, BLU(t), E_1..E_N] + P``, BLU(t) = learnable vector + DDPM sinusoidal embedding of t), timm ``Block`` s
   with *unfused* attention (explicit ``softmax(q kᵀ / √d) v``; ``fused_attn`` switched off on every block), fp32,
-  and the loss on every patch against the original image (Eq. 3). Same sizes as :class:`d2mae.models.DeblurMAE`,
+  and the loss on every patch against the original image (Eq. 3). Same sizes as :class:`d2mae.method.models.DeblurMAE`,
   so both do the same FLOPs; :func:`load_from_d2mae` copies a DeblurMAE's weights into it (the parameters
   correspond one to one), which is how the comparison starts both from the same initial weights.
 * training — :func:`train_step`: MAE's per-iteration warm-up + half-cosine lr (``adjust_learning_rate``), AdamW
@@ -165,7 +165,7 @@ class ReferenceConfig:
 
     @classmethod
     def from_d2mae(cls, cfg: "object") -> "ReferenceConfig":
-        """The same sizes as a :class:`d2mae.models.ModelConfig`."""
+        """The same sizes as a :class:`d2mae.method.models.ModelConfig`."""
         return cls(img_size=cfg.img_size, patch_size=cfg.patch, in_chans=cfg.in_chans, embed_dim=cfg.dim,
                    depth=cfg.blocks, num_heads=cfg.heads, decoder_embed_dim=cfg.decoder_embed_dim,
                    decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio)
@@ -284,7 +284,7 @@ class ReferenceDeblurMAE(nn.Module):
 
 
 def load_from_d2mae(model: ReferenceDeblurMAE, d2mae_state: dict[str, torch.Tensor]) -> None:
-    """Copy a :class:`d2mae.models.DeblurMAE` state dict into the reference (``encoder.`` prefix dropped; the
+    """Copy a :class:`d2mae.method.models.DeblurMAE` state dict into the reference (``encoder.`` prefix dropped; the
     normalisation buffers, which the reference keeps in its data loader, left out). Every tensor must match."""
     state = {}
     for key, value in d2mae_state.items():

@@ -29,8 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from d2mae.data import DecodedCache, find_images, load_image, resize_box  # noqa: E402
-from d2mae.sharpness import equivalent_sigma  # noqa: E402
+from d2mae.data.cache import DecodedCache
+from d2mae.data.dataset import resize_box
+from d2mae.data.decode import load_image
+from d2mae.data.sharpness import equivalent_sigma
+from d2mae.data.sources import find_images
 
 
 def centred(area: float, h: int, w: int) -> tuple[float, float, float, float]:

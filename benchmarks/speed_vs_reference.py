@@ -6,8 +6,8 @@ weights (the reference gets a copy of d2mae's), with the same AdamW, lr and sche
 * reference (:mod:`reference_mae`): PIL decode → torchvision RandomResizedCrop(0.2-1) + flip → PIL GaussianBlur at a
   per-sample σ_t drawn in the worker → normalise, in ``--ref-workers`` DataLoader workers; MAE with the blur token,
   unfused attention, fp32.
-* d2mae (:mod:`d2mae.pretrain`): the real pre-training step (``Pretrainer.train_step``) on the in-memory data path
-  (:class:`d2mae.data.DecodedCache` decoded once + batched crops), batched per-sample blur inside the model, timm
+* d2mae (:mod:`d2mae.train.pretrain`): the real pre-training step (``Pretrainer.train_step``) on the in-memory data path
+  (:class:`d2mae.data.cache.DecodedCache` decoded once + batched crops), batched per-sample blur inside the model, timm
   blocks with fused SDPA attention.
 
 Measurements alternate between the two sides in rounds (reference first in even rounds, d2mae first in odd ones),
@@ -45,9 +45,11 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(HERE))
 
 import reference_mae as ref  # noqa: E402
-from d2mae import data as data_mod  # noqa: E402
-from d2mae.blur import gaussian_blur  # noqa: E402
-from d2mae.errors import D2maeError  # noqa: E402
+
+from d2mae.data import decode as data_decode  # noqa: E402
+from d2mae.data import sources as data_sources
+from d2mae.method.blur import gaussian_blur
+from d2mae.runtime.errors import D2maeError
 
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"
 
@@ -85,13 +87,13 @@ def machine_line() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 class D2maeSide:
-    """A :class:`d2mae.pretrain.Pretrainer` set up as ``d2mae pretrain`` would (memory data path), stepped one
+    """A :class:`d2mae.train.pretrain.Pretrainer` set up as ``d2mae pretrain`` would (memory data path), stepped one
     optimizer step at a time with its own ``train_step``."""
 
     def __init__(self, refs: list[str], args: argparse.Namespace, mean: list[float], std: list[float],
                  total_steps: int, out: Path, data_path: str = "memory") -> None:
-        from d2mae.distributed import DistContext
-        from d2mae.pretrain import Pretrainer, make_config
+        from d2mae.runtime.distributed import DistContext
+        from d2mae.train.pretrain import Pretrainer, make_config
 
         steps_per_epoch = len(refs) // args.batch_size
         self.cfg = make_config(
@@ -152,7 +154,7 @@ class ReferenceSide:
         self.model = ref.ReferenceDeblurMAE(ref.ReferenceConfig.from_d2mae(model_cfg)).train()
         ref.load_from_d2mae(self.model, d2mae_state)
         self.optimizer = ref.build_optimizer(self.model, lr, weight_decay=0.05)
-        self.dataset = ref.BlurDataset(refs, model_cfg.img_size, model_cfg.schedule().sigmas[1:], model_cfg.mean,
+        self.dataset = ref.BlurDataset(refs, model_cfg.img_size, model_cfg.schedule.sigmas[1:], model_cfg.mean,
                                        model_cfg.std, model_cfg.in_chans, blur_backend=args.blur_backend)
         self.loader = ref.make_loader(self.dataset, args.batch_size, args.ref_workers, args.seed)
         self.lr, self.total_steps, self.warmup_steps = lr, total_steps, args.warmup_steps
@@ -190,12 +192,12 @@ def same_model_check(d2: D2maeSide, rf: ReferenceSide, x: torch.Tensor, seed: in
     """Loss of both models on the same images, levels and mask (weights identical): the models are the same."""
     g = torch.Generator().manual_seed(seed)
     cfg = d2.run.model_cfg
-    t = cfg.schedule().sample(x.shape[0], generator=g)  # [B]
+    t = cfg.schedule.sample(x.shape[0], generator=g)  # [B]
     noise = torch.rand(x.shape[0], cfg.num_patches, generator=g)  # [B, N]
     enc = d2.model.encoder
     with torch.no_grad():
         l_d2, _, _ = d2.model(x, t, noise=noise)
-        xb = enc.normalize(gaussian_blur(x, cfg.schedule().sigma(t)))  # what the reference's loader would produce
+        xb = enc.normalize(gaussian_blur(x, cfg.schedule.sigma(t)))  # what the reference's loader would produce
         l_rf, _, _ = rf.model(xb, enc.normalize(x), t, mask_ratio=cfg.mask_ratio, noise=noise)
     return float(l_d2), float(l_rf)
 
@@ -205,7 +207,7 @@ def step_flops(d2: D2maeSide, rf: ReferenceSide, x: torch.Tensor) -> dict[str, f
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = d2.run.model_cfg
-    t = torch.ones(x.shape[0]) * cfg.schedule().num_levels
+    t = torch.ones(x.shape[0]) * cfg.schedule.num_levels
     out = {}
     # FlopCounterMode does not see the CPU SDPA kernel: count d2mae's attention as explicit matmuls (same math)
     fused = [m for m in d2.model.modules() if getattr(m, "fused_attn", None) is True]
@@ -220,7 +222,7 @@ def step_flops(d2: D2maeSide, rf: ReferenceSide, x: torch.Tensor) -> dict[str, f
             m.fused_attn = True
     out["d2mae"] = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
-        gaussian_blur(x, cfg.schedule().sigma(t))
+        gaussian_blur(x, cfg.schedule.sigma(t))
     out["d2mae_blur"] = fc.get_total_flops()
     enc = d2.model.encoder
     with FlopCounterMode(display=False) as fc:
@@ -242,7 +244,7 @@ def _mean(values: list[float]) -> float:
 
 def d2mae_breakdown(d2: D2maeSide, steps: int) -> dict[str, float]:
     """Seconds per step of d2mae's phases (same model/optimizer/batches as train_step, timed piece by piece)."""
-    from d2mae import distributed as du
+    from d2mae.train.pretrain import step_randomness
 
     run = d2.run
     cfg = run.model_cfg
@@ -252,10 +254,10 @@ def d2mae_breakdown(d2: D2maeSide, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         x = next(it)  # [B, C, S, S] cropped from the decoded cache
         t1 = time.perf_counter()
-        t, noise = du.step_randomness(d2.cfg.seed, 10**6, k, x.shape[0], cfg.num_patches, run.schedule, 0,
+        t, noise = step_randomness(d2.cfg.seed, 10**6, k, x.shape[0], cfg.num_patches, run.schedule, 0,
                                       x.shape[0])
         with torch.no_grad():
-            gaussian_blur(x, cfg.schedule().sigma(t))
+            gaussian_blur(x, cfg.schedule.sigma(t))
         t2 = time.perf_counter()
         loss, _, _ = run.model(x, t, noise=noise)
         t3 = time.perf_counter()
@@ -407,14 +409,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"# NOTE: the machine is shared with other jobs; load average before: {load_before} (1/5/15 min)")
     print(f"# command: {' '.join([Path(sys.executable).name, *sys.argv])}")
 
-    refs = data_mod.find_images([args.data])
+    refs = data_sources.find_images([args.data])
     if args.n_images:
         refs = refs[:args.n_images]
     per_round = args.warm + args.steps
     total_steps = args.rounds * per_round
     if len(refs) < args.batch_size:
         raise D2maeError(f"{len(refs)} images are fewer than one batch ({args.batch_size}); lower --batch-size")
-    mean, std = data_mod.compute_stats(refs, max_images=256, seed=args.seed)
+    mean, std = data_decode.compute_stats(refs, max_images=256, seed=args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rf = ReferenceSide(refs, args, model_cfg, d2.model.state_dict(), d2.run.lr, total_steps)
         print(f"# model {args.model} {args.img_size} px, decoder {args.decoder_embed_dim}x{args.decoder_depth}, "
               f"batch {args.batch_size}, {len(refs)} images from {args.data}, seed {args.seed}, lr {d2.run.lr:.3g} "
-              f"(warm-up {args.warmup_steps} steps, cosine over {total_steps}), T = {model_cfg.schedule().num_levels}")
+              f"(warm-up {args.warmup_steps} steps, cosine over {total_steps}), T = {model_cfg.schedule.num_levels}")
         print(f"# reference: {args.ref_workers} DataLoader workers, {args.blur_backend} blur per image, unfused "
               f"attention, fp32; d2mae: {d2.run.data_path} data path, batched blur in the model, fused SDPA, fp32")
         print(f"# d2mae one-off setup (check images + decode cache of {len(refs)} images + model): {setup_s:.1f} s")
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{time.perf_counter() - started:.0f} s")
     result["load_after"] = load_after
     if args.json_out:
-        from d2mae.runtime import atomic_write_json
+        from d2mae.runtime.files import atomic_write_json
         atomic_write_json(args.json_out, result)
     return result
 

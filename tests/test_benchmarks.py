@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from d2mae.blur import gaussian_blur
-from d2mae.models import DeblurMAE, ModelConfig
+from d2mae.method.blur import gaussian_blur
+from d2mae.method.models import DeblurMAE, ModelConfig
 
 from .conftest import TINY
 
@@ -35,7 +35,7 @@ def test_reference_model_equals_deblur_mae() -> None:
     noise = torch.rand(3, cfg.num_patches)
     with torch.no_grad():
         loss, _, _ = model(x, t, noise=noise)
-        xb = model.encoder.normalize(gaussian_blur(x, cfg.schedule().sigma(t)))
+        xb = model.encoder.normalize(gaussian_blur(x, cfg.schedule.sigma(t)))
         loss_ref, _, _ = ref(xb, model.encoder.normalize(x), t, mask_ratio=cfg.mask_ratio, noise=noise)
     assert torch.allclose(loss, loss_ref, rtol=1e-5, atol=1e-6)
 

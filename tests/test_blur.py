@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
-from d2mae.blur import BlurSchedule, blur_matrix, gaussian_blur, sinusoidal_embedding
-from d2mae.errors import D2maeError
+from d2mae.method.blur import BlurSchedule, blur_matrix, gaussian_blur, sinusoidal_embedding
+from d2mae.runtime.errors import D2maeError
 
 
 def test_default_schedule_is_the_papers():
@@ -128,8 +128,8 @@ def test_blur_is_fp32_under_autocast():
 
 
 def test_resampling_and_the_models_blur_are_fp32_under_autocast(tiny_config):
-    from d2mae.models import DeblurMAE
-    from d2mae.resample import crop_resize
+    from d2mae.data.resample import crop_resize
+    from d2mae.method.models import DeblurMAE
 
     enc = DeblurMAE(tiny_config).encoder
     x = torch.rand(2, 1, 32, 32)
@@ -146,11 +146,11 @@ def test_resampling_and_the_models_blur_are_fp32_under_autocast(tiny_config):
 def test_level_one_is_the_identity_so_fixed_0_1_is_no_blur_with_the_token_of_t_1(tiny_config):
     """σ_1 = 0.1: its kernel's radius int(4σ + 0.5) is 0, so x_b^(1) = x. `--obs fixed:0.1` (t = 1) therefore shows
     the classifier the un-blurred pixels of `--obs none` (t = 0) with a token seen in pre-training."""
-    from d2mae.models import DeblurMAE
-    from d2mae.obs import parse_obs
+    from d2mae.method.models import DeblurMAE
+    from d2mae.method.obs import ObsSpec
 
     enc = DeblurMAE(tiny_config).encoder
     x = torch.rand(3, 1, 32, 32)
     assert torch.equal(enc.blur(x, torch.ones(3)), enc.blur(x, torch.zeros(3)))
-    assert enc.schedule.level_of(parse_obs("fixed:0.1").sigma) == 1.0
+    assert enc.schedule.level_of(ObsSpec.parse("fixed:0.1").sigma) == 1.0
     assert not torch.equal(enc.blur_embedding(torch.ones(1)), enc.blur_embedding(torch.zeros(1)))

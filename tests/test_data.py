@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from d2mae.data import (
-    DICOM_EXTENSIONS, IMAGE_EXTENSIONS, DecodedCache, ImageDataset, center_box, check_images, compute_stats,
-    content_hash, find_images, load_image, resize_box, split_ref,
-)
-from d2mae.errors import D2maeError
-from d2mae.runtime import seed_everything
+from d2mae.data.cache import DecodedCache
+from d2mae.data.dataset import ImageDataset, center_box, resize_box
+from d2mae.data.decode import check_images, compute_stats, content_hash, load_image
+from d2mae.data.sources import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, find_images, split_ref
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.seeds import seed_everything
 
 BUS_BRA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bus-bra"
 if not BUS_BRA.is_dir():  # the development checkout sits beside shared/ one level higher
@@ -592,7 +592,7 @@ def test_content_hash(tmp_path: Path) -> None:
 def test_crop_resize_is_pils_bicubic_resize(tmp_path: Path) -> None:
     """The device resampler reproduces PIL's antialiased bicubic crop-and-resize: shrinking, enlarging, fractional
     boxes, flips, images of different sizes padded into one batch."""
-    from d2mae.resample import crop_resize
+    from d2mae.data.resample import crop_resize
 
     rng = np.random.default_rng(0)
     arrs = [rng.random((h, w, 1), dtype=np.float32) for h, w in ((90, 70), (41, 133), (64, 64))]
@@ -644,7 +644,7 @@ def _busbra_refs(root: Path, n: int = 6) -> list[str]:
 def _cache_sigmas(cache: DecodedCache, refs: list[str], area: float, size: int) -> list[float]:
     """Equivalent σ of the cache's crops of ``area`` (narrowest allowed aspect, centred) against PIL's crop of the
     original file, the same box."""
-    from d2mae.sharpness import equivalent_sigma
+    from d2mae.data.sharpness import equivalent_sigma
 
     out = []
     for i, ref in enumerate(refs):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from d2mae import cli, demo
 from d2mae import experiment as ex
+from d2mae.commands import main as cli
+from d2mae.experiment import demo
 from tests.conftest import REPO
 
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from d2mae.artifacts import load_weights
-from d2mae.blur import BlurSchedule
-from d2mae.distributed import (DistContext, EpochBatchSampler, eval_indices, gather_ordered, gather_ordered_objects,
-                               step_randomness)
-from d2mae.errors import D2maeError
+from d2mae.data.sampler import EpochBatchSampler
+from d2mae.io.artifacts import load_weights
+from d2mae.method.blur import BlurSchedule
+from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered, gather_ordered_objects
+from d2mae.runtime.errors import D2maeError
+from d2mae.train.pretrain import step_randomness
 from tests.conftest import TINY
 
 
@@ -116,8 +117,8 @@ def _worker(rank: int, world: int, port: int, options: dict, result_dir: str) ->
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    from d2mae import distributed as du
-    from d2mae.pretrain import Pretrainer, make_config
+    from d2mae.runtime import distributed as du
+    from d2mae.train.pretrain import Pretrainer, make_config
 
     ctx, device = du.init_distributed("cpu")
     try:
@@ -145,7 +146,7 @@ def _epoch_indices(sampler: EpochBatchSampler, epoch: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    from d2mae.pretrain import make_config, pretrain
+    from d2mae.train.pretrain import make_config, pretrain
     from tests.test_pretrain import write_images
 
     images = write_images(tmp_path / "images", 32)
@@ -197,17 +198,18 @@ def _commands_worker(rank: int, world: int, port: int, commands: list[list[str]]
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    from d2mae import distributed as du
-    from d2mae import finetune as ft
-    from d2mae.cli import main
-    from d2mae.data import SeededDataset
+    from d2mae.commands.main import main
+    from d2mae.data.dataset import SeededDataset
+    from d2mae.method.models import GlobalBatchNorm1d
+    from d2mae.runtime import distributed as du
+    from d2mae.train import fold
 
     du.init_distributed("cpu")
     try:
         seen, spy = _training_image_spy()
         SeededDataset.__getitem__ = spy  # this process only
         states: list[dict[str, torch.Tensor]] = []
-        ft.predict_probs = _recording_predict(states)
+        fold.class_probabilities = _recording_predict(states)
         seen_first: list[int] = []  # the images of the first fine-tuning
         for args in commands:
             assert main(args) == 0
@@ -216,7 +218,7 @@ def _commands_worker(rank: int, world: int, port: int, commands: list[list[str]]
                 save_file(states[1], f"{result_dir}/rank{rank}.safetensors")  # after epoch 2's training
         # the linear probe's BatchNorm: each rank normalises half of a batch as one BatchNorm does the whole batch
         feats = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))  # [6, D], the same on both ranks
-        bn, ref = ft.GlobalBatchNorm1d(5, affine=False), torch.nn.BatchNorm1d(5, affine=False)
+        bn, ref = GlobalBatchNorm1d(5, affine=False), torch.nn.BatchNorm1d(5, affine=False)
         part = bn(feats[3 * rank:3 * rank + 3])  # [3, D]
         whole = ref(feats)[3 * rank:3 * rank + 3]
         bn_same = bool(torch.allclose(part, whole, atol=1e-5) and torch.allclose(bn.running_mean, ref.running_mean)
@@ -227,11 +229,11 @@ def _commands_worker(rank: int, world: int, port: int, commands: list[list[str]]
 
 
 def _recording_predict(states: list[dict[str, torch.Tensor]]) -> Any:
-    """A replacement for ``finetune.predict_probs`` that first appends a copy of the model's weights to ``states``
-    (fine-tuning calls it after each epoch, then with the best epoch's weights for val and test)."""
-    from d2mae import finetune as ft
+    """A replacement for the fold trainer's ``class_probabilities`` that first appends a copy of the model's weights
+    to ``states`` (fine-tuning calls it after each epoch, then with the best epoch's weights for val and test)."""
+    from d2mae.train import fold
 
-    real = ft.predict_probs
+    real = fold.class_probabilities
 
     def predict(model, *args, **kwargs):
         states.append({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
@@ -242,7 +244,7 @@ def _recording_predict(states: list[dict[str, torch.Tensor]]) -> Any:
 
 def _training_image_spy() -> tuple[list[int], Any]:
     """A replacement for ``SeededDataset.__getitem__`` that appends each training image's index to the list."""
-    from d2mae.data import SeededDataset
+    from d2mae.data.dataset import SeededDataset
 
     seen: list[int] = []
     original = SeededDataset.__getitem__
@@ -262,9 +264,9 @@ def _files(folder: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkeypatch):
-    from d2mae import finetune as ft
-    from d2mae.cli import main
-    from d2mae.data import SeededDataset
+    from d2mae.commands.main import main
+    from d2mae.data.dataset import SeededDataset
+    from d2mae.train import fold
     from tests.test_labels import write_labeled
     from tests.test_obs import make_pretrained
 
@@ -286,7 +288,7 @@ def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkey
     seen, spy = _training_image_spy()
     monkeypatch.setattr(SeededDataset, "__getitem__", spy)
     states: list[dict[str, torch.Tensor]] = []
-    monkeypatch.setattr(ft, "predict_probs", _recording_predict(states))
+    monkeypatch.setattr(fold, "class_probabilities", _recording_predict(states))
     assert main([*common, "--out", str(single), "--batch-size", "8"]) == 0
     seen = list(seen)  # the full fine-tuning's images
     assert main([*linear, "--out", str(single / "lin"), "--batch-size", "8"]) == 0

@@ -14,9 +14,9 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from d2mae.cli import main
-from d2mae.errors import D2maeError
-from d2mae.evaluate import compare_runs, evaluate_run, experiment_report, fold_metrics, load_predictions
+from d2mae.commands.main import main
+from d2mae.eval.evaluate import compare_runs, evaluate_run, load_predictions
+from d2mae.runtime.errors import D2maeError
 
 CLASSES = ["benign", "malignant"]
 SIGMAS = [0.1, 0.3, 0.5, 0.7, 0.9, 1.1]
@@ -283,35 +283,3 @@ def test_load_predictions_accepts_class_names_as_labels(tmp_path: Path) -> None:
     assert loaded.fold_order == ["fold1", "fold2"] and loaded.method == "d2mae"
 
 
-def test_experiment_report_builds_tables_and_figures(tmp_path: Path) -> None:
-    runs = {
-        "MAE": {"GE4K": make_run(tmp_path / "mae_ge", skill=1.0, seed=1, n=100),
-                "LEPset": make_run(tmp_path / "mae_lep", skill=1.0, seed=2, n=100, label_seed=1)},
-        "D2MAE": {"GE4K": make_run(tmp_path / "d2_ge", skill=2.5, seed=3, n=100),
-                  "LEPset": [make_run(tmp_path / f"d2_lep{s}", skill=2.5, seed=s, n=100, label_seed=1)
-                             for s in (4, 5)]},
-    }
-    ablations = {"(c) OBS setting": {"No blur": tmp_path / "mae_ge", "With OBS": tmp_path / "d2_ge"}}
-    res = experiment_report(runs, tmp_path / "exp", ablations=ablations, info={"D2MAE": {"Pre-training": "US"}},
-                            info_columns=["Pre-training"])
-    out = tmp_path / "exp"
-    for name in ("report.md", "report.html", "results.json", "figure2_bars.png", "sigma_star_MAE.png",
-                 "sigma_star_D2MAE.png"):
-        assert (out / name).is_file(), name
-    assert _is_png(out / "figure2_bars.png")
-    assert set(res["per_fold"]["D2MAE"]["LEPset"]["macro_f1"]) == {f"{s}/fold{i}" for s in (4, 5) for i in range(1, 6)}
-    f1 = res["tables"]["macro_f1"]["columns"]["GE4K"]
-    assert f1["best"] == "D2MAE" and f1["second"] == "MAE"
-    a = [res["per_fold"]["D2MAE"]["GE4K"]["macro_f1"][f"fold{i}"] for i in range(1, 6)]
-    b = [res["per_fold"]["MAE"]["GE4K"]["macro_f1"][f"fold{i}"] for i in range(1, 6)]
-    assert f1["pvalue"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
-    lep = res["tables"]["macro_f1"]["columns"]["LEPset"]
-    assert lep["pvalue"] is None and "cannot pair" in lep["note"]  # 10 seed/fold values vs 5 folds
-    assert res["ablations"]["table"]["(c) OBS setting"]["ranking"] == ["With OBS", "No blur"]
-    md = (out / "report.md").read_text()
-    assert "Table 2. F1 (%)" in md and "P-value (best vs. second)" in md and "Table 3. Ablations" in md
-    assert "![" in md and "figure2_bars.png" in md
-    assert "src=\"figure2" not in (out / "report.html").read_text()
-    assert fold_metrics(tmp_path / "mae_ge")["accuracy"].keys() == {f"fold{i}" for i in range(1, 6)}
-    with pytest.raises(D2maeError, match="unknown metric"):
-        experiment_report(runs, out, table_metric="precision")

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from d2mae import cli
 from d2mae import experiment as ex
+from d2mae.commands import main as cli
 from d2mae.experiment import runner
-from d2mae.errors import D2maeError
+from d2mae.runtime.errors import D2maeError
 from tests.conftest import BUSBRA, REPO, TINY
 
 MICRO = {

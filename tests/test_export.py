@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 
-from d2mae.artifacts import save_pretrained
-from d2mae.blur import gaussian_blur
-from d2mae.cli import main
-from d2mae.errors import D2maeError
-from d2mae.export import export_encoder, resolve_blur_level
-from d2mae.models import DeblurMAE, ModelConfig
+from d2mae.commands.main import main
+from d2mae.io.artifacts import save_pretrained
+from d2mae.io.export import export_encoder, resolve_blur_level
+from d2mae.method.blur import gaussian_blur
+from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
 
 MEAN, STD = [0.3], [0.2]
@@ -99,7 +99,7 @@ def test_blur_level_choices(tmp_path):
     assert resolve_blur_level(cfg, sigma=1.1) == pytest.approx(11)
     assert resolve_blur_level(cfg) == 1
     assert resolve_blur_level(ModelConfig(**TINY, blur=False)) == 0
-    with pytest.raises(D2maeError, match="--blur-level must be in 0..11"):
+    with pytest.raises(D2maeError, match="blur_level: must be in 0..11"):
         resolve_blur_level(cfg, 12)
     with pytest.raises(D2maeError, match="outside the model's blur schedule"):
         resolve_blur_level(cfg, sigma=2.0)
@@ -135,7 +135,7 @@ def test_cli_export(tmp_path, capsys):
                  "--sigma", "0.1"]) == 2
     assert "both given" in capsys.readouterr().err
     assert main(["export", "--out", str(out)]) == 2
-    assert "--model is required" in capsys.readouterr().err
+    assert "option --model: is required" in capsys.readouterr().err
 
 
 def test_hf_needs_transformers(tmp_path, monkeypatch):

@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from d2mae import finetune as ft
-from d2mae.artifacts import load_pretrained, load_weights
-from d2mae.cli import main
-from d2mae.data import content_hash
-from d2mae.errors import D2maeError
-from d2mae.models import DeblurClassifier, ModelConfig
-from d2mae.obs import ObsTable
+from d2mae.commands.main import main
+from d2mae.data.decode import content_hash
+from d2mae.io.artifacts import load_classifier, load_pretrained, load_weights, model_sha256
+from d2mae.io.obs_table import ObsTable
+from d2mae.method.models import DeblurClassifier, ModelConfig, build_classifier
+from d2mae.runtime.errors import D2maeError
+from d2mae.train import finetune as ft
+from d2mae.train.optim import make_optimizer, param_groups
 from tests.conftest import TINY
 from tests.test_labels import write_labeled
 from tests.test_obs import make_pretrained
@@ -42,7 +43,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_blur_token_is_in_the_stem_group_without_weight_decay() -> None:
     model = DeblurClassifier(ModelConfig(**TINY), 2)
     cfg = ft.FinetuneConfig(layer_decay=0.65, weight_decay=0.05)
-    groups = ft.param_groups(model, cfg)
+    groups = param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     where = {names[id(p)]: g for g in groups for p in g["params"]}
     depth = TINY["depth"]
@@ -55,8 +56,8 @@ def test_blur_token_is_in_the_stem_group_without_weight_decay() -> None:
     assert where["encoder.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65 ** depth)
     assert where["encoder.blocks.1.mlp.fc1.weight"]["weight_decay"] == 0.05
     assert where["head.weight"]["lr_scale"] == 1.0
-    opt = ft.make_optimizer(model, cfg)
-    from d2mae.runtime import warmup_cosine_scheduler
+    opt = make_optimizer(model, cfg)
+    from d2mae.train.optim import warmup_cosine_scheduler
 
     sched = warmup_cosine_scheduler(opt, 10, 0, 0.0)
     sched.step_update(0)
@@ -69,11 +70,12 @@ def test_blur_token_is_in_the_stem_group_without_weight_decay() -> None:
 def test_the_classifier_receives_t_star(data, tmp_path: Path, monkeypatch) -> None:
     """Algorithm 1 l. 11-12: every call of f_θ — training steps, validation after each epoch, the final val/test
     predictions — gets each image's own t*; evaluation sees OBS's deterministic view (the same pixels, 1e-6)."""
-    from d2mae.data import center_box, load_image, resize_box
+    from d2mae.data.dataset import center_box, resize_box
+    from d2mae.data.decode import load_image
 
     pre, labels = data
     mae = load_pretrained(pre)
-    clf = ft.build_classifier(mae.config, 2, "full", 0.0)
+    clf = build_classifier(mae.config, 2, "full", 0.0)
     clf.load_encoder(mae.state_dict())
     clf.head.weight.data.normal_()  # a head that is not ~0, so that logits show the features
     x = torch.rand(2, 1, 32, 32)
@@ -143,14 +145,14 @@ def test_short_finetune_writes_the_contract_files(data, tmp_path: Path, capsys) 
         assert cfg["format"] == "d2mae-classifier" and cfg["format_version"] == 1
         assert cfg["classes"] == ["benign", "malignant"] and cfg["num_classes"] == 2
         assert cfg["obs"]["mode"] == "search" and cfg["finetune"]["mode"] == "full"
-        assert cfg["pretrained_sha256"] == ft.model_sha256(pre) == ft.model_sha256(model_dir / "pretrained")
+        assert cfg["pretrained_sha256"] == model_sha256(pre) == model_sha256(model_dir / "pretrained")
         assert ModelConfig.from_dict(cfg["model"]) == load_pretrained(pre).config
-        ft.load_classifier(model_dir)
+        load_classifier(model_dir)
         assert not (out / f"fold_{k}" / "resume.pt").exists()
     assert (out / "obs" / "obs.csv").is_file() and (out / "finetune.yaml").is_file()
     capsys.readouterr()
     assert main(args) == 2  # the folder holds a run
-    assert "already holds a fine-tuning run; continue it with --resume" in capsys.readouterr().err
+    assert "option --out: " in (err := capsys.readouterr().err) and "already holds a fine-tuning run; continue it with resume" in err
     before = (out / "fold_1" / "model" / "classifier.safetensors").stat().st_mtime_ns
     assert main(args + ["--resume"]) == 0  # finished folds are skipped
     assert "fold 1: already finished" in capsys.readouterr().err
@@ -235,7 +237,7 @@ def test_leak_guard_and_duplicates_across_splits(data, tmp_path: Path, capsys) -
     assert run["leak_check"]["test_in_pretraining"] == 1 and run["leak_check"]["duplicates_across_splits"] == 1
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "s"), "--strict"]) == 2
-    assert "data leak (--strict): 1 of the" in capsys.readouterr().err
+    assert "option --strict: data leak: 1 of the" in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_before_training(data, tmp_path: Path, capsys) -> None:
@@ -258,11 +260,12 @@ def test_bad_inputs_fail_before_training(data, tmp_path: Path, capsys) -> None:
     cfg["model"]["depth"] = 3
     (other / "config.json").write_text(json.dumps(cfg))
     assert "weights do not match the architecture" in error("--pretrained", str(other), *common)
-    assert "--pretrained is required for --mode full" in error(*common)
+    assert "option --pretrained: is required for mode full" in error(*common)
     assert "outside the model's blur schedule" in error("--pretrained", str(pre), *common, "--obs", "fixed:1.7")
     assert "no column 'Device'" in error("--pretrained", str(pre), *common, "--keep-columns", "Device")
     stale = make_pretrained(tmp_path / "stale_pre", seed=3)
-    from d2mae.obs import model_sha256, run_obs
+    from d2mae.eval.obs import run_obs
+    from d2mae.io.artifacts import model_sha256
 
     refs = [str((labels.parent / r["path"]).absolute()) for r in _rows(labels)]
     run_obs(load_pretrained(stale), refs, model_hash=model_sha256(stale), progress=False).save(tmp_path / "t")
@@ -270,7 +273,7 @@ def test_bad_inputs_fail_before_training(data, tmp_path: Path, capsys) -> None:
                                                 str(tmp_path / "t" / "obs.csv"))
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(labels.parent / "img" / "im005.png")
     assert "im005.png is 8x8 pixels" in error("--pretrained", str(pre), *common)
-    with pytest.raises(D2maeError, match="--batch-size \\(7\\) must be even"):
+    with pytest.raises(D2maeError, match="batch_size: must be even with Mixup/CutMix, got 7"):
         ft.FinetuneConfig(batch_size=7, mixup=0.8)
 
 
@@ -310,3 +313,77 @@ def test_obs_runs_once_per_finetuning_not_per_epoch(data, tmp_path: Path, monkey
     assert main(["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "kfold:3",
                  "--folds", "1,2", "--out", str(tmp_path / "run"), *FAST]) == 0
     assert len(calls) == 1
+
+
+def test_train_step_is_algorithm_1_lines_11_to_14(data) -> None:
+    """FoldTrainer.train_step, called directly: the classifier receives each image's t* (line 11's blur level and
+    line 12's token), the loss is the cross-entropy of those logits (line 13), and the weights move (line 14)."""
+    from torch import nn
+
+    from d2mae.train.fold import FoldTrainer
+    from d2mae.train.optim import warmup_cosine_scheduler
+
+    pre, _ = data
+    mae = load_pretrained(pre)
+    clf = build_classifier(mae.config, 2, "full", 0.0)
+    clf.load_encoder(mae.state_dict())
+    seen: list[torch.Tensor] = []
+    clf.encoder.register_forward_pre_hook(lambda _m, args: seen.append(args[1].detach().clone()))
+    optimizer = torch.optim.SGD(clf.parameters(), lr=0.1)
+    trainer = FoldTrainer(clf, optimizer, warmup_cosine_scheduler(optimizer, 10, 0, 0.0), nn.CrossEntropyLoss(),
+                          torch.device("cpu"))
+    x, y, t = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 1, 0]), torch.tensor([1.0, 5.0, 9.0, 11.0])
+    clf.train()
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(clf(x, t), y))
+    seen.clear()
+    head = clf.head.weight.detach().clone()
+    result = trainer.train_step(x, y, t, step_images=4)
+    assert [s.tolist() for s in seen] == [t.tolist()]  # one forward pass, at each image's own t*
+    assert result.finite and not result.stop and trainer.step == 1
+    assert result.loss == pytest.approx(expected, abs=1e-5)
+    assert not torch.equal(head, clf.head.weight)
+
+
+def test_validate_selects_by_the_macro_f1_evaluate_reports(data, tmp_path: Path) -> None:
+    """FoldTrainer.validate scores the validation images with d2mae.metrics.macro_f1 (the classes present in the
+    labels or predictions), the rule evaluation uses, on their deterministic view at their t*."""
+    from torch import nn
+
+    from d2mae.eval.infer import class_probabilities
+    from d2mae.eval.metrics import macro_f1
+    from d2mae.train.fold import FoldTrainer
+    from d2mae.train.optim import warmup_cosine_scheduler
+
+    pre, labels = data
+    mae = load_pretrained(pre)
+    clf = build_classifier(mae.config, 3, "full", 0.0)  # three classes, the validation part has two
+    clf.load_encoder(mae.state_dict())
+    torch.nn.init.normal_(clf.head.weight)
+    optimizer = torch.optim.SGD(clf.parameters(), lr=0.1)
+    trainer = FoldTrainer(clf, optimizer, warmup_cosine_scheduler(optimizer, 10, 0, 0.0), nn.CrossEntropyLoss(),
+                          torch.device("cpu"))
+    rows = _rows(labels)[:12]
+    refs = [str((labels.parent / r["path"]).absolute()) for r in rows]
+    y = np.array([int(r["label"] == "malignant") for r in rows])
+    t = np.linspace(1, 11, len(refs))
+    v = trainer.validate(refs, t, y)
+    pred = class_probabilities(clf, refs, t, torch.device("cpu")).argmax(axis=1)
+    assert v.macro_f1 == pytest.approx(macro_f1(y, pred)) and v.accuracy == pytest.approx(float(np.mean(pred == y)))
+
+
+def test_resume_keeps_what_changes_results_and_may_change_the_rest(data, tmp_path: Path, capsys) -> None:
+    """One rule for resuming (train/resume.py): options that change results must stay (the epochs, the pre-trained
+    model's weights), volatile ones may change (workers, progress)."""
+    pre, labels = data
+    args = ["finetune", "--pretrained", str(pre), "--labels", str(labels), "--out", str(tmp_path / "run"), *FAST,
+            "--epochs", "1", "--obs", "none"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--epochs", "2"]) == 2
+    assert "cannot resume" in (err := capsys.readouterr().err) and "epochs: 1 → 2" in err
+    other = make_pretrained(tmp_path / "other", seed=7)
+    moved = [a if a != str(pre) else str(other) for a in args]
+    assert main([*moved, "--resume"]) == 2
+    assert "pre-trained model sha256" in capsys.readouterr().err
+    assert main([*args, "--resume", "--workers", "1", "--progress"]) == 0  # volatile: allowed

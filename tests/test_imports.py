@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from d2mae.artifacts import save_pretrained
-from d2mae.errors import D2maeError
-from d2mae.imports import init_from_checkpoint, load_checkpoint_file
-from d2mae.models import DeblurClassifier, DeblurMAE, ModelConfig, sincos_pos_embed_2d
+from d2mae.io.artifacts import save_pretrained
+from d2mae.io.imports import init_from_checkpoint, load_checkpoint_file
+from d2mae.method.models import DeblurClassifier, DeblurMAE, ModelConfig, sincos_pos_embed_2d
+from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
 
 NEW = ["encoder.blur_token", "encoder.pixel_mean", "encoder.pixel_std"]
@@ -233,8 +233,8 @@ def test_pretrain_cli_starts_from_official_mae_weights(tmp_path, capsys):
     report beside the outputs; a resume must keep the same start weights."""
     import json
 
-    from d2mae import cli
-    from d2mae.artifacts import load_pretrained
+    from d2mae.commands import main as cli
+    from d2mae.io.artifacts import load_pretrained
     from tests.test_pretrain import write_images
 
     state = official_mae_state(dim=64, depth=2, ddim=32, ddepth=1, grid=2)
@@ -248,7 +248,7 @@ def test_pretrain_cli_starts_from_official_mae_weights(tmp_path, capsys):
     assert cli.main(flags) == 0
     report = json.loads((out / "init_report.json").read_text())
     assert report["missing"] == [] and report["unexpected"] == []
-    assert "initialised from" in capsys.readouterr().out
+    assert "initialised from" in capsys.readouterr().err
     model = load_pretrained(out)
     assert torch.allclose(model.encoder.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"], atol=1e-6)
     gray = state["patch_embed.proj.weight"].sum(1, keepdim=True)  # 3 → 1 channel as timm's adapt_input_conv

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2mae.errors import D2maeError
-from d2mae.labels import crossing_groups, load_labeled, make_folds
+from d2mae.data.labels import crossing_groups, load_labeled, make_folds
+from d2mae.runtime.errors import D2maeError
 
 
 def write_labeled(root: Path, n: int = 60, malignant_every: int = 3, views: int = 2, size: int = 20,

@@ -9,26 +9,14 @@ import numpy as np
 import pytest
 from scipy import stats
 from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
+    accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 )
 
-from d2mae.errors import D2maeError
-from d2mae.metrics import (
-    SCALAR_METRICS,
-    bootstrap,
-    bootstrap_ci,
-    classification_metrics,
-    mean_ci,
-    nan_to_none,
-    paired_bootstrap,
-    paired_ttest,
+from d2mae.eval.metrics import (
+    SCALAR_METRICS, bootstrap, bootstrap_ci, classification_metrics, mean_ci, nan_to_none, paired_bootstrap,
+    paired_ttest
 )
+from d2mae.runtime.errors import D2maeError
 
 
 def _predictions(n: int, k: int, seed: int, skill: float = 1.5, round_to: int | None = None):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from d2mae.errors import D2maeError
-from d2mae.metrics_log import MetricsLog, tensorboard_writer
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.logs import MetricsLog, tensorboard_writer
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -59,8 +59,8 @@ def test_new_run_starts_an_empty_log_and_off_writes_no_events(tmp_path):
 def test_without_tensorboard_auto_skips_and_on_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     assert tensorboard_writer("auto", tmp_path) is None
-    with pytest.raises(D2maeError, match=r"--tensorboard on: the tensorboard package is not installed.*"
+    with pytest.raises(D2maeError, match=r"tensorboard: is on, but the tensorboard package is not installed.*"
                                          r"d2mae\[tensorboard\]"):
         tensorboard_writer("on", tmp_path)
-    with pytest.raises(D2maeError, match="--tensorboard: unknown value 'yes'"):
+    with pytest.raises(D2maeError, match="tensorboard: unknown value 'yes'"):
         tensorboard_writer("yes", tmp_path)

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from d2mae.artifacts import load_pretrained, save_pretrained
-from d2mae.cli import main
-from d2mae.data import ImageDataset, content_hash
-from d2mae.errors import D2maeError
-from d2mae.models import DeblurMAE, ModelConfig
-from d2mae.obs import (ObsSpec, ObsTable, model_sha256, obs_strips, parse_obs, run_obs, search_losses,
-                       select_level)
+from d2mae.commands.main import main
+from d2mae.data.decode import content_hash
+from d2mae.eval.obs import obs_strips, run_obs
+from d2mae.io.artifacts import load_pretrained, model_sha256, save_pretrained
+from d2mae.io.obs_table import ObsTable
+from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.obs import ObsSpec, search_losses, select_level
+from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
-
 
 
 def make_pretrained(folder: Path, seed: int = 0, **overrides) -> Path:
@@ -76,7 +76,8 @@ def _oracle(model: DeblurMAE, eps: dict[int, float]) -> list[tuple[torch.Tensor,
 def test_obs_picks_the_level_whose_reconstruction_is_closest_to_the_original(setup) -> None:
     """Eq. 4-5 against an independent oracle: t* = argmin_t ‖x̂^(t) − x‖² with x the original view, searched at
     t = 1, 3, …, 11 (s = 2) with mask ratio 0 on the deterministic view."""
-    from d2mae.data import center_box, load_image, resize_box
+    from d2mae.data.dataset import center_box, resize_box
+    from d2mae.data.decode import load_image
 
     _, refs, model = setup
     eps = {1: 0.05, 3: 0.04, 5: 0.03, 7: 0.01, 9: 0.02, 11: 0.06}
@@ -117,16 +118,16 @@ def test_ties_go_to_the_smaller_level() -> None:
 
 def test_search_step_none_and_fixed(setup) -> None:
     _, refs, model = setup
-    assert run_obs(model, refs[:2], spec=parse_obs("search", 1), progress=False).levels == list(range(1, 12))
-    assert run_obs(model, refs[:2], spec=parse_obs("search", 3), progress=False).levels == [1, 4, 7, 10]
-    none = run_obs(model, refs[:2], spec=parse_obs("none"), progress=False)
+    assert run_obs(model, refs[:2], spec=ObsSpec.parse("search", 1), progress=False).levels == list(range(1, 12))
+    assert run_obs(model, refs[:2], spec=ObsSpec.parse("search", 3), progress=False).levels == [1, 4, 7, 10]
+    none = run_obs(model, refs[:2], spec=ObsSpec.parse("none"), progress=False)
     assert none.t_star.tolist() == [0, 0] and none.sigma_star.tolist() == [0, 0] and none.levels == []
-    fixed = run_obs(model, refs[:2], spec=parse_obs("fixed:0.5"), progress=False)
+    fixed = run_obs(model, refs[:2], spec=ObsSpec.parse("fixed:0.5"), progress=False)
     assert fixed.t_star.tolist() == [pytest.approx(5.0)] * 2 and fixed.sigma_star.tolist() == [0.5, 0.5]
     with pytest.raises(D2maeError, match="outside the model's blur schedule"):
-        run_obs(model, refs[:2], spec=parse_obs("fixed:2.5"), progress=False)
-    with pytest.raises(D2maeError, match="unknown value 'maybe'"):
-        parse_obs("maybe")
+        run_obs(model, refs[:2], spec=ObsSpec.parse("fixed:2.5"), progress=False)
+    with pytest.raises(D2maeError, match="obs: unknown setting 'maybe'"):
+        ObsSpec.parse("maybe")
 
 
 def test_model_without_blur_searches_only_level_zero(tmp_path: Path) -> None:
@@ -142,8 +143,9 @@ def test_table_is_reused_and_a_stale_one_refused(setup, tmp_path: Path) -> None:
     table.save(tmp_path / "obs")
     loaded = ObsTable.load(tmp_path / "obs" / "obs.csv")
     hashes = [content_hash(r) for r in refs]
-    t, s = loaded.lookup(refs[::-1], hashes[::-1], sha, ObsSpec(), 32)  # order-free, matched by content
-    assert t.tolist() == table.t_star[::-1].tolist() and s.tolist() == table.sigma_star[::-1].tolist()
+    t = loaded.lookup(refs[::-1], hashes[::-1], sha, ObsSpec(), 32)  # order-free, matched by content
+    assert t.tolist() == table.t_star[::-1].tolist()
+    assert loaded.sigma_star.tolist() == table.sigma_star.tolist() == (0.1 + 0.1 * (table.t_star - 1)).round(6).tolist()
     np.testing.assert_allclose(loaded.losses, table.losses, rtol=1e-5)
     other = make_pretrained(tmp_path / "other", seed=1)
     with pytest.raises(D2maeError, match="another pre-trained model"):
@@ -163,7 +165,7 @@ def test_table_is_reused_and_a_stale_one_refused(setup, tmp_path: Path) -> None:
 
 def test_strip_arrays_for_the_figure(setup) -> None:
     _, refs, model = setup
-    (strip,) = obs_strips(model, refs[:1], search_step=4)
+    (strip,) = obs_strips(model, refs[:1], ObsSpec("search", 4))
     assert strip.levels == [1, 5, 9]
     assert strip.original.shape == (32, 32, 1)
     for arr in (strip.blurred, strip.deblurred, strip.difference):

@@ -14,10 +14,11 @@ from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
 
-from d2mae.cli import main
-from d2mae.data import check_images, find_images, load_image
-from d2mae.errors import D2maeError
-from d2mae.phantom import SCANNERS, PhantomConfig, generate_phantoms, lesion_box, render_phantoms
+from d2mae.commands.main import main
+from d2mae.data.decode import check_images, load_image
+from d2mae.data.phantom import SCANNERS, PhantomConfig, generate_phantoms, lesion_box, render_phantoms
+from d2mae.data.sources import find_images
+from d2mae.runtime.errors import D2maeError
 
 
 def read_rows(labels: Path) -> list[dict[str, str]]:
@@ -75,15 +76,15 @@ def test_scanner_mix_is_a_parameter() -> None:
 
 
 def test_bad_options_are_clear_errors() -> None:
-    with pytest.raises(D2maeError, match="--scanners"):
+    with pytest.raises(D2maeError, match="scanners: unknown scanner"):
         PhantomConfig(scanners=["Z"])
-    with pytest.raises(D2maeError, match="--scanner-weights"):
+    with pytest.raises(D2maeError, match="scanner_weights: needs one weight per scanner"):
         PhantomConfig(scanners=["A", "B"], scanner_weights=[1.0])
-    with pytest.raises(D2maeError, match="--n"):
+    with pytest.raises(D2maeError, match="^n: "):
         PhantomConfig(n=0)
-    with pytest.raises(D2maeError, match="--malignant-fraction"):
+    with pytest.raises(D2maeError, match="malignant_fraction: "):
         PhantomConfig(malignant_fraction=1.5)
-    with pytest.raises(D2maeError, match="--size"):
+    with pytest.raises(D2maeError, match="size: "):
         PhantomConfig(size=4)
 
 
@@ -171,6 +172,6 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "labels.csv" in capsys.readouterr().out
     assert len(read_rows(out / "labels.csv")) == 5
     assert main(["phantoms", "--out", str(tmp_path / "x"), "--n", "0"]) == 2
-    assert "--n must be at least 1" in capsys.readouterr().err
+    assert "option --n: must be at least 1" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["phantoms", "--out", str(tmp_path / "file"), "--n", "1"]) == 2

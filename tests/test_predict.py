@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from d2mae.artifacts import load_pretrained
-from d2mae.cli import main
-from d2mae.errors import D2maeError
-from d2mae.finetune import build_classifier, predict_probs, save_classifier
-from d2mae.obs import ObsSpec, model_sha256, run_obs
-from d2mae.predict import predict
+from d2mae.commands.main import main
+from d2mae.eval.infer import class_probabilities
+from d2mae.eval.obs import run_obs
+from d2mae.eval.predict import predict
+from d2mae.io.artifacts import load_pretrained, model_sha256, save_classifier
+from d2mae.method.models import build_classifier
+from d2mae.method.obs import ObsSpec
+from d2mae.runtime.errors import D2maeError
 from tests.test_obs import make_images, make_pretrained
 
 CLASSES = ["benign", "malignant", "other"]
@@ -29,7 +31,7 @@ def make_finetuned(folder: Path, pre: Path, seed: int, obs: dict | None = None) 
     clf = build_classifier(mae.config, len(CLASSES), "full", 0.0)
     clf.load_encoder(mae.state_dict())
     torch.nn.init.normal_(clf.head.weight)
-    return save_classifier(clf, folder, CLASSES, obs or {"mode": "search", "search_step": 2, "sigma": None},
+    return save_classifier(clf, folder, CLASSES, ObsSpec.from_dict(obs or {"mode": "search"}),
                            {"mode": "full"}, pre, model_sha256(pre))
 
 
@@ -51,10 +53,10 @@ def test_predict_runs_obs_then_classifies_at_t_star(run_dir) -> None:
     table = run_obs(load_pretrained(pre), result.paths, spec=ObsSpec("search", 2), progress=False)
     assert result.t_star.tolist() == table.t_star.tolist()
     assert result.sigma_star.tolist() == table.sigma_star.tolist()
-    from d2mae.finetune import load_classifier
+    from d2mae.io.artifacts import load_classifier
 
     clf, _ = load_classifier(run / "fold_1" / "model")
-    expected = predict_probs(clf, result.paths, table.t_star, torch.device("cpu"))
+    expected = class_probabilities(clf, result.paths, table.t_star, torch.device("cpu"))
     np.testing.assert_allclose(result.probs, expected, atol=1e-6)
     np.testing.assert_allclose(result.probs.sum(1), 1, atol=1e-6)
     single = predict(run / "fold_1" / "model", [refs[2]], device="cpu", progress=False)
@@ -64,8 +66,9 @@ def test_predict_runs_obs_then_classifies_at_t_star(run_dir) -> None:
 
 def test_sharp_predict_classifies_the_deterministic_view_at_t_star(run_dir, monkeypatch) -> None:
     """predict feeds the classifier OBS's deterministic view of each new image (the same pixels to 1e-6) and t*."""
-    from d2mae.data import center_box, load_image, resize_box
-    from d2mae.models import DeblurClassifier
+    from d2mae.data.dataset import center_box, resize_box
+    from d2mae.data.decode import load_image
+    from d2mae.method.models import DeblurClassifier
 
     run, pre, refs = run_dir
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []

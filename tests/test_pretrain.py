@@ -17,10 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from d2mae import cli
-from d2mae.artifacts import load_pretrained, load_weights
-from d2mae.errors import D2maeError
-from d2mae.pretrain import PRESETS, NonFiniteLossError, make_config, pretrain
+from d2mae.commands import main as cli
+from d2mae.io.artifacts import load_pretrained, load_weights
+from d2mae.runtime.errors import D2maeError
+from d2mae.train.pretrain import PRESETS, NonFiniteLossError, make_config, pretrain
 from tests.conftest import REPO, TINY
 
 TINY_FLAGS = ["--model", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64",
@@ -72,15 +72,15 @@ def test_presets_are_the_papers_settings(tmp_path):
         return make_config(preset=name, data=["x"], out=str(tmp_path))
 
     d2 = cfg("d2mae")
-    assert d2.schedule().sigmas == pytest.approx([0.0] + [round(0.1 * i, 1) for i in range(1, 12)])  # 0.1…1.1, T=11
+    assert d2.schedule.sigmas == pytest.approx([0.0] + [round(0.1 * i, 1) for i in range(1, 12)])  # 0.1…1.1, T=11
     assert (d2.blur_embed, d2.loss_on, d2.mask_ratio) == ("token", "all", 0.75)
     mae = cfg("mae")
-    assert (mae.blur, mae.schedule().num_levels, mae.blur_embed, mae.loss_on) == (False, 0, "none", "masked")
+    assert (mae.blur, mae.schedule.num_levels, mae.blur_embed, mae.loss_on) == (False, 0, "none", "masked")
     deblurr = cfg("deblurrmae")
-    assert deblurr.schedule().sigmas == pytest.approx([0.0, 1.1])  # one fixed blur level
+    assert deblurr.schedule.sigmas == pytest.approx([0.0, 1.1])  # one fixed blur level
     assert (deblurr.blur_embed, deblurr.loss_on) == ("none", "all")
-    assert cfg("range-0.6").schedule().sigmas[-1] == pytest.approx(0.6)  # Table 3a
-    assert cfg("range-1.6").schedule().num_levels == 16
+    assert cfg("range-0.6").schedule.sigmas[-1] == pytest.approx(0.6)  # Table 3a
+    assert cfg("range-1.6").schedule.num_levels == 16
     assert cfg("embed-none").blur_embed == "none" and cfg("embed-add").blur_embed == "add"  # Table 3b
     assert set(PRESETS) == {"d2mae", "mae", "deblurrmae", "range-0.6", "range-1.6", "embed-none", "embed-add"}
 
@@ -90,7 +90,7 @@ def test_precedence_defaults_preset_yaml_flags(tmp_path):
     path.write_text(yaml.safe_dump({"preset": "range-0.6", "sigma_stop": 0.8, "epochs": 3, "batch-size": 4}))
     parser = cli.build_parser("pretrain")
     args = parser.parse_args(["--data", "d", "--out", "o", "--config", str(path), "--epochs", "5"])
-    from d2mae.pretrain import config_from_args
+    from d2mae.commands.pretrain import config as config_from_args
     cfg = config_from_args(args)
     assert cfg.preset == "range-0.6" and cfg.blur_embed == "token"  # from the YAML's preset
     assert cfg.sigma_stop == 0.8 and cfg.batch_size == 4  # YAML beats the preset
@@ -117,7 +117,7 @@ def test_short_run_lowers_the_loss_and_writes_a_pretrained_folder(images, tmp_pa
     assert model.config.mean is not None and model.config.std is not None  # the data set's own statistics
     saved = yaml.safe_load((out / "pretrain.yaml").read_text())
     assert saved["mean"] == model.config.mean and saved["epochs"] == 20
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # progress goes to stderr
     assert "epoch 20/20" in printed  # one line per epoch when stdout is not a terminal
 
 
@@ -137,8 +137,8 @@ def test_same_seed_same_weights_and_the_files_round_trip(images, tmp_path):
 
 
 def test_no_weight_decay_on_norms_biases_and_tokens(images, tmp_path):
-    from d2mae.models import DeblurMAE
-    from d2mae.pretrain import build_optimizer
+    from d2mae.method.models import DeblurMAE
+    from d2mae.train.optim import build_optimizer
     cfg = _cfg(images, tmp_path / "o")
     model = DeblurMAE(cfg.model_config())
     opt = build_optimizer(model, cfg, 1e-3, torch.device("cpu"))
@@ -244,7 +244,7 @@ def test_resume_refuses_changed_settings_and_a_finished_run_is_left_alone(images
         pretrain(_cfg(images, out, max_steps=2, batch_size=4, resume="auto"))
     before = _state(out)
     assert pretrain(_cfg(images, out, max_steps=2, resume="auto")) == out
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
     assert _equal(before, _state(out))
 
 
@@ -327,9 +327,10 @@ def test_help_explains_the_command(capsys):
 
 
 def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(images, tmp_path, monkeypatch, capsys):
-    from d2mae import pretrain as pt
-    from d2mae.data import DecodedCache, cache_bytes, find_images
-    from d2mae.distributed import DistContext
+    from d2mae.data.cache import DecodedCache, cache_bytes
+    from d2mae.data.sources import find_images
+    from d2mae.runtime.distributed import DistContext
+    from d2mae.train import pretrain as pt
     cpu, ctx = torch.device("cpu"), DistContext()
     refs = find_images(images)
     need = cache_bytes(refs, 32)
@@ -338,7 +339,7 @@ def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(i
     monkeypatch.setattr(pt, "_available_memory", lambda device: 4 * need - 4)
     assert pt.choose_data_path(_cfg(images, tmp_path), refs, cpu, ctx)[0] == "loader"
     assert pt.choose_data_path(_cfg(images, tmp_path, data_path="memory"), refs, cpu, ctx)[0] == "loader"
-    assert "using the DataLoader instead" in capsys.readouterr().out
+    assert "using the DataLoader instead" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -347,7 +348,8 @@ def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(i
 
 def _reference_crop(ref: str, box: tuple[float, ...], flip: bool, size: int) -> torch.Tensor:
     """PIL's antialiased bicubic crop of the original file: box (cx, cy, w, h) in fractions of the image."""
-    from d2mae.data import load_image, resize_box
+    from d2mae.data.dataset import resize_box
+    from d2mae.data.decode import load_image
 
     a = load_image(ref)
     h, w = a.shape[:2]
@@ -357,10 +359,10 @@ def _reference_crop(ref: str, box: tuple[float, ...], flip: bool, size: int) -> 
 
 
 def _memory_batch_sigmas(refs: list[str], size: int, rank: int, world: int, device: str = "cpu") -> list[float]:
-    from d2mae.data import DecodedCache
-    from d2mae.distributed import EpochBatchSampler
-    from d2mae.pretrain import MemoryBatches
-    from d2mae.sharpness import equivalent_sigma
+    from d2mae.data.cache import DecodedCache
+    from d2mae.data.sampler import EpochBatchSampler
+    from d2mae.data.sharpness import equivalent_sigma
+    from d2mae.train.pretrain import MemoryBatches
 
     sampler = EpochBatchSampler(len(refs), 3, seed=5, rank=rank, world_size=world)
     batches = MemoryBatches(DecodedCache(refs, size), sampler, torch.device(device))
@@ -374,7 +376,7 @@ def _memory_batch_sigmas(refs: list[str], size: int, rank: int, world: int, devi
 def test_sharp_memory_path_batches_on_busbra(busbra: Path, rank: int, world: int) -> None:
     """What train_step receives on the memory path — one process, or either rank's slice of a DDP global batch —
     is PIL's crop of the original BUS-BRA file to σ ≤ 0.1 px."""
-    from d2mae.data import find_images
+    from d2mae.data.sources import find_images
 
     refs = find_images([busbra / "images"])[::150][:12]
     sigmas = _memory_batch_sigmas(refs, 96, rank, world)
@@ -383,7 +385,7 @@ def test_sharp_memory_path_batches_on_busbra(busbra: Path, rank: int, world: int
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sharp_memory_path_batches_on_cuda(busbra: Path) -> None:
-    from d2mae.data import find_images
+    from d2mae.data.sources import find_images
 
     refs = find_images([busbra / "images"])[::150][:12]
     sigmas = _memory_batch_sigmas(refs, 96, 0, 1, "cuda")
@@ -394,9 +396,11 @@ def test_sharp_loader_path_batches_on_busbra(busbra: Path) -> None:
     """The loader path's pre-training crops are PIL's crop of the original file (σ ≤ 0.1 px), whatever the rank."""
     from torchvision.transforms import RandomResizedCrop
 
-    from d2mae.data import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset, find_images, load_image
-    from d2mae.distributed import EpochBatchSampler
-    from d2mae.sharpness import equivalent_sigma
+    from d2mae.data.dataset import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset
+    from d2mae.data.decode import load_image
+    from d2mae.data.sampler import EpochBatchSampler
+    from d2mae.data.sharpness import equivalent_sigma
+    from d2mae.data.sources import find_images
 
     refs = find_images([busbra / "images"])[::150][:8]
     sampler = EpochBatchSampler(len(refs), 4, seed=5, rank=1, world_size=2)
@@ -417,7 +421,7 @@ def test_pretraining_draws_a_blur_level_per_sample_and_masks_75_percent(images, 
                                                                          levels):
     """Section 2.2: each sample of a step gets its own t ~ U{1..T} (MAE: no blur, t = 0; DeblurrMAE: its one
     level, σ = 1.1), and 75% of its patches are masked."""
-    from d2mae.models import DeblurMAE
+    from d2mae.method.models import DeblurMAE
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     original = DeblurMAE.forward
@@ -436,3 +440,9 @@ def test_pretraining_draws_a_blur_level_per_sample_and_masks_75_percent(images, 
         assert all(len(set(s[0].tolist())) > 1 for s in seen)  # per sample, not one level per batch
     masks = torch.cat([s[1] for s in seen])  # [6 · B, N]
     assert torch.all(masks.sum(1) == 3)  # N = 4 patches, 75% masked
+
+
+def test_a_mask_that_leaves_no_patch_visible_is_refused(images, tmp_path):
+    with pytest.raises(D2maeError, match="masks every one of the 4 patches") as caught:
+        _cfg(images, tmp_path / "r", mask_ratio=0.8)  # 32 px: 4 patches, int(4 × 0.2) = 0 visible
+    assert caught.value.option == "mask_ratio"

@@ -11,26 +11,14 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from d2mae.errors import D2maeError
-from d2mae.metrics import mean_ci
-from d2mae.report import (
-    Report,
-    ablation_table,
-    comparison_table,
-    confusion_figure,
-    format_mean_ci,
-    format_pvalue,
-    image_grid,
-    markdown_to_html,
-    metric_bars,
-    obs_strip,
-    read_records,
-    reconstruction_figure,
-    roc_figure,
-    sigma_histogram,
-    training_curves,
-    write_html,
+from d2mae.eval.document import Report, markdown_to_html, write_html
+from d2mae.eval.figures import (
+    confusion_figure, image_grid, metric_bars, obs_strip, read_records, reconstruction_figure, roc_figure,
+    sigma_histogram, training_curves
 )
+from d2mae.eval.metrics import mean_ci
+from d2mae.eval.tables import ablation_table, comparison_table, format_mean_ci, format_pvalue
+from d2mae.runtime.errors import D2maeError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -227,4 +215,4 @@ def test_markdown_to_html_refuses_remote_and_missing_images(tmp_path: Path) -> N
         rep.write(tmp_path / "o")
     assert not (tmp_path / "o" / "report.md").exists()
     page = markdown_to_html("| a | b |\n| --- | ---: |\n| x \\| y | 2 |\n", tmp_path, title="t")
-    assert "<td>x | y</td>" in page and '<td class="r">2</td>' in page
+    assert "<td>x | y</td>" in page and '<td style="text-align:right">2</td>' in page

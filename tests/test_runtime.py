@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from d2mae.errors import D2maeError
-from d2mae.runtime import (atomic_write_text, capture_rng_state, derive_seed, load_checkpoint, restore_rng_state,
-                           save_checkpoint, warmup_cosine_scheduler)
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_text, load_checkpoint, save_checkpoint
+from d2mae.runtime.seeds import capture_rng_state, derive_seed, restore_rng_state
+from d2mae.train.optim import warmup_cosine_scheduler
 
 
 def test_derived_seeds_are_stable_and_distinct():

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2mae.config import build_config
-from d2mae.errors import D2maeError
-from d2mae.models import DeblurMAE, ModelConfig
-from d2mae.pretrain import PretrainConfig
-from d2mae.runtime import load_checkpoint
+from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import load_checkpoint
+from d2mae.runtime.options import build_config
+from d2mae.train.pretrain import PretrainConfig
 from tests.conftest import TINY
 
 
@@ -38,7 +37,7 @@ def test_a_resume_state_that_would_run_code_is_refused_without_running_it(tmp_pa
 
 
 def test_pretrain_resume_from_a_malicious_state_is_a_clear_error(tmp_path):
-    from d2mae.cli import main
+    from d2mae.commands.main import main
 
     marker = tmp_path / "pwned"
     out = tmp_path / "run"

@@ -1,17 +1,22 @@
 """d2mae — D²MAE (Diffusional Deblurring Masked Autoencoder, MICCAI 2025) for ultrasound images.
 
 Pre-training with a per-sample blur schedule and a blur token, optimal blurriness search (OBS), blurriness-aware
-fine-tuning, evaluation and prediction. Everything the command line does is a function of a module::
+fine-tuning, evaluation and prediction. The package tells the paper's story from the bottom up:
 
-    from d2mae.pretrain import PretrainConfig, pretrain      # d2mae pretrain
-    from d2mae.obs import run_obs                              # d2mae obs
-    from d2mae.finetune import FinetuneConfig, finetune       # d2mae finetune
-    from d2mae.predict import predict                          # d2mae predict
-    from d2mae.evaluate import evaluate_run, compare_runs     # d2mae evaluate / compare
+* :mod:`d2mae.method` — the method itself: the blur schedule and blur (Eq. 1), the models (Eqs. 2-3), the OBS rule
+  (Eqs. 4-5);
+* :mod:`d2mae.data` — images: sources, decoding, views and augmentations, the pre-training cache, labels and folds;
+* :mod:`d2mae.train` — pre-training and fine-tuning (Algorithm 1), their optimisers, schedules and resumption;
+* :mod:`d2mae.eval` — inference, OBS over a data set, prediction, metrics, evaluation, tables, figures, reports;
+* :mod:`d2mae.io` — model folders, OBS tables, importing and exporting weights;
+* :mod:`d2mae.experiment` — every method on every data set under one budget, and the report;
+* :mod:`d2mae.runtime` — errors, files, devices, seeds, processes, logs, config dataclasses;
+* :mod:`d2mae.commands` — the command line, the only part that knows about flags.
 
-The most used classes and functions are also importable from ``d2mae`` itself; they are imported lazily (PEP 562),
-so ``import d2mae`` and ``d2mae --help`` stay fast. (The modules ``d2mae.pretrain``, ``d2mae.finetune`` and
-``d2mae.predict`` share their names with their main functions, so those are imported from the module.)
+The functions the README's Python API shows, and the most used classes, are importable from ``d2mae`` itself; they
+are imported lazily (PEP 562), so ``import d2mae`` stays fast::
+
+    from d2mae import make_config, pretrain, FinetuneConfig, finetune, evaluate_run
 """
 
 from __future__ import annotations
@@ -19,35 +24,42 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS: dict[str, str] = {
-    "D2maeError": "d2mae.errors",
-    "BlurSchedule": "d2mae.blur",
-    "gaussian_blur": "d2mae.blur",
-    "ModelConfig": "d2mae.models",
-    "DeblurEncoder": "d2mae.models",
-    "DeblurMAE": "d2mae.models",
-    "DeblurClassifier": "d2mae.models",
-    "save_pretrained": "d2mae.artifacts",
-    "load_pretrained": "d2mae.artifacts",
-    "generate_phantoms": "d2mae.phantom",
-    "find_images": "d2mae.data",
-    "load_image": "d2mae.data",
-    "ImageDataset": "d2mae.data",
-    "load_labeled": "d2mae.labels",
-    "make_folds": "d2mae.labels",
-    "PretrainConfig": "d2mae.pretrain",
-    "PRESETS": "d2mae.pretrain",
-    "ObsSpec": "d2mae.obs",
-    "ObsTable": "d2mae.obs",
-    "run_obs": "d2mae.obs",
-    "FinetuneConfig": "d2mae.finetune",
-    "load_classifier": "d2mae.finetune",
-    "evaluate_run": "d2mae.evaluate",
-    "compare_runs": "d2mae.evaluate",
-    "export_encoder": "d2mae.export",
-    "init_from_checkpoint": "d2mae.imports",
+    "D2maeError": "d2mae.runtime.errors",
+    "BlurSchedule": "d2mae.method.blur",
+    "gaussian_blur": "d2mae.method.blur",
+    "ModelConfig": "d2mae.method.models",
+    "DeblurEncoder": "d2mae.method.models",
+    "DeblurMAE": "d2mae.method.models",
+    "DeblurClassifier": "d2mae.method.models",
+    "ObsSpec": "d2mae.method.obs",
+    "save_pretrained": "d2mae.io.artifacts",
+    "load_pretrained": "d2mae.io.artifacts",
+    "load_classifier": "d2mae.io.artifacts",
+    "ObsTable": "d2mae.io.obs_table",
+    "export_encoder": "d2mae.io.export",
+    "init_from_checkpoint": "d2mae.io.imports",
+    "find_images": "d2mae.data.sources",
+    "load_image": "d2mae.data.decode",
+    "ImageDataset": "d2mae.data.dataset",
+    "load_labeled": "d2mae.data.labels",
+    "make_folds": "d2mae.data.labels",
+    "generate_phantoms": "d2mae.data.phantom",
+    "equivalent_sigma": "d2mae.data.sharpness",
+    "PretrainConfig": "d2mae.train.pretrain",
+    "PRESETS": "d2mae.train.pretrain",
+    "make_config": "d2mae.train.pretrain",
+    "pretrain": "d2mae.train.pretrain",
+    "FinetuneConfig": "d2mae.train.finetune",
+    "finetune": "d2mae.train.finetune",
+    "run_obs": "d2mae.eval.obs",
+    "predict": "d2mae.eval.predict",
+    "evaluate_run": "d2mae.eval.evaluate",
+    "compare_runs": "d2mae.eval.evaluate",
+    "run_experiment": "d2mae.experiment",
+    "load_experiment": "d2mae.experiment",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

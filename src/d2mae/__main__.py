@@ -2,6 +2,6 @@
 
 import sys
 
-from d2mae.cli import main
+from d2mae.commands.main import main
 
 sys.exit(main())

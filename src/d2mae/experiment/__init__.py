@@ -3,11 +3,11 @@
 An experiment config (YAML) names the datasets (pre-training images; a labeled downstream set with its column
 options and protocol), the methods, the seeds and the compute budget. The command runs, for every dataset and seed,
 
-* the pre-trainings the methods need (:func:`d2mae.pretrain.pretrain`, one per preset, cached and shared),
-* one fine-tuning per method (:func:`d2mae.finetune.finetune`, all folds of the protocol) and its evaluation
-  (:func:`d2mae.evaluate.evaluate_run`),
+* the pre-trainings the methods need (:func:`d2mae.train.pretrain.pretrain`, one per preset, cached and shared),
+* one fine-tuning per method (:func:`d2mae.train.finetune.finetune`, all folds of the protocol) and its evaluation
+  (:func:`d2mae.eval.evaluate.evaluate_run`),
 
-and writes ``report.md`` + a self-contained ``report.html`` (:mod:`d2mae.report`) with a Table-2-style comparison,
+and writes ``report.md`` + a self-contained ``report.html`` (:mod:`d2mae.eval.document`) with a Table-2-style comparison,
 Table-3-style ablations, and the paper's figures. Methods (Table 2 of the paper, at the scale the config asks for):
 
 ============  ==========================  =====================================================================
@@ -71,44 +71,25 @@ Python API::
 
 The package's parts: :mod:`d2mae.experiment.config` (methods, ablation groups, the config schema and its loading),
 :mod:`d2mae.experiment.plan` (the stages, the equal-budget check, time estimates), :mod:`d2mae.experiment.runner`
-(running the stages) and :mod:`d2mae.experiment.report` (results, tables, figures, the report). Every public name is
-importable from ``d2mae.experiment`` itself.
+(running the stages), :mod:`d2mae.experiment.report` (results, tables, figures, the report) and
+:mod:`d2mae.experiment.demo` (the packaged demo). Every public name but the demo's is importable from
+``d2mae.experiment`` itself.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-
-def _busy_machine() -> bool:
-    """Other processes already keep most of this machine's cores busy (1-minute load average)."""
-    try:
-        return os.getloadavg()[0] >= 0.75 * len(os.sched_getaffinity(0))
-    except (OSError, AttributeError):
-        return False
-
-
-if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and _busy_machine():
-    # An experiment is a long CPU job. When other processes already compete for the cores, OpenMP threads that spin
-    # while they wait slow torch down 20-60× (measured on 2 cores at load average 6: a ViT-Tiny pre-training step
-    # took 4-13 s spinning, 0.2 s passive); on an idle machine spinning is ~2× faster (0.11 s vs 0.21 s). So: passive
-    # waiting only when the machine is busy at start. Set before torch is imported; an explicit OMP_WAIT_POLICY wins.
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-import argparse
-from pathlib import Path
-
-# imported after the OMP_WAIT_POLICY block above: d2mae.models imports torch (config <- plan <- report <- runner)
-from d2mae.experiment.config import (ABLATIONS, METHODS, PRESET_FIELDS, TABLE2_METHODS, AblationGroup, BudgetSpec,
-                                     DatasetSpec, ExperimentConfig, Method, ReportSpec, apply_overrides, expand_env,
-                                     load_experiment, parse_experiment)
-from d2mae.experiment.plan import (DONE, EXPERIMENT_CONFIG, PLAN_FILE, DatasetPlan, Plan, Stage, check_equal_budget,
-                                   config_hash, estimate_plan, format_plan, machine_info, make_plan, measure_speed,
-                                   p_levels, pretrain_budget)
-from d2mae.experiment.report import (METRIC_COLUMNS, SIGNIFICANCE, RunResult, ablation_tables, check_same_folds,
-                                     collect_results, comparison_tables, curves_figure, make_figures,
-                                     reconstruction_arrays, roc_methods_figure, significance_statements, write_report)
+from d2mae.experiment.config import (
+    ABLATIONS, METHODS, PRESET_FIELDS, TABLE2_METHODS, AblationGroup, BudgetSpec, DatasetSpec, ExperimentConfig, Method,
+    ReportSpec, apply_overrides, expand_env, load_experiment, parse_experiment
+)
+from d2mae.experiment.plan import (
+    DONE, EXPERIMENT_CONFIG, PLAN_FILE, DatasetPlan, Plan, Stage, check_equal_budget, config_hash, estimate_plan,
+    format_plan, machine_info, make_plan, measure_speed, pretrain_budget
+)
+from d2mae.experiment.report import (
+    METRIC_COLUMNS, SIGNIFICANCE, RunResult, ablation_tables, check_same_folds, collect_results, comparison_tables,
+    make_figures, reconstruction_arrays, significance_statements, write_report
+)
 from d2mae.experiment.runner import prepare_out, run_experiment, run_stage
 
 __all__ = [
@@ -117,58 +98,10 @@ __all__ = [
     "ReportSpec", "ExperimentConfig", "parse_experiment", "expand_env", "apply_overrides", "load_experiment",
     # plan
     "DONE", "EXPERIMENT_CONFIG", "PLAN_FILE", "config_hash", "Stage", "DatasetPlan", "Plan", "pretrain_budget",
-    "make_plan", "check_equal_budget", "measure_speed", "estimate_plan", "p_levels", "machine_info", "format_plan",
+    "make_plan", "check_equal_budget", "measure_speed", "estimate_plan", "machine_info", "format_plan",
     # runner
     "run_stage", "prepare_out", "run_experiment",
     # report
     "SIGNIFICANCE", "METRIC_COLUMNS", "RunResult", "collect_results", "comparison_tables", "ablation_tables",
-    "significance_statements", "check_same_folds", "roc_methods_figure", "curves_figure", "reconstruction_arrays",
-    "make_figures", "write_report",
-    # command line
-    "add_cli", "run_cli",
+    "significance_statements", "check_same_folds", "reconstruction_arrays", "make_figures", "write_report",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_cli(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run every method of an experiment config on every dataset under its protocol and budget, and write one "
-        "report (report.md + report.html). Example: d2mae experiment configs/demo.yaml --out runs/demo. "
-        "--plan lists the stages with time estimates for this machine; --resume continues a stopped experiment "
-        "(finished stages are skipped).")
-    parser.add_argument("config", metavar="CONFIG.yaml", help="experiment config (see configs/)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/<experiment name>)")
-    parser.add_argument("--plan", action="store_true", help="print the stages and their estimated time; run nothing")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the experiment in --out: finished stages are skipped")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a config value, e.g. --set datasets.busbra.root=/data/bus-bra "
-                             "--set budget.pretrain_epochs=2 (repeatable; values are YAML)")
-    parser.add_argument("--no-estimate", action="store_true",
-                        help="skip the timing of a few steps (plan and report show no estimates)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from d2mae.finetune import Interrupted
-    from d2mae.pretrain import TrainingInterrupted
-
-    cfg = load_experiment(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
-    if args.plan:
-        plan = make_plan(cfg, out)
-        if not args.no_estimate:
-            print("timing a few steps of the configured model on this machine …", file=sys.stderr, flush=True)
-            estimate_plan(plan)
-        print(format_plan(plan))
-        return 0
-    try:
-        path = run_experiment(cfg, out, resume=args.resume, estimate=not args.no_estimate)
-    except (Interrupted, TrainingInterrupted) as exc:
-        print(f"d2mae experiment: {exc}; run the same command with --resume to continue", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 130))
-    print(path.with_suffix(".html"))
-    return 0

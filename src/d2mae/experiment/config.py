@@ -13,10 +13,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from d2mae.config import build_config, coerce, field_types, load_yaml, to_dict
-from d2mae.errors import D2maeError
-from d2mae.models import ModelConfig
-
+from d2mae.method.models import ModelConfig
+from d2mae.method.obs import DEFAULT_SEARCH_STEP
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.options import build_config, coerce, field_types, load_yaml, to_dict
+from d2mae.train.pretrain import DEBLURRMAE_SIGMA
 
 # --------------------------------------------------------------------------------------------------------------------
 # methods and ablation groups
@@ -30,8 +31,8 @@ class Method:
     Attributes:
         name: the config name (``methods:`` list).
         label: the name shown in tables and figures.
-        preset: :data:`d2mae.pretrain.PRESETS` key, or ``None`` for the ViT trained from scratch.
-        obs: fine-tuning blur: ``none``, ``fixed:SIGMA`` or ``search`` (:func:`d2mae.obs.parse_obs`).
+        preset: :data:`d2mae.train.pretrain.PRESETS` key, or ``None`` for the ViT trained from scratch.
+        obs: fine-tuning blur: ``none``, ``fixed:SIGMA`` or ``search`` (:meth:`d2mae.method.obs.ObsSpec.parse`).
         search_step: OBS step s (Table 3d).
     """
 
@@ -39,7 +40,7 @@ class Method:
     label: str
     preset: str | None
     obs: str = "none"
-    search_step: int = 2
+    search_step: int = DEFAULT_SEARCH_STEP
 
     @property
     def mode(self) -> str:
@@ -62,14 +63,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # Table 2
     Method("supervised", "ViT (no pre-training)", None, "none"),
     Method("mae", "MAE", "mae", "none"),
-    Method("deblurrmae", "DeblurrMAE", "deblurrmae", "fixed:1.1"),
-    Method("d2mae", "D²MAE", "d2mae", "search", 2),
+    Method("deblurrmae", "DeblurrMAE", "deblurrmae", f"fixed:{DEBLURRMAE_SIGMA}"),
+    Method("d2mae", "D²MAE", "d2mae", "search"),
     # Table 3a: blur range
-    Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search", 2),
-    Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search", 2),
+    Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search"),
+    Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search"),
     # Table 3b: blur embedding
-    Method("d2mae-embed-none", "D²MAE w/o blur embedding", "embed-none", "search", 2),
-    Method("d2mae-embed-add", "D²MAE blur embedding added", "embed-add", "search", 2),
+    Method("d2mae-embed-none", "D²MAE w/o blur embedding", "embed-none", "search"),
+    Method("d2mae-embed-add", "D²MAE blur embedding added", "embed-add", "search"),
     # Table 3c: OBS setting (the d2mae pre-trained model). "No blur" is t = 0 (σ 0 and a token pre-training never
     # saw); σ_1 = 0.1 has a one-tap kernel, so fixed:0.1 is the same pixels with the in-distribution token t = 1.
     Method("d2mae-obs-none", "D²MAE, no blur in fine-tuning", "d2mae", "none"),
@@ -119,7 +120,7 @@ class DatasetSpec:
     """One dataset of an experiment (a key under ``datasets:``).
 
     Either real images — ``labels`` (a labels CSV or a class-per-folder tree) and optionally ``pretrain_data`` —
-    or synthetic ones — ``phantoms`` (options of :func:`d2mae.phantom.generate_phantoms`, written into the output
+    or synthetic ones — ``phantoms`` (options of :func:`d2mae.data.phantom.generate_phantoms`, written into the output
     folder) and optionally ``pretrain_phantoms`` (a second, disjoint phantom set for pre-training). Relative paths
     are taken relative to ``root`` when it is set, else to the current folder.
     """
@@ -314,7 +315,7 @@ def _check_section_types(cls: type, section: Mapping[str, Any], where: str, sour
 
 
 def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
-    """:func:`d2mae.config.build_config`, with the file and section named in value errors of ``__post_init__``."""
+    """:func:`d2mae.runtime.options.build_config`, with the file and section named in value errors of ``__post_init__``."""
     try:
         return build_config(cls, *layers)
     except D2maeError as exc:
@@ -325,8 +326,8 @@ def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] 
 
 def parse_experiment(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
     """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
-    from d2mae.labels import parse_protocol
-    from d2mae.pretrain import MODEL_FIELDS, PRESETS, PretrainConfig
+    from d2mae.data.labels import parse_protocol
+    from d2mae.train.pretrain import MODEL_FIELDS, PRESETS, PretrainConfig
 
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     top = {k: v for k, v in data.items() if k not in _TOP_SECTIONS}
@@ -370,7 +371,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
                              "model: (shared by pre-training and fine-tuning)")
     _check_section_types(PretrainConfig, pretrain, "pretrain", source)
 
-    from d2mae.finetune import FinetuneConfig
+    from d2mae.train.finetune import FinetuneConfig
 
     finetune = _section(data, "finetune", source)
     _refuse(finetune, _FINETUNE_FORBIDDEN, "finetune", source)
@@ -428,7 +429,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
 
 
 def _check_protocol(kind: str, params: list[str], where: str) -> None:
-    """The protocol's parameters, checked before anything runs (the folds themselves are made by d2mae.labels)."""
+    """The protocol's parameters, checked before anything runs (the folds themselves are made by d2mae.data.labels)."""
     if kind == "kfold" and (len(params) != 1 or not params[0].isdigit() or int(params[0]) < 2):
         raise D2maeError(f"{where}: use kfold:K with an integer K ≥ 2 (e.g. kfold:5)")
     if kind == "split":
@@ -443,8 +444,8 @@ def _check_protocol(kind: str, params: list[str], where: str) -> None:
 
 
 def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str, Any]:
-    """Phantom options (:class:`d2mae.phantom.PhantomConfig` without ``out``), checked and with defaults filled."""
-    from d2mae.phantom import PhantomConfig
+    """Phantom options (:class:`d2mae.data.phantom.PhantomConfig` without ``out``), checked and with defaults filled."""
+    from d2mae.data.phantom import PhantomConfig
 
     value = {str(k).replace("-", "_"): v for k, v in value.items()}
     if "out" in value:
@@ -501,12 +502,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
-            raise D2maeError(f"option --set {item!r}: use --set KEY=VALUE, e.g. "
-                             "--set datasets.busbra.root=/data/bus-bra")
+            raise D2maeError(f"{item!r}: use --set KEY=VALUE, e.g. "
+                             "--set datasets.busbra.root=/data/bus-bra", option="set")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise D2maeError(f"option --set {item!r}: the key is empty")
+            raise D2maeError(f"{item!r}: the key is empty", option="set")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -519,7 +520,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise D2maeError(f"option --set {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+                raise D2maeError(f"{item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section", option="set")
             node = nxt
         node[parts[-1]] = value
     return data

@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from d2mae.config import build_config, to_dict
-from d2mae.errors import D2maeError
 from d2mae.experiment.config import _LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build
-from d2mae.models import ModelConfig
+from d2mae.method.models import ModelConfig
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.options import build_config, result_fields, to_dict
 
 DONE = "DONE.json"
 EXPERIMENT_CONFIG = "experiment.yaml"
@@ -153,8 +153,8 @@ def _check_path(path: str, key: str, source: str, dataset: DatasetSpec, what: st
 
 def _dataset_plan(spec: DatasetSpec, out: Path, source: str, seed: int) -> DatasetPlan:
     """Sizes, folds and data identity of one dataset; real paths are checked here (clear errors)."""
-    from d2mae.data import find_images
-    from d2mae.labels import load_labeled, make_folds
+    from d2mae.data.labels import load_labeled, make_folds
+    from d2mae.data.sources import find_images
 
     data_dir = out / "data" / spec.name
     if spec.phantoms is not None:
@@ -214,18 +214,18 @@ def _dataset_plan(spec: DatasetSpec, out: Path, source: str, seed: int) -> Datas
                        len(labeled.classes), folds, data_key, overlap)
 
 
-# Fields of the stage configs that do not change results (left out of the cache keys).
-_PRETRAIN_VOLATILE = ("out", "resume", "device", "num_workers", "log_every_steps", "save_every_epochs",
-                      "checkpoint_every_steps", "data_path", "compile", "config", "skip_bad", "tensorboard")
-_FINETUNE_VOLATILE = ("out", "resume", "device", "workers", "progress", "eval_batch_size", "obs_batch_size",
-                      "pretrained", "skip_bad", "tensorboard")
+def _result_options(cfg: Any) -> dict[str, Any]:
+    """The options of a stage's config that change what it computes (a stage's cache key; the ``volatile`` ones —
+    devices, workers, logging, output folders — are left out, as a resumed run may change them too)."""
+    values = to_dict(cfg)
+    return {k: values[k] for k in result_fields(type(cfg))}
 
 
 def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> tuple[int, int | None, int]:
     """(epochs, max_steps, optimizer steps) of a pre-training on ``n_images`` images under ``budget``.
 
     An optimizer step takes ``batch × accum_iter`` images (the effective batch); each epoch uses the whole
-    effective batches that fit (drop-last, as :class:`d2mae.distributed.EpochBatchSampler`).
+    effective batches that fit (drop-last, as :class:`d2mae.data.sampler.EpochBatchSampler`).
     """
     batch = budget.pretrain_batch_size * max(1, accum_iter)
     steps_per_epoch = n_images // batch
@@ -242,8 +242,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
     Raises:
         D2maeError: a missing dataset path, a bad column/protocol, or a violated equal-budget rule.
     """
-    from d2mae.finetune import FinetuneConfig
-    from d2mae.pretrain import PRESETS, PretrainConfig
+    from d2mae.train.finetune import FinetuneConfig
+    from d2mae.train.pretrain import PRESETS, PretrainConfig
 
     out = Path(out).absolute()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "pretrained"
@@ -295,7 +295,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                       "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto"},
                      "the experiment"))
                 key = config_hash({"dataset": name, "data": dp.data_key,
-                                   "pretrain": {k: v for k, v in to_dict(pcfg).items() if k not in _PRETRAIN_VOLATILE}})
+                                   "pretrain": _result_options(pcfg)})
                 folder = cache / name / f"{preset}-seed{seed}-{key[:12]}"
                 pcfg = dataclasses.replace(pcfg, out=str(folder))
                 stage = Stage("pretrain", name, f"pre-train {preset} on {name} (seed {seed})", folder, key, pcfg,
@@ -320,7 +320,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                       "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
                      f"method {m.name}"))
                 key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key,
-                                   "finetune": {k: v for k, v in to_dict(fcfg).items() if k not in _FINETUNE_VOLATILE}})
+                                   "finetune": _result_options(fcfg)})
                 folder = out / "runs" / name / f"{m.name}-seed{seed}-{key[:8]}"
                 fcfg = dataclasses.replace(fcfg, out=str(folder))
                 stages.append(Stage("finetune", name, f"fine-tune {m.name} on {name} (seed {seed})", folder, key,
@@ -454,9 +454,9 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     """
     import torch
 
-    from d2mae.data import ImageDataset
-    from d2mae.models import DeblurClassifier, DeblurMAE
-    from d2mae.runtime import resolve_device
+    from d2mae.data.dataset import ImageDataset
+    from d2mae.method.models import DeblurClassifier, DeblurMAE
+    from d2mae.runtime.device import resolve_device
 
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
@@ -500,16 +500,17 @@ def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], l
 
 def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
     """Fill ``estimate_s`` of every stage from :func:`measure_speed` on this machine (timed per dataset)."""
-    from d2mae.pretrain import PRESETS
+    from d2mae.train.pretrain import PRESETS
 
     cfg = plan.config
+    stages = {s.id: s for s in plan.stages}
     for name, dp in plan.datasets.items():
         refs = list((sample_refs or {}).get(name, []))
         tmp = None
         phantom_s = 0.0
         try:
             if dp.spec.phantoms is not None:
-                from d2mae.phantom import generate_phantoms
+                from d2mae.data.phantom import generate_phantoms
 
                 tmp = tempfile.mkdtemp(prefix="d2mae-plan-")
                 size = int(dp.spec.phantoms["size"])
@@ -518,7 +519,7 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 phantom_s = (time.perf_counter() - t0) / 4
                 refs = [str(Path(tmp) / r["path"]) for r in csv.DictReader(open(labels, encoding="utf-8"))]
             elif not refs:
-                from d2mae.labels import load_labeled
+                from d2mae.data.labels import load_labeled
 
                 refs = load_labeled(dp.labels, **{k: getattr(dp.spec, k) for k in _LABEL_OPTIONS}).refs[:6]
             model_cfg = build_config(ModelConfig, (PRESETS["d2mae"], "preset d2mae"),
@@ -547,21 +548,12 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                     steps = min(steps, p.max_steps)
                 s.estimate_s = steps * eff * speed["pretrain_step"] + dp.n_pretrain * speed["decode"] + 2.0
             elif s.kind == "finetune":
-                levels = len(range(1, p_levels(PRESETS, s.preset) + 1, max(1, s.payload.search_step)))
+                base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
+                levels = (len(s.payload.spec.levels(base.payload.schedule))
+                          if base is not None and base.kind == "pretrain" else 0)
                 s.estimate_s = _finetune_estimate(s.payload, dp, speed, levels)
     plan.estimated = True
     return plan
-
-
-def p_levels(presets: Mapping[str, Mapping[str, Any]], preset: str | None) -> int:
-    """T, the number of blur levels of a preset's schedule (0 without blur)."""
-    if preset is None:
-        return 0
-    from d2mae.blur import BlurSchedule
-
-    p = presets[preset]
-    return BlurSchedule(p.get("sigma_start", 0.1), p.get("sigma_stop", 1.1), p.get("sigma_step", 0.1),
-                        enabled=p.get("blur", True)).num_levels
 
 
 def _fmt_seconds(seconds: float) -> str:

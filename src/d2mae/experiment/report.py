@@ -13,14 +13,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
-from d2mae.config import build_config
-from d2mae.errors import D2maeError
 from d2mae.experiment.config import _LABEL_OPTIONS, ABLATIONS, METHODS, TABLE2_METHODS, ExperimentConfig, Method
-from d2mae.experiment.plan import (EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, machine_info,
-                                   pretrain_budget)
-from d2mae.models import ModelConfig
-from d2mae.runtime import atomic_write_json, atomic_write_text
-
+from d2mae.experiment.plan import EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, machine_info, pretrain_budget
+from d2mae.method.models import ModelConfig
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.logs import read_jsonl
+from d2mae.runtime.options import build_config
 
 # --------------------------------------------------------------------------------------------------------------------
 # results and the report
@@ -90,7 +89,7 @@ def _method_info(m: Method) -> dict[str, str]:
 
 def comparison_tables(plan: Plan, results: Sequence[RunResult]) -> dict[str, Any]:
     """Table 2 per dataset (ACC, F1, AUROC) and, with several datasets, the paper's F1 × datasets layout."""
-    from d2mae.report import comparison_table
+    from d2mae.eval.tables import comparison_table
 
     cfg = plan.config
     conf = cfg.report.confidence
@@ -115,7 +114,7 @@ def comparison_tables(plan: Plan, results: Sequence[RunResult]) -> dict[str, Any
 
 def ablation_tables(plan: Plan, results: Sequence[RunResult]) -> dict[str, Any]:
     """Table 3 per dataset: one block per ablation group that ran, macro-F1 (the paper's metric)."""
-    from d2mae.report import ablation_table
+    from d2mae.eval.tables import ablation_table
 
     cfg = plan.config
     out = {}
@@ -136,7 +135,7 @@ def ablation_tables(plan: Plan, results: Sequence[RunResult]) -> dict[str, Any]:
 
 def significance_statements(tables: Mapping[str, Any], alpha: float = SIGNIFICANCE) -> list[str]:
     """One plain sentence per table column: who is best, by how much, and whether that is significant."""
-    from d2mae.report import format_p_statement
+    from d2mae.eval.tables import format_p_statement
 
     lines = []
     for name, table in tables.items():
@@ -200,90 +199,6 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
-    """ROC curves of several methods on one dataset (test predictions pooled over folds): binary, or the
-    macro-average of one-vs-rest curves for more classes; the legend gives each pooled AUROC."""
-    from sklearn.metrics import auc, roc_curve
-
-    from d2mae.report import save_figure
-
-    fig = _figure(5.6, 5.0)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label="chance")
-    grid = np.linspace(0, 1, 201)
-    for label, (y, p) in curves.items():
-        k = p.shape[1]
-        if k == 2:
-            if np.unique(y).size < 2:
-                continue
-            fpr, tpr, _ = roc_curve(y, p[:, 1])
-            ax.plot(fpr, tpr, lw=1.8, label=f"{label} (pooled AUROC {auc(fpr, tpr) * 100:.1f})")
-        else:
-            tprs = []
-            for c in range(k):
-                pos = y == c
-                if pos.all() or not pos.any():
-                    continue
-                fpr, tpr, _ = roc_curve(pos, p[:, c])
-                tprs.append(np.interp(grid, fpr, tpr))
-            if tprs:
-                macro = np.mean(tprs, axis=0)
-                ax.plot(grid, macro, lw=1.8, label=f"{label} (pooled macro AUROC {auc(grid, macro) * 100:.1f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path)
-
-
-def curves_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: Path,
-                  xlabel: str, title: str) -> Path:
-    """Line plots, one panel per entry of ``panels`` (``{panel: {series: (x, y)}}``), one colour per series."""
-    from matplotlib.ticker import MaxNLocator
-
-    from d2mae.report import save_figure
-
-    fig = _figure(4.8 * len(panels) + 0.4, 3.7)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (name, series) in zip(axes, panels.items()):
-        for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, lw=1.5, marker="o" if len(xs) <= 30 else None, ms=3, label=label)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
-    return save_figure(fig, path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _sample_refs(labels_csv_refs: Sequence[str], labels: Sequence[int], n: int) -> list[str]:
     """Up to ``n`` images, alternating over the classes (the first of each class first)."""
     by_class: dict[int, list[str]] = {}
@@ -304,9 +219,9 @@ def reconstruction_arrays(folder: Path, refs: Sequence[str], seed: int = 0) -> d
     of a pre-trained model on ``refs`` (Eq. 1-3; the model's own mask ratio, a seeded mask)."""
     import torch
 
-    from d2mae.artifacts import load_pretrained
-    from d2mae.blur import gaussian_blur
-    from d2mae.data import ImageDataset
+    from d2mae.data.dataset import ImageDataset
+    from d2mae.io.artifacts import load_pretrained
+    from d2mae.method.blur import gaussian_blur
 
     model = load_pretrained(folder, "cpu")
     cfg = model.config
@@ -320,11 +235,7 @@ def reconstruction_arrays(folder: Path, refs: Sequence[str], seed: int = 0) -> d
     enc = model.encoder
     with torch.no_grad():
         latent, mask, ids_restore = enc(x, t, cfg.mask_ratio, noise=noise)
-        pred = model.forward_decoder(latent, ids_restore).float()  # [B, N, p*p*C] normalised units
-        if cfg.norm_pix_loss:
-            target = model.patchify(enc.normalize(x))
-            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-        recon = (model.unpatchify(pred) * enc.pixel_std + enc.pixel_mean).clamp(0, 1)  # [B, C, S, S]
+        recon = model.to_image(model.forward_decoder(latent, ids_restore), x)  # [B, C, S, S] in [0, 1]
         blurred = gaussian_blur(x, model.schedule.sigma(t)).clamp(0, 1)  # [B, C, S, S]
     grid, p = cfg.img_size // cfg.patch, cfg.patch
     pix = mask.reshape(b, 1, grid, grid).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [B, 1, S, S]
@@ -363,7 +274,7 @@ def _first_seed_stage(plan: Plan, kind: str, dataset: str, **match: Any) -> Stag
 
 
 def _labeled_for(plan: Plan, dataset: str) -> Any:
-    from d2mae.labels import load_labeled
+    from d2mae.data.labels import load_labeled
 
     spec = plan.config.datasets[dataset]
     return load_labeled(plan.datasets[dataset].labels, **{k: getattr(spec, k) for k in _LABEL_OPTIONS})
@@ -373,9 +284,9 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
     """Every figure of the report, grouped by section: ``{section: [(png, caption), …]}``."""
     import torch
 
-    from d2mae import report as rp
-    from d2mae.evaluate import load_predictions
-    from d2mae.metrics import mean_ci
+    from d2mae.eval import figures as rp
+    from d2mae.eval.evaluate import load_predictions
+    from d2mae.eval.metrics import mean_ci
 
     cfg = plan.config
     conf = cfg.report.confidence
@@ -408,14 +319,15 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
         labeled = None
         # Figure 3a: the OBS strip
         if d2 is not None and pre is not None and cfg.report.obs_images:
-            from d2mae.artifacts import load_pretrained
-            from d2mae.obs import obs_strips
+            from d2mae.eval.obs import obs_strips
+            from d2mae.io.artifacts import load_pretrained
+            from d2mae.method.obs import ObsSpec
 
             labeled = labeled or _labeled_for(plan, ds)
             refs = _sample_refs(labeled.refs, labeled.labels, cfg.report.obs_images)
             model = load_pretrained(pre.folder, "cpu")
             with torch.no_grad():
-                strips = obs_strips(model, refs, search_step=METHODS["d2mae"].search_step)
+                strips = obs_strips(model, refs, ObsSpec("search", METHODS["d2mae"].search_step))
             for i, st in enumerate(strips):
                 chosen = st.levels.index(st.t_star) if st.t_star in st.levels else None
                 add(f"obs:{ds}", draw(f"fig3a_obs_{ds}_{i + 1}", lambda p, st=st, chosen=chosen: rp.obs_strip(
@@ -427,7 +339,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                     "chosen σ* (lowest deblurring loss, Eq. 5) is framed.")
         # Figure 3b: σ* histograms, from the OBS table of the d2mae fine-tuning (every image of the folds)
         if d2 is not None:
-            from d2mae.obs import ObsTable
+            from d2mae.io.obs_table import ObsTable
 
             obs_dir = d2.folder / "obs"
             if (obs_dir / "obs.csv").is_file():
@@ -453,7 +365,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                 run = load_predictions(st.folder, split="test")
                 curves[METHODS[m].label] = (run.labels, run.probs)
         if curves:
-            add(f"roc:{ds}", draw(f"roc_{ds}", lambda p, curves=curves, ds=ds: roc_methods_figure(
+            add(f"roc:{ds}", draw(f"roc_{ds}", lambda p, curves=curves, ds=ds: rp.roc_methods_figure(
                 curves, p, f"ROC — {ds} (test images of all folds, seed {cfg.seeds[0]})")),
                 f"ROC curves on {ds}: each method's test predictions pooled over the folds (seed {cfg.seeds[0]}).")
         # pre-training curves
@@ -463,7 +375,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
             if s.seed != cfg.seeds[0]:
                 continue
             key = f"{s.preset} loss"
-            rows = [{"step": r["step"], key: r["loss"]} for r in _read_jsonl(s.folder / "metrics.jsonl")
+            rows = [{"step": r["step"], key: r["loss"]} for r in read_jsonl(s.folder / "metrics.jsonl")
                     if "step" in r and "loss" in r]
             if rows:
                 keys.append(key)
@@ -484,7 +396,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                 continue
             per_epoch: dict[int, dict[str, list[float]]] = {}
             for fold_dir in sorted(st.folder.glob("fold_*")):
-                for r in _read_jsonl(fold_dir / "metrics.jsonl"):
+                for r in read_jsonl(fold_dir / "metrics.jsonl"):
                     e = per_epoch.setdefault(int(r.get("epoch", 0)), {"train_loss": [], "val_macro_f1": []})
                     for k in e:
                         if isinstance(r.get(k), (int, float)):
@@ -495,7 +407,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                     xs = [e for e in epochs if per_epoch[e][k]]
                     panels[panel][METHODS[m].label] = (xs, [float(np.mean(per_epoch[e][k])) for e in xs])
         if panels["training loss"]:
-            add(f"curves:{ds}", draw(f"finetune_curves_{ds}", lambda p, panels=panels, ds=ds: curves_figure(
+            add(f"curves:{ds}", draw(f"finetune_curves_{ds}", lambda p, panels=panels, ds=ds: rp.curves_figure(
                 panels, p, "epoch", f"Fine-tuning — {ds} (seed {cfg.seeds[0]}, mean over folds)")),
                 f"Fine-tuning on {ds}: training loss and validation macro-F1 per epoch, averaged over the folds "
                 "(folds that stopped early drop out of later epochs).")
@@ -539,8 +451,9 @@ def _stage_times(plan: Plan) -> list[dict[str, Any]]:
 
 def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     """Write OUT/report.md + report.html (figures embedded), metrics.csv/json, machine.json, timings.json/csv."""
-    from d2mae.metrics import nan_to_none
-    from d2mae.report import Report, Table
+    from d2mae.eval.document import Report
+    from d2mae.eval.metrics import nan_to_none
+    from d2mae.eval.tables import Table
 
     cfg, out = plan.config, plan.out
     results = collect_results(plan)

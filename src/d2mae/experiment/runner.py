@@ -6,20 +6,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from d2mae.errors import D2maeError
 from d2mae.experiment.config import _LABEL_OPTIONS, ExperimentConfig
-from d2mae.experiment.plan import (DONE, EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, estimate_plan,
-                                   format_plan, make_plan)
+from d2mae.experiment.plan import (
+    DONE, EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, estimate_plan, format_plan, make_plan
+)
 from d2mae.experiment.report import write_report
-from d2mae.models import ModelConfig
-from d2mae.runtime import atomic_write_json, atomic_write_text
-
+from d2mae.method.models import ModelConfig
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.logs import say
 
 # --------------------------------------------------------------------------------------------------------------------
 # running the stages
@@ -27,7 +27,7 @@ from d2mae.runtime import atomic_write_json, atomic_write_text
 
 
 def _say(message: str) -> None:
-    print(f"[experiment] {message}", file=sys.stderr, flush=True)
+    say(None, f"[experiment] {message}")
 
 
 def _write_done(stage: Stage, seconds: float, extra: Mapping[str, Any] | None = None) -> None:
@@ -47,13 +47,13 @@ def _clear_stale(folder: Path, keep_partial: bool) -> None:
 
 def _run_data(stage: Stage, plan: Plan) -> None:
     if "list" in stage.payload:
-        from d2mae.labels import load_labeled
+        from d2mae.data.labels import load_labeled
 
         spec = plan.config.datasets[stage.dataset]
         labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in _LABEL_OPTIONS})
         atomic_write_text(stage.payload["list"], "".join(f"{r}\n" for r in labeled.refs))
         return
-    from d2mae.phantom import generate_phantoms
+    from d2mae.data.phantom import generate_phantoms
 
     _clear_stale(stage.folder, keep_partial=False)
     generate_phantoms(stage.folder, **stage.payload)
@@ -64,9 +64,10 @@ def _run_arch(stage: Stage, plan: Plan) -> None:
     pre-training images' mean/std (fine-tuning ``--mode scratch`` reads only its config, not its weights)."""
     import torch
 
-    from d2mae.artifacts import save_pretrained
-    from d2mae.data import compute_stats, find_images
-    from d2mae.models import DeblurMAE
+    from d2mae.data.decode import compute_stats
+    from d2mae.data.sources import find_images
+    from d2mae.io.artifacts import save_pretrained
+    from d2mae.method.models import DeblurMAE
 
     mc: ModelConfig = stage.payload["model"]
     if mc.mean is None or mc.std is None:
@@ -81,15 +82,15 @@ def _run_arch(stage: Stage, plan: Plan) -> None:
 
 
 def _run_pretrain(stage: Stage, plan: Plan) -> None:
-    from d2mae.pretrain import pretrain
+    from d2mae.train.pretrain import pretrain
 
     _clear_stale(stage.folder, keep_partial=True)
     pretrain(stage.payload)
 
 
 def _run_finetune(stage: Stage, plan: Plan) -> None:
-    from d2mae.evaluate import evaluate_run
-    from d2mae.finetune import finetune
+    from d2mae.eval.evaluate import evaluate_run
+    from d2mae.train.finetune import finetune
 
     _clear_stale(stage.folder, keep_partial=True)
     spec = plan.config.datasets[stage.dataset]
@@ -121,13 +122,13 @@ def run_stage(stage: Stage, plan: Plan, index: int = 0, total: int = 0) -> dict[
 
 def prepare_out(plan: Plan, resume: bool) -> None:
     """Refuse to mix two experiments in one folder; save the resolved config and the plan."""
-    from d2mae.config import save_config
+    from d2mae.runtime.options import save_config
 
     out = plan.out
     previous = out / EXPERIMENT_CONFIG
     if previous.is_file() and not resume:
-        raise D2maeError(f"option --out: {out} already holds an experiment ({previous}); continue it with --resume "
-                         "(finished stages are skipped) or choose another --out")
+        raise D2maeError(f"{out} already holds an experiment ({previous}); continue it with --resume "
+                         "(finished stages are skipped) or choose another --out", option="out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(plan.config.to_dict(), previous)
     atomic_write_json(out / PLAN_FILE, {"stages": [

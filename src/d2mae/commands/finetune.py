@@ -1,0 +1,26 @@
+"""``d2mae finetune``: flags of :class:`d2mae.train.finetune.FinetuneConfig`, and the call."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.runtime.distributed import context_from_env
+from d2mae.train.finetune import FinetuneConfig, Interrupted, finetune
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_arguments(parser, FinetuneConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_cli(FinetuneConfig, args)
+    try:
+        finetune(cfg)
+    except Interrupted as exc:
+        if context_from_env().is_main:
+            print(f"d2mae finetune: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0

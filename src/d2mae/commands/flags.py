@@ -1,0 +1,49 @@
+"""Flags from config dataclasses: every field is a flag (``img_size`` -> ``--img-size``), and the flags given, over a
+``--config`` YAML file, over the defaults, build the config (:func:`d2mae.runtime.options.build_config`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Mapping
+
+from d2mae.runtime.options import _describe, build_config, field_types, load_yaml
+
+
+def flag(option: str) -> str:
+    """A config field's flag: ``batch_size`` -> ``--batch-size``."""
+    return "--" + option.replace("_", "-")
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of the dataclass ``cls``; unset flags stay out of the parsed namespace."""
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        container, inner, optional = _describe(field_types(cls)[f.name])
+        name = flag(f.name)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if default not in (None, "", []) and "default" not in help_text:  # the help may say it in its own words
+            help_text = f"{help_text} (default: {default})".strip()
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": f.name}
+        if inner is bool and container is None:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if container is list:
+            kwargs["nargs"] = "+"
+        if "choices" in f.metadata:
+            kwargs["choices"] = [str(c) for c in f.metadata["choices"]]  # flags are text; the config coerces them
+        kwargs["metavar"] = f.metadata.get("metavar", inner.__name__.upper() if isinstance(inner, type) else "VALUE")
+        parser.add_argument(name, type=str, **kwargs)
+
+
+def config_from_cli(cls: type, args: argparse.Namespace, preset: Mapping[str, Any] | None = None,
+                    preset_name: str = "preset") -> Any:
+    """Build ``cls`` from a preset, the YAML file named by ``args.config`` (if any) and the flags given."""
+    flags = {k: v for k, v in vars(args).items() if k in field_types(cls)}
+    file_layer: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        file_layer = load_yaml(args.config)
+    return build_config(cls, (preset, preset_name), (file_layer, str(getattr(args, "config", "config"))),
+                        (flags, "the command line"))

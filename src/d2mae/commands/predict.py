@@ -1,0 +1,39 @@
+"""``d2mae predict``: classify new images (OBS on each first); a table on the terminal, all rows to ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.eval.predict import PredictConfig, predict
+from d2mae.runtime.distributed import distributed_run
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_text
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", help="images, folders or .csv/.txt lists of images")
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_arguments(parser, PredictConfig, exclude=("inputs",))
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.inputs:
+        del args.inputs  # let a YAML file give them
+    cfg = config_from_cli(PredictConfig, args)
+    if not cfg.inputs:
+        raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
+    with distributed_run(cfg.device) as (ctx, device):
+        result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,
+                         precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress,
+                         ctx=ctx)
+    if not ctx.is_main:
+        return 0
+    print(result.table(cfg.show))
+    models = result.models[0] if len(result.models) == 1 else f"mean of {len(result.models)} fold models"
+    print(f"{len(result.paths)} image(s) classified ({models})", file=sys.stderr)
+    if cfg.out:
+        atomic_write_text(cfg.out, result.to_csv())
+        print(f"predictions written to {cfg.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,74 @@
+"""The one inference loop: a model over every image's deterministic view, in batches, sharded across processes.
+
+OBS (:func:`d2mae.eval.obs.run_obs`), fine-tuning's validation and test predictions and ``d2mae predict`` all run
+through :func:`infer`: the images' deterministic view (shorter side to S, centre crop; :class:`ImageDataset` with
+``augment="none"``, the same pixels for all three) in batches, ``step(x, t)`` in eval mode without gradients and
+under the run's precision. Under torchrun each rank takes its contiguous block of the images
+(:func:`d2mae.runtime.distributed.eval_indices`) and the blocks are gathered back in order, so every rank returns all
+n rows, each image computed once.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from d2mae.data.dataset import ImageDataset
+from d2mae.runtime.device import amp_dtype, autocast, eval_mode
+from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, C, S, S] in [0, 1], t [B]) -> [B, ...]
+
+
+def infer(model: torch.nn.Module, step: Step, refs: Sequence[str], t: np.ndarray | None, *, img_size: int,
+          in_chans: int, out_shape: tuple[int, ...], device: torch.device, batch_size: int = 64, workers: int = 0,
+          precision: str = "auto", progress: bool = False, desc: str = "", ctx: DistContext | None = None
+          ) -> np.ndarray:
+    """``step`` on every image of ``refs`` at its level ``t`` [n] (``None``: 0), as one array [n, *out_shape].
+
+    Args:
+        model: the module ``step`` calls (put in eval mode for the loop, then restored).
+        step: ``(x, t) -> [B, *out_shape]`` for a batch of deterministic views and their levels.
+        img_size, in_chans: the view's size and channels (the model's).
+        device, batch_size, workers, precision: where and how (``precision``: auto = bf16 on capable GPUs).
+        progress: a progress bar on rank 0 for more than a few batches, titled ``desc``.
+        ctx: this process's place under torchrun (default: one process).
+
+    Returns:
+        float64 [n, *out_shape] on every rank; row i is image i.
+    """
+    ctx = ctx or DistContext()
+    n = len(refs)
+    if n == 0:
+        return np.zeros((0, *out_shape))
+    mine = eval_indices(n, ctx)  # this rank's block of images (all of them in one process)
+    levels = torch.as_tensor(np.zeros(n) if t is None else np.asarray(t), dtype=torch.float32)[mine]  # [n_mine]
+    loader = DataLoader(ImageDataset([refs[i] for i in mine], img_size, in_chans, augment="none"),
+                        batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    local = torch.zeros(len(mine), *out_shape, device=device)  # [n_mine, ...], row k = image mine[k]
+    bar = None
+    if progress and ctx.is_main and len(mine) > 4 * batch_size:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=desc, unit="img")
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp_dtype(device, precision)):
+        for x, _, k in loader:  # k: positions in this rank's block
+            out = step(x.to(device, non_blocking=True), levels[k].to(device))  # [B, ...]
+            local[k.to(device)] = out.float()
+            if bar is not None:
+                bar.update(len(k))
+    if bar is not None:
+        bar.close()
+    return gather_ordered(local, n, ctx).cpu().double().numpy()  # [n, ...] on every rank, row i = image i
+
+
+def class_probabilities(model: torch.nn.Module, refs: Sequence[str], t: np.ndarray, device: torch.device,
+                        **options: object) -> np.ndarray:
+    """Softmax probabilities [n, K] of a classifier on images ``refs`` at their levels ``t`` (Algorithm 1 l. 12);
+    ``options`` are :func:`infer`'s (batch_size, workers, precision, progress, desc, ctx)."""
+    cfg = model.config
+    return infer(model, lambda x, levels: torch.softmax(model(x, levels).float(), dim=-1), refs, t,
+                 img_size=cfg.img_size, in_chans=cfg.in_chans, out_shape=(model.num_classes,), device=device,
+                 **options)

@@ -1,0 +1,362 @@
+"""Initialise D²MAE from ImageNet MAE weights: the official MAE checkpoints and timm's ``vit_*_patch16_224.mae``.
+
+Sources (all read from local files; nothing is downloaded):
+
+- the official MAE release (``mae_pretrain_vit_base.pth`` …): ``{"model": state_dict}`` in MAE's names
+  (``cls_token``, ``pos_embed`` [1, 1+N, D], ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``, and, in the full
+  pre-training checkpoints, ``mask_token``, ``decoder_embed.*``, ``decoder_pos_embed``, ``decoder_blocks.N.*``,
+  ``decoder_norm.*``, ``decoder_pred.*``); fine-tuned checkpoints add ``fc_norm.*`` and ``head.*``;
+- timm's MAE weights (``model.safetensors`` of ``vit_base_patch16_224.mae`` …): the same encoder names, no wrapper;
+- a d2mae state dict (``encoder.*`` names), e.g. to move a pre-trained model to another image size.
+
+``.pth`` files are read with ``torch.load(weights_only=True)`` only: a file holding pickled Python objects (which
+could run code when unpickled) is refused, never executed. The conversion to a :class:`~d2mae.method.models.DeblurMAE` or
+:class:`~d2mae.method.models.DeblurClassifier` (Section 2.2, Eq. 2):
+
+- keys gain the ``encoder.`` prefix (decoder keys keep theirs);
+- position embeddings gain the blur token's row: ``P`` grows from N + 1 to N + 2 rows, BLU's row is zero like the
+  prefix rows of MAE's fixed sin-cos embedding; a fixed 2-D sin-cos grid is regenerated exactly for another image
+  size, any other grid is resampled with ``timm.layers.resample_abs_pos_embed`` (bicubic);
+- 3-channel ↔ 1-channel: the patch projection is adapted as timm's ``adapt_input_conv`` does (3→1 sums the RGB
+  filters, so a gray image x gives the response of the RGB image (x, x, x)); ``decoder_pred`` predicts the gray value
+  as the mean of its three RGB predictions per pixel (1→3 repeats the gray row for each channel);
+- the blur token itself (and the model's own input mean/std) are new: they keep their initial values.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
+
+from d2mae.io.artifacts import load_weights
+from d2mae.method.models import DeblurClassifier, DeblurMAE, sincos_pos_embed_2d
+from d2mae.runtime.errors import D2maeError
+
+# target-model keys that no MAE or timm checkpoint can provide: kept as the model initialised / configured them
+NEW_KEYS = ("encoder.blur_token", "encoder.pixel_mean", "encoder.pixel_std")
+_ENCODER = re.compile(r"^(cls_token|blur_token|pos_embed|patch_embed\.|blocks\.|norm\.)")
+_DECODER = re.compile(r"^(mask_token|decoder_embed\.|decoder_pos_embed|decoder_blocks\.|decoder_norm\.|decoder_pred\.)")
+_HEAD = re.compile(r"^(fc_norm\.|head\.)")
+_WRAPPERS = ("model", "state_dict", "module", "model_state")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ImportReport:
+    """What :func:`init_from_checkpoint` did, key by key.
+
+    Attributes:
+        source: the checkpoint file.
+        loaded: model keys now holding checkpoint values.
+        missing: model keys a checkpoint of this layout should have provided but did not (kept at init).
+        new: model keys no MAE/timm checkpoint has (the blur token, the model's input mean/std): kept at init.
+        unexpected: checkpoint keys that were not used.
+        converted: one line per conversion (prefix row inserted, grid resized, channels adapted, …).
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for a log."""
+        parts = [f"initialised from {self.source}: {len(self.loaded)} tensors loaded"]
+        if self.new:
+            parts.append(f"kept new: {', '.join(self.new)}")
+        if self.missing:
+            parts.append(f"missing (kept at init): {_short(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unused from the checkpoint: {_short(self.unexpected)}")
+        if self.converted:
+            parts.append("; ".join(self.converted))
+        return "; ".join(parts)
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" … ({len(keys)} in all)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading the file
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file, or a model folder.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``: tensors, dicts, lists and numbers only. Wrappers
+    ``{"model": …}`` / ``{"state_dict": …}`` are unwrapped and ``module.`` prefixes removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.pth"))
+            if not found:
+                raise D2maeError(f"folder {path} holds no .safetensors or .pth weights", option="init_from")
+            path = found[0]
+    if not path.is_file():
+        raise D2maeError(f"checkpoint {path} does not exist", option="init_from")
+    if path.suffix == ".safetensors":
+        obj: Any = load_weights(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise D2maeError(
+                f"checkpoint {path} holds pickled Python objects, which could run code when loaded, so d2mae refuses "
+                f"it ({first[:160]}); save only its tensors (a plain state dict or safetensors) from a trusted "
+                "session and import that") from None
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+            raise D2maeError(f"checkpoint {path} is not a readable PyTorch weights file ({exc})") from None
+    state = _unwrap(obj, path)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise D2maeError(f"checkpoint {path} holds no state dict (expected tensors by name, or {{'model': …}})")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise D2maeError(f"checkpoint {path} holds no tensors under {', '.join(map(str, list(obj)[:5]))}")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor conversions
+
+
+def _prefix_count(length: int) -> int:
+    """Prefix tokens of a position embedding with ``length`` rows over a square grid (1: MAE/timm, 2: d2mae)."""
+    for prefix in (1, 2, 0):
+        if length - prefix > 0 and math.isqrt(length - prefix) ** 2 == length - prefix:
+            return prefix
+    raise D2maeError(f"position embedding with {length} rows is not prefix tokens + a square grid of patches")
+
+
+def convert_pos_embed(src: torch.Tensor, target: torch.Tensor, name: str, notes: list[str]) -> torch.Tensor:
+    """[1, p_src + g_src², D] → the target's [1, p + g², D]: prefix rows adapted, grid regenerated or resampled."""
+    src = src.reshape(1, -1, src.shape[-1]).float()  # [1, L, D]
+    dim = src.shape[-1]
+    if dim != target.shape[-1]:
+        raise ValueError(f"{name}: width {dim} vs the model's {target.shape[-1]}")
+    p_src = _prefix_count(src.shape[1])
+    g_src = math.isqrt(src.shape[1] - p_src)
+    p_tgt = _prefix_count(target.shape[1])
+    g_tgt = math.isqrt(target.shape[1] - p_tgt)
+    grid = src[:, p_src:]  # [1, g_src², D]
+    if g_src != g_tgt:
+        fixed = sincos_pos_embed_2d(dim, g_src, 0) if dim % 4 == 0 else None
+        if fixed is not None and torch.allclose(grid, fixed, atol=1e-4):
+            grid = sincos_pos_embed_2d(dim, g_tgt, 0)
+            notes.append(f"{name}: fixed 2-D sin-cos grid regenerated for {g_tgt}×{g_tgt} patches "
+                         f"(was {g_src}×{g_src})")
+        else:
+            grid = resample_abs_pos_embed(grid, new_size=[g_tgt, g_tgt], old_size=[g_src, g_src], num_prefix_tokens=0)
+            notes.append(f"{name}: resampled {g_src}×{g_src} → {g_tgt}×{g_tgt} (bicubic, timm)")
+    rows = [src[:, :1] if p_src >= 1 else torch.zeros(1, 1, dim)]  # CLS
+    if p_tgt == 2:
+        if p_src == 2:
+            rows.append(src[:, 1:2])
+        else:
+            rows.append(torch.zeros(1, 1, dim))  # BLU(t)'s position: zero, like the sin-cos prefix rows
+            notes.append(f"{name}: zero row inserted for the blur token (N+1 → N+2 positions)")
+    elif p_src == 2:
+        notes.append(f"{name}: the blur token's row dropped (this model has no blur token)")
+    return torch.cat(rows + [grid], dim=1).to(target.dtype)  # [1, p_tgt + g_tgt², D]
+
+
+def convert_patch_weight(src: torch.Tensor, target: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """Patch projection [D, C_src, p, p] → [D, C, p, p] (timm ``adapt_input_conv``: 3→1 sums the RGB filters)."""
+    if src.shape[0] != target.shape[0] or src.shape[2:] != target.shape[2:]:
+        raise ValueError(f"patch_embed.proj.weight: {tuple(src.shape)} vs the model's {tuple(target.shape)} "
+                         "(width or patch size differ)")
+    if src.shape[1] != target.shape[1]:
+        notes.append(f"patch_embed.proj.weight: {src.shape[1]} → {target.shape[1]} input channel(s) "
+                     f"({'sum over RGB' if target.shape[1] == 1 else 'repeated, rescaled'}, as timm adapt_input_conv)")
+        src = adapt_input_conv(target.shape[1], src.float())
+    return src.to(target.dtype)
+
+
+def convert_decoder_pred(src: torch.Tensor, target: torch.Tensor, c_src: int, c_tgt: int, name: str,
+                         notes: list[str]) -> torch.Tensor:
+    """decoder_pred rows [p*p*C_src, …] → [p*p*C, …]; rows are ordered (pixel, channel), channel fastest (MAE)."""
+    if c_src == c_tgt or src.shape[0] % c_src or target.shape[0] % c_tgt:
+        return src.to(target.dtype)
+    pixels = src.shape[0] // c_src
+    rows = src.float().reshape(pixels, c_src, *src.shape[1:])  # [p*p, C_src, (Dd)]
+    if c_tgt == 1:
+        out = rows.mean(dim=1)  # gray prediction = mean of the RGB predictions
+        how = "mean of the three RGB rows per pixel"
+    else:
+        out = rows.repeat_interleave(c_tgt, dim=1).reshape(pixels * c_tgt, *src.shape[1:])
+        how = "gray row repeated per channel"
+    notes.append(f"{name}: {c_src} → {c_tgt} output channel(s) ({how})")
+    return out.reshape(target.shape[0], *src.shape[1:]).to(target.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mapping a checkpoint onto a model
+
+
+def _role(key: str) -> str:
+    if _ENCODER.match(key):
+        return "encoder"
+    if _DECODER.match(key):
+        return "decoder"
+    if _HEAD.match(key):
+        return "head"
+    return "other"
+
+
+def _source_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys in MAE's flat names (``encoder.`` of a d2mae state dict stripped)."""
+    if any(k.startswith("encoder.") for k in state):
+        return {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in state.items()}
+    return dict(state)
+
+
+def _target_key(model: DeblurMAE | DeblurClassifier, key: str) -> str | None:
+    role = _role(key)
+    if role == "encoder":
+        return "encoder." + key
+    if role == "decoder" and isinstance(model, DeblurMAE):
+        return key
+    if role == "head" and isinstance(model, DeblurClassifier):
+        return key
+    return None
+
+
+def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, *,
+                         strict_encoder: bool = True) -> ImportReport:
+    """Initialise ``model`` in place from an MAE / timm / d2mae checkpoint file and say what was used.
+
+    Args:
+        model: a :class:`DeblurMAE` (pre-training) or :class:`DeblurClassifier` (fine-tuning).
+        path: ``.pth`` (official MAE, ``torch.load(weights_only=True)``), ``.safetensors`` (timm), or a folder.
+        strict_encoder: refuse a checkpoint whose encoder does not cover the model's encoder exactly (every
+            encoder tensor present and convertible, no extra encoder tensors such as deeper blocks). With ``False``
+            those tensors are skipped and listed in the report instead. A decoder that does not fit (other width or
+            depth) is never loaded in part: it is skipped whole and reported.
+
+    Returns:
+        An :class:`ImportReport` (``report.summary()`` for a log line).
+    """
+    if not isinstance(model, (DeblurMAE, DeblurClassifier)):
+        raise TypeError(f"init_from_checkpoint expects a DeblurMAE or DeblurClassifier, got {type(model).__name__}")
+    source = _source_names(load_checkpoint_file(path))
+    report = ImportReport(source=str(path))
+    target = model.state_dict()
+    new_state = {k: v.clone() for k, v in target.items()}
+    cfg = model.config
+    c_src = source["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in source else cfg.in_chans
+    problems: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
+    planned: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "decoder": {}, "head": {}}
+    notes: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
+    failed: set[str] = set()  # model keys whose checkpoint tensor could not be converted
+
+    for key, value in source.items():
+        tkey = _target_key(model, key)
+        if isinstance(model, DeblurClassifier) and key.startswith("norm."):
+            report.unexpected.append(key)  # MAE's global pooling drops the encoder's final norm
+            notes["encoder"].append(f"{key}: not used, the classifier pools first and normalises with fc_norm")
+            continue
+        if tkey is None or tkey not in target:
+            report.unexpected.append(key)
+            if key == "blur_token":
+                notes["encoder"].append("blur_token: not used, this model has no blur token (--blur-embed)")
+            elif _role(key) == "encoder":
+                problems["encoder"].append(f"{key} has no place in the model (another depth or layout?)")
+            continue
+        role = _role(key)
+        want = target[tkey]
+        try:
+            if key in ("pos_embed", "decoder_pos_embed"):
+                out = convert_pos_embed(value, want, key, notes[role])
+            elif key == "patch_embed.proj.weight":
+                out = convert_patch_weight(value, want, notes[role])
+            elif key.startswith("decoder_pred."):
+                out = convert_decoder_pred(value, want, c_src, cfg.in_chans, key, notes[role])
+            else:
+                out = value
+            if tuple(out.shape) != tuple(want.shape):
+                raise ValueError(f"{key}: {tuple(value.shape)} vs the model's {tuple(want.shape)}")
+        except ValueError as exc:
+            problems[role].append(str(exc))
+            report.unexpected.append(key)
+            failed.add(tkey)
+            continue
+        planned[role][tkey] = out.to(want.dtype)
+
+    expected_roles = {"encoder"} | ({"decoder"} if isinstance(model, DeblurMAE) else set())
+    if isinstance(model, DeblurClassifier) and planned["head"]:
+        expected_roles.add("head")
+    for tkey in target:
+        if tkey in NEW_KEYS:
+            if tkey == "encoder.blur_token" and tkey in planned["encoder"]:
+                continue  # a d2mae checkpoint's own blur token
+            report.new.append(tkey)
+            continue
+        role = "encoder" if tkey.startswith("encoder.") else ("head" if _HEAD.match(tkey) else "decoder")
+        if not any(tkey in planned[r] for r in planned) and role in expected_roles:
+            report.missing.append(tkey)
+            if role == "encoder" and tkey not in failed:
+                problems["encoder"].append(f"{tkey} is not in the checkpoint")
+
+    if strict_encoder and problems["encoder"]:
+        first = problems["encoder"][0]
+        more = f" (and {len(problems['encoder']) - 1} more)" if len(problems["encoder"]) > 1 else ""
+        raise D2maeError(f"checkpoint {path} does not fit this model's encoder ({cfg.model}, {cfg.img_size}px, "
+                         f"{cfg.in_chans} channel(s)): {first}{more}; choose the model options (--model, --embed-dim, "
+                         "--depth, --patch-size) the checkpoint was trained with")
+    decoder_missing = any(_DECODER.match(k) for k in report.missing)
+    if isinstance(model, DeblurMAE) and not any(_role(k) == "decoder" for k in source):
+        notes["decoder"].append("decoder: not in the checkpoint (encoder-only weights), kept at its initialisation")
+    if problems["decoder"] or (planned["decoder"] and decoder_missing):
+        # a decoder loaded in part is worse than a fresh one: skip it whole
+        reason = problems["decoder"][0] if problems["decoder"] else "the checkpoint lacks some of its tensors"
+        report.unexpected.extend(k for k in source if _role(k) == "decoder")
+        report.missing.extend(planned["decoder"])
+        planned["decoder"] = {}
+        notes["decoder"] = [f"decoder not loaded, kept at its initialisation: {reason}"]
+    notes["head"].extend(f"not loaded: {problem}" for problem in problems["head"])
+    notes["encoder"].extend(f"not loaded: {problem}" for problem in problems["encoder"])  # strict_encoder=False
+    for role in planned:
+        new_state.update(planned[role])
+        report.loaded.extend(planned[role])
+        report.converted.extend(notes[role])
+    model.load_state_dict(new_state, strict=True)
+    report.loaded.sort()
+    report.missing = sorted(set(report.missing))
+    report.unexpected = sorted(set(report.unexpected))
+    return report

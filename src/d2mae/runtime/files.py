@@ -1,0 +1,143 @@
+"""How artefacts reach disk: atomic writes, file hashes, resume states loadable with ``weights_only=True``.
+
+Every file d2mae writes goes through :func:`atomic_write_bytes` (temp file in the same folder, fsync, rename), so a
+run killed at any instant leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from d2mae.runtime.errors import D2maeError
+
+
+def _default_mode(fd: int) -> None:
+    """Give a ``mkstemp`` file (created 0600) the permissions a plain ``open`` would: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[Any]:
+    """A binary file handle whose content replaces ``path`` atomically when the block ends without error: a temp
+    file in the same folder, fsync, then a rename over the target (and an fsync of the folder, so the rename lasts).
+    It streams: a ViT-B resume state is over a gigabyte, with no second copy in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _default_mode(fd)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_writer`)."""
+    with atomic_writer(path) as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def csv_text(fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """A CSV table as text: a header of ``fields``, then one line per row (``\n`` line ends)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts of strings."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB chunks; an unreadable file is an ``OSError`` for the caller."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resume states: saved atomically, loadable with torch.load(weights_only=True)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` a resume state atomically. Only tensors and plain Python values: loadable with
+    ``torch.load(weights_only=True)`` (checked here, so a bad state fails at save time, not at resume time)."""
+    _check_plain(state, "state")
+    with atomic_writer(path) as fh:
+        torch.save(state, fh)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a resume state with ``torch.load(weights_only=True)`` onto the CPU; unreadable files are clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise D2maeError(f"resume checkpoint {path} does not exist; check the path or drop --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise D2maeError(f"resume checkpoint {path} cannot be read ({first[:200]}); "
+                         "delete it to start over") from None
+    if not isinstance(state, dict):
+        raise D2maeError(f"resume checkpoint {path} does not hold a d2mae resume state")
+    return state
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse values that ``torch.load(weights_only=True)`` would not load (numpy arrays, custom classes)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is not a str or int")
+            _check_plain(value, f"{where}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN) or isinstance(obj, np.generic):
+        raise TypeError(f"{where}: {type(obj).__name__} cannot be loaded with weights_only=True")
+
+

@@ -1,0 +1,191 @@
+"""Typed run configurations: plain dataclasses, readable from YAML, with every option's domain declared once.
+
+Every field of a config dataclass is a YAML key and (in :mod:`d2mae.commands`) a flag (``img_size`` ->
+``--img-size``). Precedence, lowest first: dataclass defaults < preset < YAML file < flags (:func:`build_config`).
+Unknown keys and values of the wrong type are refused with a :class:`~d2mae.runtime.errors.D2maeError` that names
+the key and the file.
+
+The domain of a field lives in its metadata and nowhere else, and :func:`check_fields` (called by each config's
+``__post_init__``) enforces it, so the command line, YAML files, the Python API and the ``config.json`` of a saved
+model are checked alike::
+
+    epochs: int = field(default=400, metadata={"help": "...", "min": 1})
+    mask_ratio: float = field(default=0.75, metadata={"min": 0.0, "below": 1.0})
+    device: str = field(default="auto", metadata={"volatile": True})   # does not change what a run computes
+
+Keys: ``min``/``max`` (inclusive), ``above``/``below`` (exclusive), ``choices``; numbers must also be finite.
+``volatile`` marks options that do not change results (devices, workers, logging): a resumed run may change them,
+and experiment cache keys leave them out (:func:`result_fields`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_text
+
+_NONE_WORDS = {"none", "null", "~"}
+
+
+def _describe(tp: Any) -> tuple[Any, Any, bool]:
+    """Split an annotation into (container, scalar type, optional): ``list[str] | None`` -> (list, str, True)."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) != 1:
+            raise TypeError(f"unsupported config annotation {tp!r}")
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return list, typing.get_args(tp)[0], optional
+    return None, tp, optional
+
+
+def _scalar(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Coerce one scalar from YAML or a flag to ``tp``, or explain what was expected."""
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {"true", "yes", "1", "false", "no", "0"}:
+                return value.lower() in {"true", "yes", "1"}
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise D2maeError(f"option '{key}' in {source} must be {expected}, got {value!r}") from None
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Coerce ``value`` to the annotation ``tp`` (scalars, optionals and lists of scalars)."""
+    container, inner, optional = _describe(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise D2maeError(f"option '{key}' in {source} must be set (it cannot be empty)")
+    if container is list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_scalar(v, inner, key, source) for v in items]
+    return _scalar(value, inner, key, source)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a clear error for a missing file or bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise D2maeError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise D2maeError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise D2maeError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    return data
+
+
+def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
+    """Merge (mapping, source-name) layers over the dataclass defaults, checking keys and types.
+
+    Keys may be written with dashes or underscores. Later layers win. The dataclass's ``__post_init__`` runs its
+    own value checks (ranges, choices) and raises :class:`D2maeError`.
+    """
+    types_ = field_types(cls)
+    merged: dict[str, Any] = {}
+    for mapping, source in layers:
+        for raw_key, value in (mapping or {}).items():
+            key = str(raw_key).replace("-", "_")
+            if key not in types_:
+                close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]]
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; known options: {', '.join(types_)}"
+                raise D2maeError(f"unknown option '{raw_key}' in {source}{hint}")
+            merged[key] = coerce(value, types_[key], key, source)
+    return cls(**merged)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _domain(meta: Mapping[str, Any], integer: bool) -> str:
+    """The domain of a field in words: ``an integer ≥ 1``, ``a number in [0, 1)``."""
+    kind = "an integer" if integer else "a number"
+    lo = ("[", meta["min"]) if "min" in meta else ("(", meta["above"]) if "above" in meta else None
+    hi = ("]", meta["max"]) if "max" in meta else (")", meta["below"]) if "below" in meta else None
+    if lo and hi:
+        return f"{kind} in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{kind} {'≥' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{kind} {'≤' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return kind
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of the dataclass instance ``obj`` against its metadata's domain (module docstring).
+
+    Raises:
+        D2maeError: with ``option`` = the field's name, saying the domain and the value given.
+    """
+    for f in dataclasses.fields(obj):
+        meta = f.metadata
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if "choices" in meta:
+            for v in values:
+                if v not in meta["choices"]:
+                    raise D2maeError(f"unknown value {v!r}; use one of {', '.join(map(str, meta['choices']))}",
+                                     option=f.name)
+        if not any(k in meta for k in ("min", "max", "above", "below")):
+            continue
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # the type was checked where the value came in (coerce)
+            integer = isinstance(v, int)
+            ok = math.isfinite(v)
+            ok = ok and ("min" not in meta or v >= meta["min"]) and ("max" not in meta or v <= meta["max"])
+            ok = ok and ("above" not in meta or v > meta["above"]) and ("below" not in meta or v < meta["below"])
+            if not ok:
+                raise D2maeError(f"must be {_domain(meta, integer)}, got {v}", option=f.name)
+
+
+def result_fields(cls: type) -> list[str]:
+    """The fields of a config dataclass that change what a run computes (all but the ``volatile`` ones)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("volatile")]

@@ -1,0 +1,69 @@
+"""Optimisers and the learning-rate schedule: MAE's pre-training recipe and MAE's fine-tuning recipe, through timm.
+
+* Pre-training (:func:`build_optimizer`): AdamW β = (0.9, 0.95), weight decay on weight matrices only.
+* Fine-tuning (:func:`make_optimizer`): AdamW over timm's layer-wise lr decay groups (the classifier's
+  ``group_matcher`` puts CLS, BLU, position and patch embeddings in the stem), or the linear probe's SGD.
+* Both: per-step linear warm-up then half-cosine (:func:`warmup_cosine_scheduler`, timm's ``CosineLRScheduler``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from d2mae.method.models import DeblurClassifier, DeblurMAE
+
+NO_WEIGHT_DECAY = ("encoder.cls_token", "encoder.blur_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed")
+
+
+def build_optimizer(model: DeblurMAE, cfg: Any, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW(β = 0.9, 0.95) as MAE; weight decay on weight matrices only (not on norms, biases, CLS/BLU/mask
+    tokens), grouped by timm's ``param_groups_weight_decay``."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def param_groups(model: DeblurClassifier, cfg: Any) -> list[dict[str, Any]]:
+    """timm's layer-wise decay groups: stem (CLS, BLU, pos/patch embeddings) at layer_decay^(depth+1), blocks
+    in between, head at 1; no weight decay on 1-D parameters and on ``model.no_weight_decay()``."""
+    from timm.optim import param_groups_layer_decay
+
+    decay = 1.0 if cfg.mode == "scratch" else cfg.layer_decay
+    return param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
+                                    no_weight_decay_list=model.no_weight_decay(), layer_decay=decay)
+
+
+def make_optimizer(model: DeblurClassifier, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
+    """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.finetune.FinetuneConfig`): AdamW over timm's
+    layer-wise decay groups, or for the linear probe SGD with momentum on the head alone (MAE's recipes)."""
+    lr = cfg.resolved_lr(world_size)
+    if cfg.mode == "linear":
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                               weight_decay=0.0)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=(0.9, 0.999))
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                            min_lr: float) -> Any:
+    """Per-step schedule of MAE pre-training: linear warm-up from 0, then half-cosine down to ``min_lr``.
+
+    timm's ``CosineLRScheduler`` with ``t_in_epochs=False`` and ``warmup_prefix=True``; call
+    ``scheduler.step_update(num_updates=step)`` before optimizer step ``step`` (0-based). The base lr is each param
+    group's ``lr`` when the scheduler is made. Its ``state_dict()`` holds plain values only.
+    """
+    import logging
+
+    from timm.scheduler import CosineLRScheduler
+
+    warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # its "no effect when t_initial = 1" warning: a one-step decay is intended here
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, int(total_steps) - warmup_steps), lr_min=min_lr,
+                                 warmup_t=warmup_steps, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)

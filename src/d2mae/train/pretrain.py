@@ -1,0 +1,678 @@
+"""D²MAE pre-training (Section 2.2): blur each image at σ_t, t ~ U{1..T}, mask 75%, reconstruct the original.
+
+One command runs every pre-training of the paper: D²MAE itself, the MAE and DeblurrMAE baselines of Table 2 and the
+ablations of Table 3 (``--preset``)::
+
+    d2mae pretrain --data images/ --out runs/pt                           # D²MAE, ViT-B, 224 px
+    d2mae pretrain --data images/ --out runs/mae --preset mae             # MAE baseline (no blur)
+    d2mae pretrain --data images/ --out runs/pt --resume                  # continue a stopped run
+    torchrun --nproc_per_node 8 -m d2mae pretrain --data images/ --out runs/pt --batch-size 128   # 8 GPUs
+
+Python: ``pretrain(PretrainConfig(data=["images/"], out="runs/pt"))`` returns the output folder.
+
+The output folder is a pre-trained model folder (:func:`d2mae.io.artifacts.load_pretrained` reads it):
+
+* ``model.safetensors`` + ``config.json``: the DeblurMAE, its blur schedule and the data set's mean/std (computed
+  from the training images unless ``--mean``/``--std`` are given).
+* ``pretrain.yaml``: the resolved run config (``d2mae pretrain --config pretrain.yaml`` repeats the run).
+* ``metrics.jsonl``: one record per ``log_every_steps`` steps and at each epoch end: ``step`` (optimizer steps
+  done), ``epoch`` (1-based), ``loss`` (mean over the steps since the last record), ``lr``, ``images_per_s``,
+  ``time`` (training seconds so far, summed over resumed sessions).
+* ``tensorboard/``: the same records as TensorBoard scalars (``pretrain/loss`` …) when the tensorboard package is
+  installed (``--tensorboard auto``, the default; ``on`` requires it, ``off`` skips it).
+* ``init_report.json`` (with ``--init-from``): which tensors of the start checkpoint were loaded, converted or new.
+* ``resume.pt``: ``format``/``format_version``, ``model``, ``optimizer``, ``scheduler`` (timm CosineLRScheduler
+  state), ``scaler`` (None: bf16 needs none), ``epoch`` + ``micro_step`` (the next micro-batch to run), ``step``,
+  ``elapsed``, ``rng`` (Python/NumPy/torch/CUDA states as tensors), ``sampler``, ``world_size``, ``config``,
+  ``model_config``, ``data`` (image count and a hash of the list). Plain tensors and values only:
+  ``torch.load(path, weights_only=True)``. Written atomically at every epoch end (``save_every_epochs``), every
+  ``checkpoint_every_steps`` steps and on SIGTERM/SIGINT (exit status 143/130).
+
+Reproducibility. Every random number of a step comes from a generator seeded by ``(seed, epoch, step)``: the
+epoch's data order, each image's crop and flip (seeded by ``(seed, epoch, image)``, whatever loader worker decodes
+it), the blur levels t and the mask noise. A run stopped at any point and resumed therefore ends with the same
+weights as an uninterrupted run (bit for bit on a CPU), and W processes with batch B each match one process with
+batch B·W up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from d2mae.data.cache import DecodedCache, cache_bytes, crop_boxes
+from d2mae.data.dataset import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset
+from d2mae.data.decode import check_images, compute_stats, content_hashes
+from d2mae.data.sampler import EpochBatchSampler
+from d2mae.data.sources import find_images
+from d2mae.io.artifacts import WEIGHTS, save_pretrained
+from d2mae.method.blur import BlurSchedule
+from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.runtime import distributed as dist_utils
+from d2mae.runtime.device import amp_dtype, autocast
+from d2mae.runtime.distributed import DistContext
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog, say
+from d2mae.runtime.options import build_config, save_config, to_dict
+from d2mae.runtime.seeds import (
+    STREAM_CROP, STREAM_STEP, capture_rng_state, derive_seed, restore_rng_state, seed_everything
+)
+from d2mae.runtime.signals import StopSignals
+from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
+from d2mae.train.resume import check_resumable, resume_file, settings_diff
+
+RESUME = "resume.pt"
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "pretrain.yaml"
+RESUME_FORMAT = "d2mae-pretrain-resume"
+RESUME_VERSION = 1
+DEBLURRMAE_SIGMA = 1.1  # DeblurrMAE's one fixed blur, as its public code (pre-training and fine-tuning)
+
+# Table 2 (MAE, DeblurrMAE, D²MAE) and Table 3 (a: blur range, b: blur embedding) as ModelConfig overrides.
+_D2MAE = dict(blur=True, sigma_start=BlurSchedule.start, sigma_stop=BlurSchedule.stop, sigma_step=BlurSchedule.step,
+              blur_embed="token", loss_on="all")
+PRESETS: dict[str, dict[str, Any]] = {
+    # D²MAE: σ ∈ {0.1, 0.2, …, 1.1} (T = 11), t ~ U{1..T}, BLU(t) token after CLS, loss on every patch (Eq. 3).
+    "d2mae": dict(_D2MAE),
+    # MAE: no blur, no blur embedding, loss on the masked patches only.
+    "mae": dict(blur=False, blur_embed="none", loss_on="masked"),
+    # DeblurrMAE: one fixed blur, no blur embedding, loss on every patch.
+    "deblurrmae": dict(blur=True, sigma_start=DEBLURRMAE_SIGMA, sigma_stop=DEBLURRMAE_SIGMA,
+                       sigma_step=BlurSchedule.step, blur_embed="none", loss_on="all"),
+    # Table 3a: blur ranges 0.1→0.6 and 0.1→1.6 (step 0.1).
+    "range-0.6": {**_D2MAE, "sigma_stop": 0.6},
+    "range-1.6": {**_D2MAE, "sigma_stop": 1.6},
+    # Table 3b: no blur embedding / the sinusoid added to every patch embedding.
+    "embed-none": {**_D2MAE, "blur_embed": "none"},
+    "embed-add": {**_D2MAE, "blur_embed": "add"},
+}
+
+MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
+
+
+@dataclass
+class PretrainConfig(ModelConfig):
+    """Every option of ``d2mae pretrain``: the model (all of :class:`ModelConfig`'s fields) and the run.
+
+    Each field is a YAML key and a flag (``batch_size`` ↔ ``--batch-size``), with its domain in its metadata
+    (:mod:`d2mae.runtime.options`); ``volatile`` fields may change when a stopped run is resumed. Precedence, lowest
+    first: defaults < ``preset`` (:data:`PRESETS`) < the YAML file (``config``) < flags. Learning rate as MAE:
+    ``lr = blr × effective batch / 256`` with effective batch = batch_size × accum_iter × number of processes.
+    """
+
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "image folders, image files or .csv/.txt lists of images (required)", "metavar": "PATH",
+        "volatile": True})
+    out: str = field(default="", metadata={
+        "help": "output folder; it becomes the pre-trained model folder (required)", "metavar": "DIR",
+        "volatile": True})
+    preset: str = field(default="d2mae", metadata={
+        "help": "method: d2mae (the paper), mae, deblurrmae, or the ablations range-0.6, range-1.6, embed-none, "
+                "embed-add", "choices": list(PRESETS)})
+    config: str | None = field(default=None, metadata={
+        "help": "YAML file of options (keys as the flags, with _ or -); flags given here override it",
+        "metavar": "FILE.yaml", "volatile": True})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from these weights instead of a random initialisation: an official MAE .pth "
+                "(mae_pretrain_vit_base.pth), timm's vit_*_patch16_224.mae model.safetensors, or a d2mae model "
+                "folder; converted to this model (blur token added, 3→1 channel, other image size; see "
+                "docs/import.md) and reported in OUT/init_report.json", "metavar": "FILE|DIR"})
+    epochs: int = field(default=400, metadata={"help": "epochs over the data (paper: 6000-16000)", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "images per process per step", "min": 1})
+    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step",
+                                                 "min": 1})
+    blr: float = field(default=1.5e-4, metadata={"help": "base learning rate: lr = blr × effective batch / 256",
+                                                 "above": 0.0})
+    lr: float | None = field(default=None, metadata={"help": "absolute learning rate (overrides --blr)",
+                                                     "above": 0.0})
+    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay",
+                                                 "min": 0.0})
+    warmup_epochs: float = field(default=40.0, metadata={"help": "linear warm-up length in epochs", "min": 0.0})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "AdamW weight decay (not on norms, biases, tokens)", "min": 0.0})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same result on CPU",
+                                           "min": 0})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N",
+                                                  "volatile": True})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32",
+        "choices": ["auto", "bf16", "fp32"], "volatile": True})
+    num_workers: int | None = field(default=None, metadata={
+        "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)", "min": 0, "volatile": True})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "leave out unreadable images (listed in OUT/bad_images.txt) instead of stopping", "volatile": True})
+    resume: str | None = field(default=None, metadata={
+        "help": "continue a run: auto (OUT/resume.pt if present) or a resume.pt file / run folder",
+        "volatile": True})
+    save_every_epochs: int = field(default=1, metadata={
+        "help": "write the model and resume.pt every N epochs (and at the end)", "min": 1, "volatile": True})
+    checkpoint_every_steps: int = field(default=500, metadata={
+        "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)", "min": 0,
+        "volatile": True})
+    log_every_steps: int = field(default=20, metadata={"help": "write a metrics.jsonl record every N steps",
+                                                       "min": 1, "volatile": True})
+    tensorboard: str = field(default="auto", metadata={"help": TENSORBOARD_HELP,
+                                                        "choices": list(TENSORBOARD_CHOICES), "volatile": True})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (the lr schedule is fitted to the shorter run)", "min": 1})
+    data_path: str = field(default="auto", metadata={
+        "help": "memory: decode every image once into a cache on the device and crop batches there; loader: "
+                "decode each epoch in DataLoader workers; auto: memory when the cache fits, else loader (both give "
+                "the same sharp crops; docs/views.md)", "choices": ["auto", "memory", "loader"], "volatile": True})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (faster on recent GPUs)",
+                                                   "volatile": True})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # every field's domain, and the model's rules
+        if not self.data:
+            raise D2maeError("is required: give one or more image folders, files or .csv/.txt lists", option="data")
+        if not str(self.out).strip():
+            raise D2maeError("is required: the folder to write the pre-trained model to", option="out")
+        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+            raise D2maeError(f"{self.mask_ratio} masks every one of the {self.num_patches} patches of a "
+                             f"{self.img_size}-pixel image; lower it or use a larger image", option="mask_ratio")
+
+    def model_config(self) -> ModelConfig:
+        """The :class:`ModelConfig` part (what ``config.json`` of the pre-trained folder stores)."""
+        return ModelConfig(**{k: getattr(self, k) for k in MODEL_FIELDS})
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * self.accum_iter * world_size
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """``lr``, or MAE's linear scaling rule ``blr × effective batch / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """The ModelConfig overrides of a preset (a copy); unknown names are a clear error."""
+    if name not in PRESETS:
+        raise D2maeError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}", option="preset")
+    return dict(PRESETS[name])
+
+
+def make_config(preset: str | None = None, **options: Any) -> PretrainConfig:
+    """Build a :class:`PretrainConfig` in Python with the command line's precedence: defaults < preset < options."""
+    name = preset or "d2mae"
+    return build_config(PretrainConfig, ({**preset_overrides(name), "preset": name}, f"preset '{name}'"),
+                        (options, "the arguments"))
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived; a resume checkpoint was written. ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.step = step
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        where = f"; checkpoint {checkpoint}, continue with --resume" if checkpoint else ""
+        super().__init__(f"stopped by {name} after step {step}{where}")
+
+
+class NonFiniteLossError(D2maeError):
+    """The loss became NaN or infinite; the weights of that step were not applied."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------------------------
+
+def _default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes free for a data cache on ``device`` (GPU: free device memory; CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device, ctx: DistContext
+                     ) -> tuple[str, str]:
+    """``memory`` or ``loader``, with the reason. The cache (native resolution, :func:`d2mae.data.cache.cache_bytes`) may
+    use a quarter of the free memory (shared by the processes of a node on the CPU)."""
+    if cfg.data_path == "loader":
+        return "loader", "data path loader (asked for)"
+    need = cache_bytes(refs, cfg.img_size, cfg.in_chans)
+    share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    budget = _available_memory(device) // 4 // share
+    if need <= budget:
+        return "memory", f"decoded-image cache {need / 2**20:.0f} MiB on {device}"
+    reason = f"the decoded-image cache ({need / 2**20:.0f} MiB) exceeds a quarter of the free memory on {device}"
+    if cfg.data_path == "memory":
+        say(ctx, f"note: data path memory: {reason}; using the DataLoader instead")
+    return "loader", reason
+
+
+def step_randomness(seed: int, epoch: int, micro_step: int, global_batch: int, num_patches: int,
+                    schedule: Any, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's blur levels t [B] and mask noise [B, N] for one micro-step (CPU tensors).
+
+    Drawn for the whole global batch [B·W] from a generator seeded by ``(seed, epoch, micro_step)`` and then
+    sliced, so sample j of the global batch gets the same t and mask whichever rank processes it: a W-process run
+    equals one process with batch B·W.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, micro_step, STREAM_STEP))
+    t = schedule.sample(global_batch, generator=g)  # [B·W], t ~ U{1..T} (zeros without blur)
+    noise = torch.rand(global_batch, num_patches, generator=g)  # [B·W, N]
+    lo = rank * batch_size
+    return t[lo:lo + batch_size], noise[lo:lo + batch_size]
+
+
+class MemoryBatches:
+    """Micro-batches cropped on the device from a :class:`d2mae.data.cache.DecodedCache` (no DataLoader).
+
+    The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
+    ``(seed, epoch, micro-step)`` and sliced per rank, like t and the mask noise. The crops are PIL's antialiased
+    bicubic resampling of the cached native-resolution images (:func:`d2mae.data.resample.crop_resize`), as sharp as the
+    loader path's.
+    """
+
+    def __init__(self, cache: Any, sampler: EpochBatchSampler, device: torch.device) -> None:
+        self.cache = cache.to(device)
+        self.sampler = sampler
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
+
+    def plan(self, epoch: int, micro_step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """This rank's images [B], crop boxes (cx, cy, w, h) [B] each and flips [B] of one micro-step."""
+        s = self.sampler
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, s.permutation(epoch))
+        gidx = self._order[1][micro_step * s.global_batch:(micro_step + 1) * s.global_batch]  # [B·W]
+        g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, micro_step, STREAM_CROP))
+        boxes = crop_boxes(self.cache.aspect[gidx], CROP_SCALE, CROP_RATIO, g)  # 4 × [B·W]
+        flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
+        mine = slice(s.rank * s.batch_size, (s.rank + 1) * s.batch_size)
+        return gidx[mine], tuple(b[mine] for b in boxes), flip[mine]
+
+    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        for m in range(start, self.sampler.micro_steps):
+            yield self.cache.crops(*self.plan(epoch, m))  # [B, C, S, S]
+
+
+class LoaderBatches:
+    """Micro-batches from a DataLoader over :class:`d2mae.data.dataset.SeededDataset` with the sampler as its batch
+    sampler."""
+
+    def __init__(self, dataset: Any, sampler: EpochBatchSampler, num_workers: int, pin: bool) -> None:
+        self.sampler = sampler
+        self.loader = torch.utils.data.DataLoader(
+            SeededDataset(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        self.sampler.set_epoch(epoch, start)
+        for x, _, _ in self.loader:  # images [B, C, S, S], labels, indices
+            yield x
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# optimisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------------------------
+
+def _refs_digest(refs: list[str]) -> str:
+    return hashlib.sha256("\n".join(refs).encode("utf-8")).hexdigest()
+
+
+def _check_resume_matches(state: dict[str, Any], cfg: PretrainConfig, refs_digest: str, num_images: int,
+                          world_size: int, path: Path) -> None:
+    if state.get("format") != RESUME_FORMAT or not isinstance(state.get("format_version"), int):
+        raise D2maeError(f"{path} is not a d2mae pre-training resume checkpoint", option="resume")
+    if state["format_version"] > RESUME_VERSION:
+        raise D2maeError(f"{path} was written by a newer d2mae (resume format {state['format_version']})",
+                         option="resume")
+    # mean/std: computed from the data the first time, then taken from the checkpoint
+    skip = [k for k in ("mean", "std") if getattr(cfg, k) is None]
+    diffs = settings_diff(state.get("config", {}), cfg, skip=skip)
+    if state.get("world_size") != world_size:
+        diffs.append(f"processes: {state.get('world_size')} → {world_size}")
+    data = state.get("data", {})
+    if data.get("num_images") != num_images or data.get("refs_sha256") != refs_digest:
+        diffs.append(f"images: {data.get('num_images')} → {num_images} (or other files)")
+    check_resumable(path, diffs)
+
+
+class Pretrainer:
+    """One pre-training process (one rank): what :func:`pretrain` runs, usable step by step (benchmarks, notebooks).
+
+    ``setup()`` checks the inputs and builds the model, optimizer, schedule and data path (or resumes them);
+    ``train_step(epoch, batches, stop)`` runs one optimizer step; ``train()`` runs the epochs with logging,
+    checkpoints and stop signals.
+    """
+
+    def __init__(self, cfg: PretrainConfig, ctx: DistContext, device: torch.device) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.device = device
+        self.out = Path(cfg.out)
+        self.metrics: MetricsLog | None = None  # rank 0 only
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> bool:
+        """Check the inputs, build everything; ``False`` when a resumed run had already finished."""
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        if out.exists() and not out.is_dir():
+            raise D2maeError(f"{out} exists and is not a folder", option="out")
+
+        def find_resume() -> Path | None:
+            path = resume_file(cfg.resume, out, RESUME)
+            if path is None and ((out / RESUME).exists() or (out / WEIGHTS).exists()):
+                raise D2maeError(f"{out} already holds a pre-training run; continue it with resume, or choose a "
+                                 "new output folder", option="out")
+            return path
+
+        resume_path = dist_utils.on_main(ctx, find_resume)
+        if cfg.resume is not None and resume_path is None:
+            say(ctx, f"no resume checkpoint in {out}; starting a new run")
+
+        def images() -> list[str]:
+            refs = find_images(cfg.data)
+            return check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
+                                     min_size=cfg.patch)
+
+        self.refs = dist_utils.on_main(ctx, images)
+        if ctx.is_main and resume_path is None:  # for the data-leak guard of d2mae finetune
+            hashes = content_hashes(self.refs)
+            atomic_write_text(out / "pretrain_hashes.txt",
+                              "".join(f"{h}  {r}\n" for h, r in zip(hashes, self.refs)))
+        digest = _refs_digest(self.refs)
+        self.sampler = EpochBatchSampler(len(self.refs), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
+                                         steps_multiple=cfg.accum_iter)
+        self.micro_per_epoch = self.sampler.micro_steps
+        self.steps_per_epoch = self.micro_per_epoch // cfg.accum_iter
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.lr = cfg.resolved_lr(ctx.world_size)
+        self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * self.steps_per_epoch)))
+
+        state: dict[str, Any] | None = None
+        if resume_path is not None:
+            state = load_checkpoint(resume_path)
+            _check_resume_matches(state, cfg, digest, len(self.refs), ctx.world_size, resume_path)
+            model_cfg = ModelConfig.from_dict(state["model_config"], source=str(resume_path))
+        else:
+            model_cfg = cfg.model_config()
+            if model_cfg.mean is None or model_cfg.std is None:
+                mean, std = dist_utils.on_main(ctx, lambda: compute_stats(self.refs, cfg.in_chans, seed=cfg.seed))
+                model_cfg = dataclasses.replace(model_cfg, mean=model_cfg.mean or mean, std=model_cfg.std or std)
+        self.model_cfg = model_cfg
+        self.schedule = model_cfg.schedule  # the blur levels t ~ U{1..T} (Eq. 1)
+        # the config written beside the outputs: resolved, with the data set's statistics
+        self.cfg = dataclasses.replace(cfg, mean=model_cfg.mean, std=model_cfg.std)
+
+        seed_everything(cfg.seed)
+        self.model = DeblurMAE(model_cfg).to(self.device)
+        if state is None and cfg.init_from:
+            self._init_from(cfg.init_from)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr, self.device)
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.min_lr)
+        self.amp = amp_dtype(self.device, cfg.precision)
+        self.epoch, self.micro, self.step, self.elapsed = 0, 0, 0, 0.0
+        self.saved_step: int | None = None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"])
+            self.epoch, self.micro = int(state["epoch"]), int(state["micro_step"])
+            self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            self.saved_step = self.step
+            say(ctx, f"resuming from {resume_path}: epoch {self.epoch + 1}, step {self.step}")
+        if self.step >= self.total_steps:
+            say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
+            return False
+
+        self.data_path, why = choose_data_path(cfg, self.refs, self.device, ctx)
+        if state is not None and state.get("data_path_used") not in (None, self.data_path):
+            say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
+                      f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
+        if self.data_path == "memory":
+            cache = DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
+            self.batches: Any = MemoryBatches(cache, self.sampler, self.device)
+        else:
+            dataset = ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae")
+            workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
+            self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
+
+        self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".*.tmp"):  # half-written files of a killed run (atomic writes' temp files)
+                if any(stale.name.startswith(f".{name}.") for name in (RESUME, WEIGHTS, METRICS, RUN_CONFIG,
+                                                                        "config.json")):
+                    stale.unlink(missing_ok=True)
+            save_config(self.cfg, out / RUN_CONFIG)
+            self.metrics = MetricsLog(out / METRICS, "step", cfg.tensorboard, out / "tensorboard",
+                                      resume_at=self.step, tag="pretrain")
+            if self.warmup_steps >= self.total_steps and self.total_steps > 1:
+                say(ctx, f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
+                         "reaches its peak (lower warmup_epochs)")
+            say(ctx, f"pre-training {cfg.preset} ({cfg.model}, {cfg.img_size} px, T = "
+                     f"{model_cfg.schedule.num_levels}) on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch "
+                     f"× {cfg.epochs} epochs, effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, "
+                     f"{self.device}{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: "
+                     f"{why}")
+        return True
+
+    def _init_from(self, path: str) -> None:
+        """Load ImageNet MAE (or other) weights into the new model; every rank converts the same file."""
+        from d2mae.io.imports import init_from_checkpoint
+
+        report = init_from_checkpoint(self.model, path)
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "init_report.json", report.to_dict())
+        say(self.ctx, report.summary())
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        epoch, micro = self.epoch, self.micro
+        if micro >= self.micro_per_epoch:  # stopped right after an epoch's last step
+            epoch, micro = epoch + 1, 0
+        return {
+            "format": RESUME_FORMAT, "format_version": RESUME_VERSION,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": None,
+            "epoch": epoch, "micro_step": micro, "step": self.step, "elapsed": self.elapsed,
+            "rng": capture_rng_state(),
+            "sampler": {"seed": self.cfg.seed, "epoch": epoch, "start": micro,
+                        "micro_steps_per_epoch": self.micro_per_epoch, "batch_size": self.cfg.batch_size,
+                        "world_size": self.ctx.world_size},
+            "world_size": self.ctx.world_size, "data_path_used": self.data_path,
+            "config": to_dict(self.cfg), "model_config": self.model_cfg.to_dict(),
+            "data": {"num_images": len(self.refs), "refs_sha256": _refs_digest(self.refs)},
+        }
+
+    def save_resume(self) -> Path:
+        path = self.out / RESUME
+        if self.ctx.is_main:
+            save_checkpoint(self.resume_state(), path)
+        self.saved_step = self.step
+        return path
+
+    def save_model(self) -> None:
+        if self.ctx.is_main:
+            save_pretrained(self.model, self.out, extra={
+                "pretrain": {"preset": self.cfg.preset, "epoch": self.epoch, "step": self.step,
+                             "images": len(self.refs), "seed": self.cfg.seed}})
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def train_step(self, epoch: int, batches: Iterator[torch.Tensor], stop: StopSignals) -> tuple[float, bool]:
+        """One optimizer step: ``accum_iter`` micro-batches forward/backward, then AdamW (Section 2.2, Eq. 3).
+
+        Returns the step's loss (mean over micro-batches and ranks) and whether a stop signal reached any rank.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        accum = cfg.accum_iter
+        self.scheduler.step_update(num_updates=self.step)  # warm-up + cosine, per step
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(accum):
+            x = next(batches).to(self.device, non_blocking=True)  # [B, C, S, S] in [0, 1], not yet blurred
+            # t ~ U{1..T} [B] and mask noise [B, N], drawn from (seed, epoch, micro-step): resumable, rank-independent
+            t, noise = step_randomness(cfg.seed, epoch, self.micro + k, cfg.batch_size * ctx.world_size,
+                                                  self.model_cfg.num_patches, self.schedule, ctx.rank, cfg.batch_size)
+            t = t.to(self.device, non_blocking=True)  # [B]
+            noise = noise.to(self.device, non_blocking=True)  # [B, N]
+            sync = k == accum - 1 or not ctx.enabled  # DDP: all-reduce gradients on the last micro-batch only
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                with autocast(self.device, self.amp):
+                    loss, _, _ = self.train_model(x, t, noise=noise)  # blur at σ_t, mask, reconstruct x
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
+                             torch.tensor(float(stop.signum is not None), device=self.device)])
+        flags = dist_utils.all_reduce_sum(flags, ctx).cpu()  # [loss, non-finite, stop]: one sync per step
+        step_loss = float(flags[0]) / ctx.world_size
+        if flags[1] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = (f"the last good checkpoint {self.out / RESUME} (step {self.saved_step}) is kept"
+                    if self.saved_step is not None else "no checkpoint had been written yet")
+            advice = "lower the learning rate (blr)" + (" or use fp32 precision" if self.amp is not None else "")
+            raise NonFiniteLossError(f"the loss became {step_loss} at step {self.step + 1} (epoch {epoch + 1}); "
+                                     f"that step was not applied and {kept}; {advice}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro += accum
+        self.step += 1
+        return step_loss, bool(flags[2] > 0)
+
+    def train(self) -> Path:
+        """Epochs of :meth:`train_step`, with logging, checkpoints and the stop signals; returns the output folder."""
+        cfg, ctx = self.cfg, self.ctx
+        images_per_step = cfg.effective_batch(ctx.world_size)
+        with StopSignals() as stop:
+            while self.epoch < cfg.epochs and self.step < self.total_steps:
+                epoch = self.epoch
+                bar = _progress(ctx, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
+                epoch_loss, epoch_steps, epoch_time = 0.0, 0, 0.0
+                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+                batches = self.batches.epoch(epoch, self.micro)
+                pending = False  # a step checkpoint that falls on the epoch's last step
+                while self.micro < self.micro_per_epoch and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    step_loss, stopping = self.train_step(epoch, batches, stop)
+                    dt = time.perf_counter() - t0
+                    self.elapsed += dt
+                    epoch_loss, epoch_steps, epoch_time = epoch_loss + step_loss, epoch_steps + 1, epoch_time + dt
+                    log_loss, log_steps = log_loss + step_loss, log_steps + 1
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}",
+                                        img_s=f"{epoch_steps * images_per_step / max(epoch_time, 1e-9):.1f}",
+                                        refresh=False)
+                    last_of_epoch = self.micro >= self.micro_per_epoch or self.step >= self.total_steps
+                    if self.step % cfg.log_every_steps == 0 or last_of_epoch:
+                        now = time.perf_counter()
+                        self.log({"step": self.step, "epoch": epoch + 1, "loss": round(log_loss / log_steps, 6),
+                                  "lr": lr, "images_per_s": round(log_steps * images_per_step / (now - log_start), 2),
+                                  "time": round(self.elapsed, 3)})
+                        log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+                    if stopping:
+                        if bar is not None:
+                            bar.close()
+                        path = self.save_resume()
+                        dist_utils.barrier(ctx)
+                        raise TrainingInterrupted(int(stop.signum or signal.SIGTERM), self.step, path)
+                    if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                        if last_of_epoch:
+                            pending = True
+                        else:
+                            self.save_resume()
+                if bar is not None:
+                    bar.close()
+                if self.micro >= self.micro_per_epoch:
+                    self.epoch, self.micro = epoch + 1, 0
+                done = self.epoch >= cfg.epochs or self.step >= self.total_steps
+                if not _tty():
+                    say(ctx, f"epoch {epoch + 1}/{cfg.epochs}  step {self.step}  "
+                             f"loss {epoch_loss / max(1, epoch_steps):.4f}  "
+                             f"lr {self.optimizer.param_groups[0]['lr']:.3g}  "
+                             f"{epoch_steps * images_per_step / max(epoch_time, 1e-9):.1f} img/s  {epoch_time:.1f} s")
+                if done or self.epoch % cfg.save_every_epochs == 0:
+                    self.save_model()
+                    self.save_resume()
+                elif pending:
+                    self.save_resume()
+        dist_utils.barrier(ctx)
+        say(ctx, f"pre-trained model written to {self.out} ({self.step} steps)")
+        return self.out
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def _progress(ctx: DistContext, total: int, initial: int, epoch: int, epochs: int) -> Any:
+    """A tqdm bar on a terminal (rank 0 only); ``None`` otherwise (one line per epoch is printed instead)."""
+    if not (ctx.is_main and _tty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
+                file=sys.stderr, leave=True)
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Pre-train a DeblurMAE as ``cfg`` says and return the output folder (a pre-trained model folder).
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) each process trains on its shard with DistributedDataParallel and
+    only rank 0 writes. Raises :class:`D2maeError` for bad input before training starts,
+    :class:`NonFiniteLossError` when the loss diverges, :class:`TrainingInterrupted` after SIGTERM/SIGINT (a resume
+    checkpoint has been written).
+    """
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    ctx, device = dist_utils.init_distributed(cfg.device)
+    try:
+        run = Pretrainer(cfg, ctx, device)
+        try:
+            if not run.setup():
+                return Path(cfg.out)
+            return run.train()
+        finally:
+            if run.metrics is not None:
+                run.metrics.close()
+    finally:
+        if owned:
+            dist_utils.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------------------
+
+

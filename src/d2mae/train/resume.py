@@ -1,0 +1,53 @@
+"""Continuing a stopped run: one rule for which settings must stay the same, for pre-training and fine-tuning.
+
+A resumed run must compute what the uninterrupted run would have: every option that changes results (a config
+field not marked ``volatile``, :func:`d2mae.runtime.options.result_fields`) must have its saved value. Volatile
+options — where and how a run executes and what it logs (device, precision, workers, progress, checkpoint
+intervals, output folder) — may change. The process count must stay the same, since it sets how batches are split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.options import result_fields
+
+
+def settings_diff(saved: Mapping[str, Any], current: Any, skip: Iterable[str] = ()) -> list[str]:
+    """``"name: saved → now"`` for each result-changing option of the config ``current`` whose saved value differs
+    (options the saved run did not record, and those in ``skip``, are not compared)."""
+    skip = set(skip)
+    out = []
+    for name in result_fields(type(current)):
+        if name in skip or name not in saved:
+            continue
+        now = getattr(current, name)
+        if saved[name] != now:
+            out.append(f"{name}: {saved[name]!r} → {now!r}")
+    return out
+
+
+def check_resumable(where: str | Path, diffs: list[str]) -> None:
+    """Refuse to resume ``where`` when its settings differ (``diffs``: :func:`settings_diff` and any others)."""
+    if diffs:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        raise D2maeError(f"cannot resume {where}: the run's settings differ ({'; '.join(diffs[:3])}{more}); resume "
+                         "with the original settings or choose a new output folder", option="resume")
+
+
+def resume_file(resume: str | None, out: Path, name: str) -> Path | None:
+    """The checkpoint a ``resume`` value points to: ``None``/``no`` (none), ``auto`` (``out/name`` if it exists),
+    or a checkpoint file or a run folder holding ``name``."""
+    if resume is None or str(resume).lower() in ("", "none", "no", "false"):
+        return None
+    if str(resume).lower() in ("auto", "true", "yes"):
+        path = out / name
+        return path if path.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise D2maeError(f"{path} does not exist; give a {name} file, a run folder, or auto", option="resume")
+    return path
