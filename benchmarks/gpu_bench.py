@@ -173,7 +173,6 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
 
     cfg = train_config(args, batch)
     model_cfg = cfg.model_config()
-    schedule = model_cfg.schedule
     torch.manual_seed(args.seed)
     model = DeblurMAE(model_cfg).to(device).train()
     optimizer = build_optimizer(model, cfg, cfg.resolved_lr(), device)
@@ -185,8 +184,8 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     def batch_at(step: int) -> tuple[Any, Any, Any]:
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
         x = crop_batch(images, idx.to(device), cfg.img_size, gen)  # [B, 1, S, S]
-        t, noise = step_randomness(args.seed, 0, step, batch, model_cfg.num_patches, schedule, 0, batch)
-        return x, t.to(device), noise.to(device)
+        drawn = step_randomness(model, args.seed, 0, step, batch, 0, batch)  # t [B], mask noise [B, N]
+        return x, drawn["t"].to(device), drawn["noise"].to(device)
 
     if batch not in flops_cache:  # FLOPs of one step (forward + backward), eager, counted once per batch size
         x, t, noise = batch_at(0)

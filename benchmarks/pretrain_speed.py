@@ -98,8 +98,8 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
         x = next(it).to(device, non_blocking=True)  # [B, C, S, S]
         _sync(device)
         t1 = time.perf_counter()
-        t, noise = step_randomness(0, 0, step, cfg.batch_size, cfg.num_patches, schedule, 0, cfg.batch_size)
-        t, noise = t.to(device), noise.to(device)
+        drawn = step_randomness(model, 0, 0, step, cfg.batch_size, 0, cfg.batch_size)
+        t, noise = drawn["t"].to(device), drawn["noise"].to(device)
         with torch.no_grad():
             gaussian_blur(x, schedule.sigma(t))  # [B, C, S, S]; the model does the same inside its forward
         _sync(device)

@@ -254,8 +254,8 @@ def d2mae_breakdown(d2: D2maeSide, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         x = next(it)  # [B, C, S, S] cropped from the decoded cache
         t1 = time.perf_counter()
-        t, noise = step_randomness(d2.cfg.seed, 10**6, k, x.shape[0], cfg.num_patches, run.schedule, 0,
-                                      x.shape[0])
+        drawn = step_randomness(run.model, d2.cfg.seed, 10**6, k, x.shape[0], 0, x.shape[0])
+        t, noise = drawn["t"], drawn["noise"]
         with torch.no_grad():
             gaussian_blur(x, cfg.schedule.sigma(t))
         t2 = time.perf_counter()

@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 
 from d2mae.data.sampler import EpochBatchSampler
 from d2mae.io.artifacts import load_weights
-from d2mae.method.blur import BlurSchedule
 from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered, gather_ordered_objects
 from d2mae.runtime.errors import D2maeError
 from d2mae.train.pretrain import step_randomness
@@ -85,11 +84,21 @@ def test_accumulation_rounds_the_epoch_to_whole_optimizer_steps():
 
 
 def test_blur_levels_and_masks_do_not_depend_on_the_rank_layout():
-    schedule = BlurSchedule()
-    t1, n1 = step_randomness(0, 1, 5, global_batch=8, num_patches=4, schedule=schedule, rank=0, batch_size=8)
-    parts = [step_randomness(0, 1, 5, global_batch=8, num_patches=4, schedule=schedule, rank=r, batch_size=4)
-             for r in range(2)]
-    assert torch.equal(torch.cat([p[0] for p in parts]), t1) and torch.equal(torch.cat([p[1] for p in parts]), n1)
+    from d2mae.method.diffmae import DiffMAE
+    from d2mae.method.moco import MoCoV3
+    from d2mae.method.models import DeblurMAE, ModelConfig
+
+    small = dict(model="vit_tiny_patch16", img_size=32, depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=16,
+                 decoder_depth=1, decoder_num_heads=2)
+    plain = dict(small, blur=False, blur_embed="none")
+    for model in (DeblurMAE(ModelConfig(**small)), MoCoV3(ModelConfig(**plain, objective="moco-v3", moco_dim=8,
+                                                                        moco_mlp_dim=8)),
+                  DiffMAE(ModelConfig(**plain, objective="diffmae", loss_on="masked"))):
+        whole = step_randomness(model, 0, 1, 5, global_batch=8, rank=0, batch_size=8)
+        parts = [step_randomness(model, 0, 1, 5, global_batch=8, rank=r, batch_size=4) for r in range(2)]
+        for key, value in whole.items():
+            assert torch.equal(torch.cat([p[key] for p in parts]), value), (type(model).__name__, key)
+    t1 = step_randomness(DeblurMAE(ModelConfig(**small)), 0, 1, 5, global_batch=8, rank=0, batch_size=8)["t"]
     assert t1.min() >= 1 and t1.max() <= 11  # t ~ U{1..T}
 
 

@@ -82,7 +82,9 @@ def test_presets_are_the_papers_settings(tmp_path):
     assert cfg("range-0.6").schedule.sigmas[-1] == pytest.approx(0.6)  # Table 3a
     assert cfg("range-1.6").schedule.num_levels == 16
     assert cfg("embed-none").blur_embed == "none" and cfg("embed-add").blur_embed == "add"  # Table 3b
-    assert set(PRESETS) == {"d2mae", "mae", "deblurrmae", "range-0.6", "range-1.6", "embed-none", "embed-add"}
+    assert set(PRESETS) == {"d2mae", "mae", "deblurrmae", "range-0.6", "range-1.6", "embed-none", "embed-add",
+                            "moco-v3", "diffmae"}  # the last two: tests/test_table2.py
+    assert all(cfg(p).objective == "mae" for p in PRESETS if p not in ("moco-v3", "diffmae"))
 
 
 def test_precedence_defaults_preset_yaml_flags(tmp_path):
@@ -366,7 +368,7 @@ def _memory_batch_sigmas(refs: list[str], size: int, rank: int, world: int, devi
 
     sampler = EpochBatchSampler(len(refs), 3, seed=5, rank=rank, world_size=world)
     batches = MemoryBatches(DecodedCache(refs, size), sampler, torch.device(device))
-    idx, boxes, flip = batches.plan(0, 0)
+    idx, ((boxes, flip),) = batches.plan(0, 0)  # one view
     x = next(batches.epoch(0, 0)).cpu()  # [B, C, S, S]: what train_step receives
     return [equivalent_sigma(x[k], _reference_crop(refs[int(i)], tuple(float(b[k]) for b in boxes), bool(flip[k]),
                                                    size)) for k, i in enumerate(idx.tolist())]

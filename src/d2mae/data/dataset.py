@@ -90,6 +90,8 @@ class ImageDataset(Dataset):
             needs, and fills rotations/shears with black (the ultrasound background).
         labels: one int per image, or ``None`` (items then carry label -1).
         finetune_kwargs: overrides of :data:`FINETUNE_DEFAULTS` for ``"finetune"``.
+        views: with ``"mae"``, independent crops per image (MoCo v3's two views: 2); items are then [V, C, S, S].
+        crop_scale: with ``"mae"``, RandomResizedCrop's area range (MAE: (0.2, 1); MoCo v3: (0.08, 1)).
 
     ``__getitem__(i)`` returns ``(image [C, S, S], label, i)``. The data set holds only paths and small picklable
     transforms, so it works with DataLoader workers; randomness comes from the torch/python RNGs that the
@@ -97,7 +99,8 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, refs: Sequence[str], img_size: int, in_chans: int = 1, augment: str = "none",
-                 labels: Sequence[int] | None = None, finetune_kwargs: dict[str, Any] | None = None) -> None:
+                 labels: Sequence[int] | None = None, finetune_kwargs: dict[str, Any] | None = None,
+                 views: int = 1, crop_scale: tuple[float, float] = CROP_SCALE) -> None:
         if augment not in AUGMENTS:
             raise D2maeError(f"unknown augmentation '{augment}'; use one of {', '.join(AUGMENTS)}")
         if img_size < 1:
@@ -111,6 +114,8 @@ class ImageDataset(Dataset):
         self.img_size = int(img_size)
         self.in_chans = in_chans
         self.augment = augment
+        self.views = int(views)
+        self.crop_scale = tuple(crop_scale)
         unknown = sorted(set(finetune_kwargs or {}) - set(FINETUNE_DEFAULTS))
         if unknown:
             raise D2maeError(f"unknown fine-tuning augmentation option(s) {', '.join(unknown)}; "
@@ -147,10 +152,13 @@ class ImageDataset(Dataset):
             return torch.from_numpy(resize_box(arr, center_box(arr.shape[0], arr.shape[1]), s))
         if self.augment == "mae":
             from torchvision.transforms import RandomResizedCrop
-            i, j, h, w = RandomResizedCrop.get_params(_shape_proxy(arr), scale=list(CROP_SCALE),
-                                                      ratio=list(CROP_RATIO))
-            flip = bool(torch.rand(()) < 0.5)
-            return torch.from_numpy(resize_box(arr, (j, i, j + w, i + h), s, flip=flip))
+            crops = []
+            for _ in range(self.views):
+                i, j, h, w = RandomResizedCrop.get_params(_shape_proxy(arr), scale=list(self.crop_scale),
+                                                          ratio=list(CROP_RATIO))
+                flip = bool(torch.rand(()) < 0.5)
+                crops.append(torch.from_numpy(resize_box(arr, (j, i, j + w, i + h), s, flip=flip)))
+            return crops[0] if self.views == 1 else torch.stack(crops)  # [C, S, S] or [V, C, S, S]
         img = self.geometry(_to_pil(arr))
         if self.rand_augment is not None:
             img = self.rand_augment(img)

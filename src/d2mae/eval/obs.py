@@ -81,7 +81,8 @@ def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, bat
         meta["seconds"] = 0.0
         return ObsTable(refs, list(hashes), np.full(n, fixed), [], np.zeros((n, 0)), meta)
     if not isinstance(model, DeblurMAE):
-        raise D2maeError("the search needs the pre-trained D²MAE (its decoder restores the blurred images)")
+        raise D2maeError(f"the search needs a masked-autoencoder pre-trained model (its decoder restores the blurred "
+                         f"images); this model's objective is {cfg.objective}; use none", option="obs")
     levels = spec.levels(schedule)  # [1, 1+s, …] (or [0] for a model without blur)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(dev)

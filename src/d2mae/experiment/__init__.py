@@ -79,8 +79,8 @@ The package's parts: :mod:`d2mae.experiment.config` (methods, ablation groups, t
 from __future__ import annotations
 
 from d2mae.experiment.config import (
-    ABLATIONS, METHODS, PRESET_FIELDS, TABLE2_METHODS, AblationGroup, BudgetSpec, DatasetSpec, ExperimentConfig, Method,
-    ReportSpec, apply_overrides, expand_env, load_experiment, parse_experiment
+    ABLATIONS, METHODS, PRESET_FIELDS, TABLE2_METHODS, TABLE2_TIMM, AblationGroup, BudgetSpec, DatasetSpec,
+    ExperimentConfig, Method, ReportSpec, apply_overrides, expand_env, load_experiment, method_for, parse_experiment
 )
 from d2mae.experiment.plan import (
     DONE, EXPERIMENT_CONFIG, PLAN_FILE, DatasetPlan, Plan, Stage, check_equal_budget, config_hash, estimate_plan,
@@ -94,7 +94,7 @@ from d2mae.experiment.runner import prepare_out, run_experiment, run_stage
 
 __all__ = [
     # config
-    "Method", "METHODS", "TABLE2_METHODS", "AblationGroup", "ABLATIONS", "PRESET_FIELDS", "DatasetSpec", "BudgetSpec",
+    "Method", "METHODS", "TABLE2_METHODS", "TABLE2_TIMM", "method_for", "AblationGroup", "ABLATIONS", "PRESET_FIELDS", "DatasetSpec", "BudgetSpec",
     "ReportSpec", "ExperimentConfig", "parse_experiment", "expand_env", "apply_overrides", "load_experiment",
     # plan
     "DONE", "EXPERIMENT_CONFIG", "PLAN_FILE", "config_hash", "Stage", "DatasetPlan", "Plan", "pretrain_budget",

@@ -26,14 +26,20 @@ from d2mae.train.pretrain import DEBLURRMAE_SIGMA
 
 @dataclass(frozen=True)
 class Method:
-    """One row of a results table: a pre-training preset (``None``: no pre-training) and a fine-tuning setting.
+    """One row of a results table: what its encoder starts from and how it is fine-tuned.
 
     Attributes:
         name: the config name (``methods:`` list).
         label: the name shown in tables and figures.
-        preset: :data:`d2mae.train.pretrain.PRESETS` key, or ``None`` for the ViT trained from scratch.
+        preset: :data:`d2mae.train.pretrain.PRESETS` key: the experiment pre-trains it. ``None``: no pre-training.
         obs: fine-tuning blur: ``none``, ``fixed:SIGMA`` or ``search`` (:meth:`d2mae.method.obs.ObsSpec.parse`).
         search_step: OBS step s (Table 3d).
+        source: where a row without pre-training starts: ``scratch`` (the ViT of the supervised floor),
+            ``checkpoint`` (a released ViT checkpoint, imported: ``weights:`` must name the file), ``backbone`` (a timm
+            classifier ``backbone``, from ``weights:`` when given, else from scratch).
+        backbone: ``timm:NAME`` for ``source = backbone``.
+        needs_weights: ``weights:`` must name a local file for this method.
+        table2: Table 2's row it reproduces (for the report and the docs).
     """
 
     name: str
@@ -41,14 +47,25 @@ class Method:
     preset: str | None
     obs: str = "none"
     search_step: int = DEFAULT_SEARCH_STEP
+    source: str = "scratch"
+    backbone: str | None = None
+    needs_weights: bool = False
+    table2: str = ""
 
     @property
     def mode(self) -> str:
-        return "scratch" if self.preset is None else "full"
+        return "full" if self.preset is not None or self.source == "checkpoint" else "scratch"
 
     def describe(self) -> str:
-        pre = "no pre-training (ViT from scratch)" if self.preset is None else f"pre-training preset {self.preset}"
-        if self.preset is None:
+        if self.preset is not None:
+            pre = f"pre-training preset {self.preset}"
+        elif self.source == "checkpoint":
+            pre = "a released checkpoint (weights:), imported"
+        elif self.source == "backbone":
+            pre = f"timm {self.backbone}, from weights: when given, else from scratch"
+        else:
+            pre = "no pre-training (ViT from scratch)"
+        if self.preset is None and self.source == "scratch":
             ft = "fine-tuning --mode scratch, no blur"
         elif self.obs == "search":
             ft = f"fine-tuning with OBS (s = {self.search_step})"
@@ -59,12 +76,22 @@ class Method:
         return f"{pre}; {ft}"
 
 
+USFM_BACKBONE = "timm:beit_base_patch16_224"  # USFM's ViT-B: BEiT layout (relative position bias, layer scale)
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     # Table 2
-    Method("supervised", "ViT (no pre-training)", None, "none"),
-    Method("mae", "MAE", "mae", "none"),
-    Method("deblurrmae", "DeblurrMAE", "deblurrmae", f"fixed:{DEBLURRMAE_SIGMA}"),
-    Method("d2mae", "D²MAE", "d2mae", "search"),
+    Method("supervised", "ViT (no pre-training)", None, "none", table2="(floor: no pre-training)"),
+    Method("mae-imagenet", "MAE (ImageNet)", None, "none", source="checkpoint", needs_weights=True,
+           table2="MAE, ViT-B, ImageNet"),
+    Method("moco-v3-imagenet", "MoCo v3 (ImageNet)", None, "none", source="checkpoint", needs_weights=True,
+           table2="MoCo v3, ViT-B, ImageNet"),
+    Method("usfm", "USFM (US3M)", None, "none", source="backbone", backbone=USFM_BACKBONE, needs_weights=True,
+           table2="USFM, ViT-B, US3M"),
+    Method("moco-v3", "MoCo v3 (US)", "moco-v3", "none", table2="MoCo v3, ViT-B, US"),
+    Method("diffmae", "DiffMAE (US)", "diffmae", "none", table2="DiffMAE, ViT-B, US"),
+    Method("mae", "MAE", "mae", "none", table2="MAE, ViT-B, US"),
+    Method("deblurrmae", "DeblurrMAE", "deblurrmae", f"fixed:{DEBLURRMAE_SIGMA}", table2="DeblurrMAE, ViT-B, US"),
+    Method("d2mae", "D²MAE", "d2mae", "search", table2="D²MAE (ours)"),
     # Table 3a: blur range
     Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search"),
     Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search"),
@@ -81,6 +108,25 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("d2mae-s3", "D²MAE, OBS s = 3", "d2mae", "search", 3),
 )}
 TABLE2_METHODS: tuple[str, ...] = ("supervised", "mae", "deblurrmae", "d2mae")
+#: Table 2's supervised rows as timm models (ImageNet weights given under weights:, else trained from scratch).
+TABLE2_TIMM = ("timm:vit_base_patch16_224", "timm:swin_large_patch4_window7_224", "timm:convnext_large")
+
+
+def method_for(name: str) -> Method:
+    """The method of a ``methods:`` name: one of :data:`METHODS`, or ``timm:NAME`` (any timm classifier)."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.startswith("timm:") and len(name) > len("timm:"):
+        return Method(name, f"{name[len('timm:'):]} (timm)", None, "none", source="backbone", backbone=name,
+                      table2="supervised (SP) rows")
+    raise D2maeError(f"unknown method '{name}'; choose from {', '.join(METHODS)} or timm:NAME (any timm model)")
+
+
+def table2_order(names: Sequence[str]) -> list[str]:
+    """``names`` in Table 2's order: supervised rows, ImageNet-pretrained, ultrasound-pretrained, D²MAE; others after."""
+    paper = ["supervised", *[n for n in names if n.startswith("timm:")], "mae-imagenet", "moco-v3-imagenet", "usfm",
+             "moco-v3", "diffmae", "mae", "deblurrmae", "d2mae"]
+    return [n for n in paper if n in names] + [n for n in names if n not in paper]
 
 
 @dataclass(frozen=True)
@@ -109,7 +155,7 @@ ABLATIONS: dict[str, AblationGroup] = {g.name: g for g in (
 # --------------------------------------------------------------------------------------------------------------------
 
 #: ModelConfig fields each method's pre-training preset decides (they may not be set in ``model:``).
-PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on")
+PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on", "objective")
 _LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
                   "image_ext", "folds_csv", "classes")
 _PATH_OPTIONS = ("labels", "image_root", "folds_csv")
@@ -198,6 +244,7 @@ class _TopLevel:
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: list(TABLE2_METHODS))
     ablations: list[str] = field(default_factory=list)
+    weights: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
     cache_dir: str | None = None
 
@@ -211,6 +258,7 @@ class ExperimentConfig:
     seeds: list[int]
     methods: list[str]
     ablations: list[str]
+    weights: dict[str, str]
     device: str
     cache_dir: str | None
     model: dict[str, Any]
@@ -231,7 +279,7 @@ class ExperimentConfig:
             for name, _ in ABLATIONS[group].variants:
                 if name not in names:
                     names.append(name)
-        return [METHODS[n] for n in names]
+        return [method_for(n) for n in names]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved as ``experiment.yaml`` beside the report)."""
@@ -240,7 +288,8 @@ class ExperimentConfig:
             d = {k: v for k, v in dataclasses.asdict(ds).items() if k != "name" and v not in (None, "", [])}
             datasets[name] = d
         return {"name": self.name, "description": self.description, "seeds": list(self.seeds),
-                "methods": list(self.methods), "ablations": list(self.ablations), "device": self.device,
+                "methods": list(self.methods), "ablations": list(self.ablations), "weights": dict(self.weights),
+                "device": self.device,
                 "cache_dir": self.cache_dir, "model": dict(self.model), "budget": dataclasses.asdict(self.budget),
                 "pretrain": dict(self.pretrain), "finetune": dict(self.finetune), "datasets": datasets,
                 "report": dataclasses.asdict(self.report)}
@@ -341,8 +390,21 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     if not flat.seeds or len(set(flat.seeds)) != len(flat.seeds) or min(flat.seeds) < 0:
         raise D2maeError(f"option 'seeds' in {source} must list distinct seeds ≥ 0, got {flat.seeds}")
     for m in flat.methods:
-        if m not in METHODS:
-            raise D2maeError(f"option 'methods' in {source}: unknown method '{m}'; choose from {', '.join(METHODS)}")
+        try:
+            method = method_for(m)
+        except D2maeError as exc:
+            raise D2maeError(f"option 'methods' in {source}: {exc}") from None
+        if method.needs_weights and not flat.weights.get(m):
+            raise D2maeError(f"option 'methods' in {source}: {m} ({method.table2}) starts from released weights; "
+                             f"name the local file under weights: (e.g. weights: {{{m}: /models/FILE}}) or leave "
+                             "the method out")
+    for m, path in flat.weights.items():
+        if m not in flat.methods:
+            raise D2maeError(f"option 'weights.{m}' in {source}: {m} is not in methods:; list it or drop the file")
+        if not method_for(m).needs_weights and method_for(m).source != "backbone":
+            raise D2maeError(f"option 'weights.{m}' in {source}: {m} is pre-trained by the experiment itself; "
+                             "weights are for the imported rows (mae-imagenet, moco-v3-imagenet, usfm, timm:NAME)")
+    flat.weights = {m: _abspath(os.path.expandvars(str(p))) for m, p in flat.weights.items()}
     for g in flat.ablations:
         if g not in ABLATIONS:
             raise D2maeError(f"option 'ablations' in {source}: unknown group '{g}'; choose from "
@@ -424,7 +486,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
         _resolve_paths(spec, where, source)
         datasets[ds_name] = spec
     return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
-                            flat.device, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
+                            dict(flat.weights), flat.device, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
                             pretrain, finetune, datasets, report, source)
 
 

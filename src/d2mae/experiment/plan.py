@@ -19,12 +19,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from d2mae.experiment.config import _LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build
+from d2mae.experiment.config import (
+    _LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build, method_for
+)
 from d2mae.method.models import ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import build_config, result_fields, to_dict
 
 DONE = "DONE.json"
+#: pre-training options that are the budget: every method's must agree, whatever its preset says
+BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "accum_iter", "data", "img_size")
 EXPERIMENT_CONFIG = "experiment.yaml"
 PLAN_FILE = "plan.json"
 
@@ -117,6 +121,10 @@ class Plan:
 
     def of(self, kind: str, dataset: str | None = None) -> list[Stage]:
         return [s for s in self.stages if s.kind == kind and (dataset is None or s.dataset == dataset)]
+
+    def missing_weights(self) -> dict[str, str]:
+        """Methods whose ``weights:`` file does not exist (the plan shows them; running refuses them)."""
+        return {m: w for m, w in self.config.weights.items() if not os.path.exists(w)}
 
     def run_stage(self, dataset: str, method: str, seed: int) -> Stage | None:
         for s in self.of("finetune", dataset):
@@ -236,6 +244,18 @@ def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> t
     return max(1, math.ceil(steps / max(1, steps_per_epoch))), steps, steps
 
 
+def _start_options(method: Any, base: Stage | None, weights: str | None) -> dict[str, Any]:
+    """The fine-tuning options that say where a method's classifier starts: a pre-trained folder of this
+    experiment, a released checkpoint to import, or a timm backbone (from weights or from scratch)."""
+    if method.source == "backbone":
+        return {"backbone": method.backbone, "backbone_weights": weights, "pretrained": None,
+                "mode": "full" if weights else "scratch"}
+    if method.source == "checkpoint":
+        return {"pretrained": weights, "mode": "full"}
+    assert base is not None
+    return {"pretrained": str(base.folder), "mode": method.mode}
+
+
 def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
     """Every stage of the experiment, in run order, with resolved configs and cache keys (nothing is run).
 
@@ -277,7 +297,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                              "images")
         pre_by: dict[tuple[str, int], Stage] = {}
         arch_stage: Stage | None = None
-        if any(m.preset is None for m in runs):
+        if any(m.preset is None and m.source == "scratch" for m in runs):
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
                                     (cfg.model, f"{cfg.source}, section model"))
             arch_key = config_hash({"data": dp.data_key, "model": arch_cfg.to_dict(), "stats_seed": 0})
@@ -304,8 +324,10 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 stages.append(stage)
         for seed in cfg.seeds:
             for m in runs:
-                base = pre_by[(m.preset, seed)] if m.preset is not None else arch_stage
-                assert base is not None
+                base = pre_by[(m.preset, seed)] if m.preset is not None else (
+                    arch_stage if m.source == "scratch" else None)
+                weights = cfg.weights.get(m.name)
+                start = _start_options(m, base, weights)
                 options = {k: getattr(spec, k) for k in _LABEL_OPTIONS}
                 options.update(labels=dp.labels, protocol=spec.protocol,
                                folds=",".join(spec.folds) if spec.folds else None,
@@ -313,18 +335,20 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                 fcfg = _build(
                     FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
                     (options, f"{cfg.source}, section datasets.{name}"),
-                    ({"pretrained": str(base.folder), "out": "-", "obs": m.obs, "search_step": m.search_step,
-                      "mode": m.mode, "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
+                    ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
+                      "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
                       "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
                       "arch": cfg.model.get("model", "vit_base_patch16"),
                       "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
                      f"method {m.name}"))
-                key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key,
+                origin = base.key if base is not None else _refs_digest([weights] if weights else [])
+                key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
                                    "finetune": _result_options(fcfg)})
-                folder = out / "runs" / name / f"{m.name}-seed{seed}-{key[:8]}"
+                folder = out / "runs" / name / f"{m.name.replace(':', '-')}-seed{seed}-{key[:8]}"
                 fcfg = dataclasses.replace(fcfg, out=str(folder))
                 stages.append(Stage("finetune", name, f"fine-tune {m.name} on {name} (seed {seed})", folder, key,
-                                    fcfg, seed=seed, method=m.name, preset=m.preset, needs=[base.id]))
+                                    fcfg, seed=seed, method=m.name, preset=m.preset,
+                                    needs=[base.id] if base is not None else []))
     plan = Plan(cfg, out, datasets, stages)
     check_equal_budget(plan)
     return plan
@@ -334,17 +358,24 @@ def check_equal_budget(plan: Plan) -> None:
     """The equal-budget rule: per dataset, every method's pre-training and fine-tuning differ only where the method
     itself differs (preset; OBS setting; scratch vs pre-trained; the seed).
 
-    Pre-trainings must agree on every option but the preset's own model fields (:data:`PRESET_FIELDS`), ``preset``
-    and ``seed`` — the same data, epochs/steps, batch size, learning-rate recipe and architecture. Fine-tunings must
-    agree on every option but ``obs``, ``search_step``, ``mode``, ``method``, ``pretrained`` and ``seed`` — the same
+    Pre-trainings must agree on every option but what the preset itself sets (its model fields, :data:`PRESET_FIELDS`,
+    and its own recipe, e.g. MoCo v3's weight decay — never :data:`BUDGET_FIELDS`), ``preset`` and ``seed`` — the
+    same data, epochs/steps, batch size (MoCo v3's two views of each image count once), learning-rate schedule and
+    architecture. Fine-tunings must agree on every option but ``obs``, ``search_step``, ``mode``, ``method``,
+    ``pretrained``, ``backbone``, ``backbone_weights`` and ``seed`` — the same
     labels, protocol and folds, epochs, batch size and recipe. Fine-tunings of the same seed share the fold seed, so
     they see the same folds.
 
     Raises:
         D2maeError: naming the dataset, the two stages and the first option that differs.
     """
-    pre_skip = set(PRESET_FIELDS) | {"preset", "seed", "out", "resume"}
-    ft_skip = {"obs", "search_step", "mode", "method", "pretrained", "seed", "out", "resume"}
+    from d2mae.train.pretrain import PRESETS
+
+    # what a preset sets is the method's own recipe (MoCo v3's weight decay), never the budget
+    own = {k for preset in PRESETS.values() for k in preset} - set(BUDGET_FIELDS)
+    pre_skip = set(PRESET_FIELDS) | own | {"preset", "seed", "out", "resume"}
+    ft_skip = {"obs", "search_step", "mode", "method", "pretrained", "backbone", "backbone_weights", "seed", "out",
+               "resume"}
     arch_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in PRESET_FIELDS + ("mean", "std")]
     for name in plan.datasets:
         groups = [(plan.of("pretrain", name), pre_skip, "pre-training"),
@@ -396,26 +427,35 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_mae(mae: Any, x: Any) -> dict[str, float]:
-    """Seconds per image of a pre-training step (forward, backward, AdamW) and of one OBS level, on batch x."""
+def _time_objective(model: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a pre-training step (forward, backward, AdamW) of any objective on batch x [B, C, S, S]
+    (repeated into its views), and for the masked autoencoder of one OBS level."""
     import torch
 
-    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
-    t = torch.ones(x.shape[0], device=x.device)  # [B]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    b = x.shape[0]
+    views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
+    drawn = {k: v.to(x.device) for k, v in model.draw(torch.Generator().manual_seed(0), b).items()}
+    progress = model.progress_inputs(0.5)
 
     def pre_step() -> None:
-        loss, _, _ = mae(x)
+        loss, _, _ = model(views, **drawn, **progress)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         _sync(x.device)
 
-    def obs_step() -> None:
-        with torch.no_grad():
-            mae.deblur_loss(x, t)
-        _sync(x.device)
+    out = {"pretrain_step": _time_steps(pre_step) / b}
+    if hasattr(model, "deblur_loss"):
+        t = torch.ones(b, device=x.device)  # [B]
 
-    return {"pretrain_step": _time_steps(pre_step) / len(x), "obs_level": _time_steps(obs_step) / len(x)}
+        def obs_step() -> None:
+            with torch.no_grad():
+                model.deblur_loss(x, t)
+            _sync(x.device)
+
+        out["obs_level"] = _time_steps(obs_step) / b
+    return out
 
 
 def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
@@ -469,7 +509,7 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     c, s = model_cfg.in_chans, model_cfg.img_size
     torch.manual_seed(0)
     x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
-    out.update(_time_mae(DeblurMAE(model_cfg).to(dev), x))
+    out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x))
     xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
     out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev), xf))
     refs = list(sample_refs)[:6]
@@ -483,6 +523,43 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
             out[name] = (time.perf_counter() - t0) / len(refs)
     out["device"] = str(dev)  # type: ignore[assignment]
     return out
+
+
+def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, num_classes: int) -> None:
+    """Time the pre-training objectives other than the masked autoencoder, and the classifiers that are not the
+    experiment's ViT (timm backbones, imported checkpoints' architectures), once each, into ``speed``."""
+    import torch
+
+    from d2mae.io.imports import encoder_architecture
+    from d2mae.method.backbones import BackboneConfig, TimmClassifier
+    from d2mae.method.models import DeblurClassifier
+    from d2mae.method.objectives import build_objective
+    from d2mae.runtime.device import resolve_device
+
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(0)
+    for s in plan.of("pretrain", name):
+        mc = s.payload.model_config()
+        key = f"pretrain_step:{mc.objective}"
+        if mc.objective != "mae" and key not in speed:
+            x = torch.rand(min(s.payload.batch_size, 16), mc.in_chans, mc.img_size, mc.img_size, generator=gen)
+            speed[key] = _time_objective(build_objective(mc).to(dev), x.to(dev))["pretrain_step"]
+    for s in plan.of("finetune", name):
+        fc = s.payload
+        imported = method_for(str(s.method)).source == "checkpoint"
+        if not (fc.backbone or imported) or f"finetune_step:{s.method}" in speed:
+            continue
+        c = fc.in_chans
+        if fc.backbone:
+            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, [0.5] * c, [0.25] * c), num_classes)
+        else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
+            found = os.path.exists(fc.pretrained)
+            arch = encoder_architecture(fc.pretrained) if found else {"model": "vit_base_patch16"}
+            clf = DeblurClassifier(ModelConfig(**arch, img_size=fc.img_size, in_chans=c, blur=False,
+                                               blur_embed="none"), num_classes)
+        x = torch.rand(min(fc.batch_size, 8), c, fc.img_size, fc.img_size, generator=gen).to(dev)
+        timed = _time_classifier(clf.to(dev), x)
+        speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
 
 
 def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], levels: int) -> float:
@@ -532,6 +609,7 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
         speed["phantom"] = phantom_s
+        _method_speeds(plan, name, speed, cfg.device, dp.num_classes)
         plan.speed[name] = speed
         for s in plan.stages:
             if s.dataset != name:
@@ -546,12 +624,14 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 steps = p.epochs * (dp.n_pretrain // eff)
                 if p.max_steps is not None:
                     steps = min(steps, p.max_steps)
-                s.estimate_s = steps * eff * speed["pretrain_step"] + dp.n_pretrain * speed["decode"] + 2.0
+                per_image = speed.get(f"pretrain_step:{p.objective}", speed["pretrain_step"])
+                s.estimate_s = steps * eff * per_image + dp.n_pretrain * speed["decode"] + 2.0
             elif s.kind == "finetune":
                 base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
                 levels = (len(s.payload.spec.levels(base.payload.schedule))
                           if base is not None and base.kind == "pretrain" else 0)
-                s.estimate_s = _finetune_estimate(s.payload, dp, speed, levels)
+                own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
+                s.estimate_s = _finetune_estimate(s.payload, dp, {**speed, **own}, levels)
     plan.estimated = True
     return plan
 
@@ -629,6 +709,8 @@ def format_plan(plan: Plan) -> str:
                      f"fine-tuning {b.finetune_epochs} epochs × batch {b.finetune_batch_size}, the same folds")
         if dp.overlap:
             lines.append(f"  note: {dp.overlap}")
+    for m, w in plan.missing_weights().items():
+        lines.append(f"  MISSING WEIGHTS: {m} needs {w} (not found); the run refuses to start until it is there")
     lines.append("")
     width = max(len(s.label) for s in plan.stages) if plan.stages else 10
     lines.append(f"  #  {'stage':<{width}}  {'status':<8}  estimate")

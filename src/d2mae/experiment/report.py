@@ -13,7 +13,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
-from d2mae.experiment.config import _LABEL_OPTIONS, ABLATIONS, METHODS, TABLE2_METHODS, ExperimentConfig, Method
+from d2mae.experiment.config import (
+    _LABEL_OPTIONS, ABLATIONS, METHODS, ExperimentConfig, Method, method_for, table2_order
+)
 from d2mae.experiment.plan import EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, machine_info, pretrain_budget
 from d2mae.method.models import ModelConfig
 from d2mae.runtime.errors import D2maeError
@@ -38,7 +40,7 @@ class RunResult:
 
     @property
     def method(self) -> Method:
-        return METHODS[str(self.stage.method)]
+        return method_for(str(self.stage.method))
 
     def fold_values(self, metric: str) -> dict[str, float]:
         """``{"seed<k>/fold<f>": value}``: the pairing key of the paired t-test (same seed, same fold)."""
@@ -71,13 +73,17 @@ def _values(results: Sequence[RunResult], dataset: str, method: str, metric: str
 def _table2_methods(cfg: ExperimentConfig, results: Sequence[RunResult], dataset: str) -> list[str]:
     """The comparison's rows: the ``methods:`` list (in Table 2 order first) that produced results."""
     have = {r.stage.method for r in results if r.stage.dataset == dataset}
-    order = [m for m in TABLE2_METHODS if m in cfg.methods] + [m for m in cfg.methods if m not in TABLE2_METHODS]
-    return [m for m in order if m in have]
+    return [m for m in table2_order(cfg.methods) if m in have]
 
 
-def _method_info(m: Method) -> dict[str, str]:
-    pre = "none" if m.preset is None else {"mae": "MAE (no blur)", "deblurrmae": "DeblurrMAE (σ = 1.1)",
-                                           "d2mae": "D²MAE (σ 0.1→1.1)"}.get(m.preset, m.preset)
+def _method_info(m: Method, weights: Mapping[str, str]) -> dict[str, str]:
+    if m.preset is not None:
+        pre = {"mae": "MAE (no blur)", "deblurrmae": "DeblurrMAE (σ = 1.1)", "d2mae": "D²MAE (σ 0.1→1.1)",
+               "moco-v3": "MoCo v3", "diffmae": "DiffMAE"}.get(m.preset, m.preset)
+    elif m.source == "checkpoint" or m.name in weights:
+        pre = f"released weights ({Path(weights[m.name]).name})"
+    else:
+        pre = "none"
     if m.preset is None or m.obs == "none":
         ft = "no blur"
     elif m.obs == "search":
@@ -98,14 +104,14 @@ def comparison_tables(plan: Plan, results: Sequence[RunResult]) -> dict[str, Any
         methods = _table2_methods(cfg, results, ds)
         if not methods:
             continue
-        res = {METHODS[m].label: {lab: _values(results, ds, m, key) for key, lab in METRIC_COLUMNS} for m in methods}
-        info = {METHODS[m].label: _method_info(METHODS[m]) for m in methods}
+        res = {method_for(m).label: {lab: _values(results, ds, m, key) for key, lab in METRIC_COLUMNS} for m in methods}
+        info = {method_for(m).label: _method_info(method_for(m), cfg.weights) for m in methods}
         tables[ds] = comparison_table(res, columns=[lab for _, lab in METRIC_COLUMNS], confidence=conf, info=info,
                                       info_columns=("Pre-training", "Fine-tuning input"),
                                       caption=f"Table 2 style — {ds}: mean ± {conf:.0%} CI over folds × seeds (%)")
     if len(tables) > 1:
         methods = [m for m in cfg.methods if any(r.stage.method == m for r in results)]
-        res = {METHODS[m].label: {ds: _values(results, ds, m, "macro_f1") for ds in tables
+        res = {method_for(m).label: {ds: _values(results, ds, m, "macro_f1") for ds in tables
                                   if _values(results, ds, m, "macro_f1")} for m in methods}
         tables["F1 × datasets"] = comparison_table(res, columns=list(tables), confidence=conf,
                                                    caption="Table 2 layout — macro-F1 (%) per dataset")
@@ -303,7 +309,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
             for key, panel in (("accuracy", "ACC"), ("auroc", "AUROC")):
                 stat = mean_ci(list(_values(results, ds, m, key).values()), conf)
                 clip = lambda v: v if not math.isfinite(v) else min(1.0, max(0.0, v))  # noqa: E731
-                data[panel].setdefault(ds, {})[METHODS[m].label] = {
+                data[panel].setdefault(ds, {})[method_for(m).label] = {
                     "mean": stat.mean, "low": clip(stat.low), "high": clip(stat.high)}
     if data["ACC"]:
         add("fig2", draw("fig2_acc_auroc", lambda p: rp.metric_bars(
@@ -363,7 +369,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
             st = _first_seed_stage(plan, "finetune", ds, method=m)
             if st is not None:
                 run = load_predictions(st.folder, split="test")
-                curves[METHODS[m].label] = (run.labels, run.probs)
+                curves[method_for(m).label] = (run.labels, run.probs)
         if curves:
             add(f"roc:{ds}", draw(f"roc_{ds}", lambda p, curves=curves, ds=ds: rp.roc_methods_figure(
                 curves, p, f"ROC — {ds} (test images of all folds, seed {cfg.seeds[0]})")),
@@ -405,7 +411,7 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
                 epochs = sorted(per_epoch)
                 for panel, k in (("training loss", "train_loss"), ("validation macro-F1", "val_macro_f1")):
                     xs = [e for e in epochs if per_epoch[e][k]]
-                    panels[panel][METHODS[m].label] = (xs, [float(np.mean(per_epoch[e][k])) for e in xs])
+                    panels[panel][method_for(m).label] = (xs, [float(np.mean(per_epoch[e][k])) for e in xs])
         if panels["training loss"]:
             add(f"curves:{ds}", draw(f"finetune_curves_{ds}", lambda p, panels=panels, ds=ds: rp.curves_figure(
                 panels, p, "epoch", f"Fine-tuning — {ds} (seed {cfg.seeds[0]}, mean over folds)")),
@@ -416,8 +422,8 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: _Figures) -> di
             labeled = labeled or _labeled_for(plan, ds)
             refs = _sample_refs(labeled.refs, labeled.labels, cfg.report.sample_images)
             for s in plan.of("pretrain", ds):
-                if s.seed != cfg.seeds[0] or s.done_info() is None:
-                    continue
+                if s.seed != cfg.seeds[0] or s.done_info() is None or s.payload.objective != "mae":
+                    continue  # only the masked autoencoders reconstruct an image in one pass
                 arr = reconstruction_arrays(s.folder, refs)
                 add(f"recon:{ds}", draw(f"reconstruction_{ds}_{s.preset}", lambda p, arr=arr, s=s, ds=ds:
                                         rp.image_grid(
@@ -501,7 +507,7 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
 
     rep = Report(cfg.report.title or f"d2mae experiment: {cfg.name}")
     b = cfg.budget
-    methods_text = ", ".join(f"{METHODS[m.name].label} ({m.describe()})" for m in cfg.runs())
+    methods_text = ", ".join(f"{method_for(m.name).label} ({m.describe()})" for m in cfg.runs())
     rep.paragraph(f"{cfg.description + ' ' if cfg.description else ''}Datasets: {', '.join(plan.datasets)}. "
                   f"Seeds: {', '.join(map(str, cfg.seeds))}. Methods: {methods_text}.")
     rep.heading("Summary")

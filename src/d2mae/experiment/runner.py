@@ -147,6 +147,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
         estimate: time a few steps first so that the plan and the report show estimates beside actual times.
     """
     plan = make_plan(cfg, out)
+    missing = plan.missing_weights()
+    if missing:
+        m, w = next(iter(missing.items()))
+        raise D2maeError(f"weights file {w} of method {m} does not exist ({len(missing)} missing in all: "
+                         f"{', '.join(missing)}); put the files there, fix weights: in {cfg.source}, or leave those "
+                         "methods out")
     prepare_out(plan, resume)
     if estimate and any(s.done_info() is None for s in plan.stages):
         estimate_plan(plan)

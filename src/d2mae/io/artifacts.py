@@ -1,7 +1,8 @@
 """Model folders on disk: safetensors weights + a JSON config with a format name and version.
 
-A pre-trained D²MAE folder holds ``model.safetensors`` (the full DeblurMAE: encoder, blur conditioning, decoder)
-and ``config.json``::
+A pre-trained folder holds ``model.safetensors`` (the whole pre-training model: for D²MAE the DeblurMAE's encoder,
+blur conditioning and decoder; for MoCo v3 and DiffMAE their own heads, :mod:`d2mae.method.objectives`) and
+``config.json``::
 
     {"format": PRETRAINED_FORMAT, "format_version": 1, "model": {...ModelConfig...}, "extra": {...}}
 
@@ -9,7 +10,8 @@ plus, from ``d2mae pretrain``, ``pretrain_hashes.txt`` (the content hash of ever
 fine-tuning leak guard). A fine-tuned model folder (``fold_k/model`` of a fine-tuning run) holds
 ``classifier.safetensors`` and ``config.json`` (format ``d2mae-classifier``: the model config, the class names, the
 OBS setting, the fine-tuning settings, the pre-trained model's sha256) and ``pretrained/``, the pre-trained folder
-that OBS on new images needs.
+that OBS on new images needs; for a timm backbone (``d2mae finetune --backbone``) ``model`` is its
+:class:`~d2mae.method.backbones.BackboneConfig` and there is no ``pretrained/``.
 
 Nothing here unpickles: weights are read with safetensors, configs with ``json``. A folder of an unknown format, a
 newer version, or weights that do not match the config is refused with a clear error.
@@ -27,7 +29,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from d2mae.method.models import DeblurClassifier, DeblurMAE, ModelConfig, build_classifier
+from d2mae.method.backbones import BackboneConfig, TimmClassifier
+from d2mae.method.models import ModelConfig, build_classifier
+from d2mae.method.objectives import build_objective
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_json, file_sha256
@@ -98,8 +102,8 @@ def check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor], 
         raise D2maeError(f"{source}: weights do not match the architecture in its config ({'; '.join(parts)})")
 
 
-def save_pretrained(model: DeblurMAE, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a pre-trained DeblurMAE folder (weights first, then the config that makes it valid)."""
+def save_pretrained(model: torch.nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write a pre-trained folder of any objective (weights first, then the config that makes it valid)."""
     folder = Path(folder)
     save_weights(model.state_dict(), folder / WEIGHTS, metadata={"format": PRETRAINED_FORMAT})
     atomic_write_json(folder / CONFIG, {"format": PRETRAINED_FORMAT, "format_version": FORMAT_VERSION,
@@ -107,12 +111,13 @@ def save_pretrained(model: DeblurMAE, folder: str | Path, extra: dict[str, Any] 
     return folder
 
 
-def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> DeblurMAE:
-    """Load a pre-trained DeblurMAE folder written by :func:`save_pretrained`, in eval mode."""
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Load a pre-trained folder written by :func:`save_pretrained` (a DeblurMAE, MoCoV3 or DiffMAE), in eval
+    mode."""
     folder = Path(folder)
     data = read_config(folder, PRETRAINED_FORMAT)
     config = ModelConfig.from_dict(data.get("model", {}), source=str(folder / CONFIG))
-    model = DeblurMAE(config)
+    model = build_objective(config)
     state = load_weights(folder / WEIGHTS)
     check_state_matches(model, state, str(folder))
     model.load_state_dict(state)
@@ -132,23 +137,33 @@ def read_classifier_config(folder: str | Path) -> dict[str, Any]:
     return read_config(folder, CLASSIFIER_FORMAT)
 
 
-def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[DeblurClassifier, dict]:
-    """Load a fine-tuned model folder (``classifier.safetensors`` + ``config.json``) in eval mode."""
+def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Load a fine-tuned model folder (``classifier.safetensors`` + ``config.json``) in eval mode: a
+    :class:`~d2mae.method.models.DeblurClassifier`, or a :class:`~d2mae.method.backbones.TimmClassifier`."""
     folder = Path(folder)
     meta = read_classifier_config(folder)
-    config = ModelConfig.from_dict(meta.get("model", {}), source=str(folder / "config.json"))
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) < 2:
         raise D2maeError(f"{folder / 'config.json'}: 'classes' must list the class names")
-    mode = (meta.get("finetune") or {}).get("mode", "full")
-    model = build_classifier(config, len(classes), mode, drop_path=0.0)
+    saved = meta.get("model", {})
+    model: torch.nn.Module
+    if isinstance(saved, dict) and "backbone" in saved:  # a timm classifier (d2mae finetune --backbone)
+        try:
+            backbone = BackboneConfig(**saved)
+        except (TypeError, D2maeError) as exc:
+            raise D2maeError(f"{folder / 'config.json'}: {exc}") from None
+        model = TimmClassifier(backbone, len(classes), drop_path=0.0)
+    else:
+        config = ModelConfig.from_dict(saved, source=str(folder / "config.json"))
+        mode = (meta.get("finetune") or {}).get("mode", "full")
+        model = build_classifier(config, len(classes), mode, drop_path=0.0)
     state = load_weights(folder / CLASSIFIER_WEIGHTS)
     check_state_matches(model, state, str(folder))
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
-def save_classifier(model: DeblurClassifier, folder: str | Path, classes: Sequence[str], obs: ObsSpec,
+def save_classifier(model: torch.nn.Module, folder: str | Path, classes: Sequence[str], obs: ObsSpec,
                     finetune: dict[str, Any], pretrained: str | Path | None, pretrained_hash: str | None) -> Path:
     """Write a fine-tuned model folder: weights, config.json (with the OBS setting ``obs``), and a copy of the
     pre-trained folder (for OBS on new images)."""

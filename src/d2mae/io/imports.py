@@ -7,6 +7,9 @@ Sources (all read from local files; nothing is downloaded):
   pre-training checkpoints, ``mask_token``, ``decoder_embed.*``, ``decoder_pos_embed``, ``decoder_blocks.N.*``,
   ``decoder_norm.*``, ``decoder_pred.*``); fine-tuned checkpoints add ``fc_norm.*`` and ``head.*``;
 - timm's MAE weights (``model.safetensors`` of ``vit_base_patch16_224.mae`` …): the same encoder names, no wrapper;
+- the official MoCo v3 ViT release (``vit-b-300ep.pth.tar`` …): ``{"state_dict": …}`` with
+  ``module.base_encoder.*`` (the query ViT, its projector as ``head.*``), ``module.momentum_encoder.*`` and
+  ``module.predictor.*``; only the query ViT is used;
 - a d2mae state dict (``encoder.*`` names), e.g. to move a pre-trained model to another image size.
 
 ``.pth`` files are read with ``torch.load(weights_only=True)`` only: a file holding pickled Python objects (which
@@ -239,11 +242,53 @@ def _role(key: str) -> str:
     return "other"
 
 
-def _source_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint keys in MAE's flat names (``encoder.`` of a d2mae state dict stripped)."""
-    if any(k.startswith("encoder.") for k in state):
+def checkpoint_layout(state: dict[str, torch.Tensor]) -> str:
+    """The release a state dict comes from, by its key names: ``moco-v3`` (``base_encoder.*``, its
+    ``module.`` prefix already removed), ``beit`` (BEiT / USFM: ``attn.q_bias``, ``gamma_1``, relative position
+    biases), ``d2mae`` (``encoder.*``) or ``mae`` (MAE's and timm's ViT names)."""
+    keys = list(state)
+    if any(k.startswith("base_encoder.") for k in keys):
+        return "moco-v3"
+    if any(k.endswith(("attn.q_bias", ".gamma_1", "relative_position_bias_table")) for k in keys):
+        return "beit"
+    if any(k.startswith("encoder.") for k in keys):
+        return "d2mae"
+    return "mae"
+
+
+def _source_names(state: dict[str, torch.Tensor], path: str | Path = "") -> dict[str, torch.Tensor]:
+    """Checkpoint keys in MAE's flat names: ``encoder.`` of a d2mae state dict stripped; of a MoCo v3 release only
+    the query encoder (``base_encoder.*`` without its projector ``head.*``; the momentum encoder and the predictor
+    are not part of the ViT)."""
+    layout = checkpoint_layout(state)
+    if layout == "beit":
+        raise D2maeError(f"checkpoint {path} is in the BEiT layout (relative position biases, layer scales: e.g. USFM), "
+                         "which this ViT cannot hold; fine-tune it with the timm backbone it was made for "
+                         "(backbone timm:beit_base_patch16_224, as the usfm method does)")
+    if layout == "moco-v3":
+        return {k[len("base_encoder."):]: v for k, v in state.items()
+                if k.startswith("base_encoder.") and not k.startswith("base_encoder.head.")}
+    if layout == "d2mae":
         return {(k[len("encoder."):] if k.startswith("encoder.") else k): v for k, v in state.items()}
     return dict(state)
+
+
+def encoder_architecture(path: str | Path) -> dict[str, Any]:
+    """The ViT of a checkpoint's encoder as :class:`~d2mae.method.models.ModelConfig` options (``model`` and, when
+    it differs from that architecture's, ``patch_size``), from its tensor shapes; an unknown size is a clear error."""
+    from d2mae.method.models import ARCHITECTURES
+
+    source = _source_names(load_checkpoint_file(path), path)
+    if "cls_token" not in source or "patch_embed.proj.weight" not in source:
+        raise D2maeError(f"checkpoint {path} holds no ViT encoder (no cls_token / patch_embed.proj.weight)")
+    dim = int(source["cls_token"].shape[-1])
+    depth = 1 + max((int(k.split(".")[1]) for k in source if k.startswith("blocks.")), default=-1)
+    patch = int(source["patch_embed.proj.weight"].shape[-1])
+    for name, (p, d, blocks, _) in ARCHITECTURES.items():
+        if (d, blocks) == (dim, depth):
+            return {"model": name, **({"patch_size": patch} if patch != p else {})}
+    known = ", ".join(f"{n} ({d} wide, {b} blocks)" for n, (_, d, b, _) in ARCHITECTURES.items())
+    raise D2maeError(f"checkpoint {path} holds a ViT {dim} wide with {depth} blocks; d2mae knows {known}")
 
 
 def _target_key(model: DeblurMAE | DeblurClassifier, key: str) -> str | None:
@@ -274,7 +319,7 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
     """
     if not isinstance(model, (DeblurMAE, DeblurClassifier)):
         raise TypeError(f"init_from_checkpoint expects a DeblurMAE or DeblurClassifier, got {type(model).__name__}")
-    source = _source_names(load_checkpoint_file(path))
+    source = _source_names(load_checkpoint_file(path), path)
     report = ImportReport(source=str(path))
     target = model.state_dict()
     new_state = {k: v.clone() for k, v in target.items()}
@@ -360,3 +405,90 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
     report.missing = sorted(set(report.missing))
     report.unexpected = sorted(set(report.unexpected))
     return report
+
+
+def import_pretrained(path: str | Path, folder: str | Path, *, img_size: int, in_chans: int, mean: list[float],
+                      std: list[float], seed: int = 0) -> Path:
+    """A pre-trained folder from a released checkpoint (MAE, timm MAE, MoCo v3), for fine-tuning from it.
+
+    The model is an MAE-preset :class:`~d2mae.method.models.DeblurMAE` (no blur) with the checkpoint's encoder
+    architecture (:func:`encoder_architecture`) at ``img_size`` / ``in_chans`` and the given input mean/std; its
+    encoder is converted as :func:`init_from_checkpoint` describes, a decoder the checkpoint lacks stays at its
+    seeded initialisation. ``config.json`` records the source file, its sha256 and the import report.
+    """
+    from d2mae.io.artifacts import save_pretrained
+    from d2mae.method.models import ModelConfig
+    from d2mae.runtime.files import file_sha256
+
+    arch = encoder_architecture(path)
+    config = ModelConfig(**arch, img_size=img_size, in_chans=in_chans, blur=False, blur_embed="none",
+                         loss_on="masked", mean=list(mean), std=list(std))
+    torch.manual_seed(seed)
+    model = DeblurMAE(config)
+    report = init_from_checkpoint(model, path)
+    return save_pretrained(model, folder, extra={
+        "pretrain": {"preset": "imported", "images": 0, "seed": seed},
+        "imported": {"source": str(Path(path).absolute()), "source_sha256": file_sha256(path),
+                     "report": report.to_dict()}})
+
+
+def backbone_state(path: str | Path, config: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A released checkpoint as a state dict in the names of the timm model of ``config`` (a
+    :class:`~d2mae.method.backbones.BackboneConfig`), checked to cover that model, and notes on what was adapted.
+
+    timm's own checkpoints load as they are; a MoCo v3 release gives its query ViT (``base_encoder.*`` without the
+    projector); a BEiT / USFM checkpoint's shared relative position bias (``rel_pos_bias.*``) is copied into every
+    block. The classifier (and ``fc_norm``, which pre-training checkpoints lack) may be missing: they are new.
+    Resizing to another image size, the input-conv channels and the classifier reset are left to timm's loader.
+
+    Raises:
+        D2maeError: a file that does not hold a state dict, or one that lacks tensors of the model (another
+            architecture or layout), naming the first ones.
+    """
+    from d2mae.method.backbones import TimmClassifier
+
+    state = load_checkpoint_file(path)
+    notes: list[str] = []
+    layout = checkpoint_layout(state)
+    if layout == "moco-v3":
+        state = {k[len("base_encoder."):]: v for k, v in state.items()
+                 if k.startswith("base_encoder.") and not k.startswith("base_encoder.head.")}
+        notes.append("MoCo v3 release: the query ViT (base_encoder) without its projector")
+    reference = TimmClassifier(config, 2, 0.0, None).model  # random: the names and shapes the file must cover
+    expected = reference.state_dict()
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:
+        blocks = sorted({k.rsplit(".attn.", 1)[0] for k in expected if k.endswith("attn.relative_position_bias_table")})
+        for b in blocks:
+            state.setdefault(f"{b}.attn.relative_position_bias_table", shared.clone())
+        notes.append(f"shared relative position bias copied into {len(blocks)} blocks")
+    state = {k: v for k, v in state.items() if "relative_position_index" not in k}
+    classifier = reference.pretrained_cfg.get("classifier") or "head"
+    heads = tuple(c + "." for c in ((classifier,) if isinstance(classifier, str) else classifier)) + ("fc_norm.",)
+    missing = [k for k in expected if k not in state and not k.startswith(heads)]
+    if missing:
+        raise D2maeError(f"weights file {path} does not match {config.backbone}: {len(missing)} of the model's "
+                         f"tensors are not in it (e.g. {_short(missing, 3)}); is it a checkpoint of another "
+                         "architecture or layout?", option="backbone_weights")
+    unused = sorted(k for k in state if k not in expected)
+    if unused:
+        notes.append(f"not used from the file: {_short(unused)}")
+    return {k: v for k, v in state.items() if k in expected}, notes
+
+
+def backbone_classifier(config: Any, num_classes: int, drop_path: float,
+                        state: dict[str, torch.Tensor] | None, source: str | Path = "") -> Any:
+    """A :class:`~d2mae.method.backbones.TimmClassifier`, from ``state`` (:func:`backbone_state` of the file
+    ``source``, then timm's loader) or randomly initialised; weights whose shapes timm cannot adapt are a clear
+    error."""
+    from d2mae.method.backbones import TimmClassifier
+
+    try:
+        return TimmClassifier(config, num_classes, drop_path, state)
+    except RuntimeError as exc:
+        if state is None:
+            raise
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise D2maeError(f"weights file {source} does not fit {config.backbone} ({detail[:240]})",
+                         option="backbone_weights") from None

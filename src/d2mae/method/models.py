@@ -38,6 +38,10 @@ ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
     "vit_large_patch16": (16, 1024, 24, 16),
 }
 BLUR_EMBEDDINGS = ("token", "add", "none")
+# Pre-training objectives (d2mae.method.objectives): the (deblurring) masked autoencoder of MAE, DeblurrMAE and
+# D²MAE, and the other self-supervised rows of Table 2.
+OBJECTIVES = ("mae", "moco-v3", "diffmae")
+DIFFUSION_SCHEDULES = ("cosine", "linear")
 # MAE's and timm's ViT LayerNorm (eps 1e-6): official MAE weights import, and exports to timm match exactly.
 LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
@@ -83,6 +87,21 @@ class ModelConfig:
         "help": "per-channel input mean in [0,1] (default: from the data)", "min": 0.0, "max": 1.0})
     std: list[float] | None = field(default=None, metadata={
         "help": "per-channel input std in [0,1] (default: from the data)", "above": 0.0, "max": 1.0})
+    objective: str = field(default="mae", metadata={
+        "help": "pre-training objective: mae (masked autoencoder: MAE, DeblurrMAE, D²MAE), moco-v3 or diffmae "
+                "(set by --preset)", "choices": list(OBJECTIVES)})
+    moco_dim: int = field(default=256, metadata={"help": "MoCo v3: projector and predictor output width", "min": 1})
+    moco_mlp_dim: int = field(default=4096, metadata={"help": "MoCo v3: hidden width of its MLPs (ViT: 4096)",
+                                                      "min": 1})
+    moco_temperature: float = field(default=0.2, metadata={"help": "MoCo v3: InfoNCE temperature (ViT: 0.2)",
+                                                           "above": 0.0})
+    moco_momentum: float = field(default=0.99, metadata={
+        "help": "MoCo v3: momentum of the key encoder at the start; a half-cosine takes it to 1 (ViT: 0.99)",
+        "min": 0.0, "max": 1.0})
+    diffusion_steps: int = field(default=1000, metadata={"help": "DiffMAE: diffusion steps T", "min": 1})
+    diffusion_schedule: str = field(default="cosine", metadata={
+        "help": "DiffMAE: noise schedule, cosine (improved DDPM) or linear (DDPM)",
+        "choices": list(DIFFUSION_SCHEDULES)})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -102,6 +121,12 @@ class ModelConfig:
         for name, width in (("embed_dim", self.dim), ("decoder_embed_dim", self.decoder_embed_dim)):
             if width % 4:
                 raise D2maeError(f"must be divisible by 4 (2-D sin-cos position embeddings), got {width}", option=name)
+        if self.objective != "mae" and (self.blur or self.blur_embed != "none"):
+            raise D2maeError(f"{self.objective} pre-trains without the blur schedule; use blur false and "
+                             "blur_embed none (its preset does)", option="objective")
+        if self.objective == "diffmae" and self.loss_on != "masked":
+            raise D2maeError("diffmae denoises the masked patches: its loss is on them (loss_on masked)",
+                             option="loss_on")
         self.schedule  # the σ range, checked by BlurSchedule
 
     @property
@@ -167,6 +192,13 @@ def sincos_pos_embed_2d(dim: int, grid: int, prefix: int) -> torch.Tensor:
     emb = torch.cat([emb_1d(gx), emb_1d(gy)], dim=1)  # [grid², D]
     emb = torch.cat([torch.zeros(prefix, dim, dtype=torch.float64), emb], dim=0)
     return emb.float()[None]
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """Images [B, C, H, W] → patches [B, N, p*p*C], row by row, each patch's pixels channel fastest (MAE's order)."""
+    b, c, h, w = imgs.shape
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -317,12 +349,24 @@ class DeblurMAE(nn.Module):
     def schedule(self) -> BlurSchedule:
         return self.encoder.schedule
 
+    #: image views per sample the data path gives this objective, and RandomResizedCrop's area range (MAE)
+    views = 1
+    crop_scale = (0.2, 1.0)
+
+    def draw(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        """One step's randomness for ``n`` samples (a global batch), on the CPU: blur levels t ~ U{1..T} [n]
+        (zeros without blur) and the mask noise [n, N] (:meth:`DeblurEncoder.random_masking`)."""
+        t = self.schedule.sample(n, generator=generator)  # [n]
+        noise = torch.rand(n, self.config.num_patches, generator=generator)  # [n, N]
+        return {"t": t, "noise": noise}
+
+    def progress_inputs(self, progress: float) -> dict[str, float]:
+        """Inputs that follow the run's progress (0 → 1); the masked autoencoder has none."""
+        return {}
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] → [B, N, p*p*C]."""
-        p, c = self.config.patch, self.config.in_chans
-        b, _, h, w = imgs.shape
-        x = imgs.reshape(b, c, h // p, p, w // p, p)
-        return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+        return patchify(imgs, self.config.patch)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, p*p*C] → [B, C, H, W]."""

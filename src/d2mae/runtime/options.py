@@ -48,6 +48,8 @@ def _describe(tp: Any) -> tuple[Any, Any, bool]:
         origin = typing.get_origin(tp)
     if origin in (list, tuple):
         return list, typing.get_args(tp)[0], optional
+    if origin is dict:
+        return dict, typing.get_args(tp)[1], optional
     return None, tp, optional
 
 
@@ -79,7 +81,7 @@ def _scalar(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Coerce ``value`` to the annotation ``tp`` (scalars, optionals and lists of scalars)."""
+    """Coerce ``value`` to the annotation ``tp`` (scalars, optionals, lists and str-keyed mappings of scalars)."""
     container, inner, optional = _describe(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
         if optional:
@@ -88,6 +90,10 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if container is list:
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_scalar(v, inner, key, source) for v in items]
+    if container is dict:
+        if not isinstance(value, dict):
+            raise D2maeError(f"option '{key}' in {source} must be a mapping (name: value), got {type(value).__name__}")
+        return {str(k): _scalar(v, inner, f"{key}.{k}", source) for k, v in value.items()}
     return _scalar(value, inner, key, source)
 
 

@@ -65,8 +65,9 @@ from d2mae.io.artifacts import (
     save_weights
 )
 from d2mae.io.obs_table import TABLE_NAME, ObsTable, sigmas_of
+from d2mae.method.backbones import BackboneConfig, timm_name
 from d2mae.method.blur import BlurSchedule
-from d2mae.method.models import DeblurClassifier, ModelConfig, build_classifier
+from d2mae.method.models import ModelConfig, build_classifier
 from d2mae.method.obs import DEFAULT_SEARCH_STEP, ObsSpec
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import (
@@ -105,8 +106,15 @@ class FinetuneConfig:
     """
 
     pretrained: str | None = field(default=None, metadata={
-        "help": "pre-trained D²MAE folder (model.safetensors + config.json); optional for --mode scratch",
-        "metavar": "DIR", "volatile": True})
+        "help": "pre-trained folder (model.safetensors + config.json), or a released checkpoint file to import "
+                "(official MAE .pth, timm MAE .safetensors, MoCo v3 .pth.tar; docs/import.md); optional for "
+                "--mode scratch", "metavar": "DIR|FILE", "volatile": True})
+    backbone: str | None = field(default=None, metadata={
+        "help": "fine-tune a timm classifier instead of a pre-trained D²MAE encoder: timm:NAME (e.g. "
+                "timm:swin_large_patch4_window7_224); no blur, no OBS (docs/methods.md)", "metavar": "timm:NAME"})
+    backbone_weights: str | None = field(default=None, metadata={
+        "help": "local weights file for --backbone (timm .safetensors/.pth, or USFM's for timm:beit_base_patch16_224); "
+                "without it the backbone starts from scratch (--mode scratch)", "metavar": "FILE"})
     labels: str = field(default="", metadata={"help": "labels CSV (path,label[,group][,split|fold]) or a "
                                                       "class-per-folder tree", "metavar": "CSV|DIR"})
     path_column: str = field(default="path", metadata={"help": "labels CSV column with the image path or ID"})
@@ -193,12 +201,28 @@ class FinetuneConfig:
         if self.mixing and self.balance == "loss":
             raise D2maeError("loss cannot be combined with Mixup/CutMix (soft targets); use sampler",
                              option="balance")
+        if self.backbone:
+            timm_name(self.backbone)  # an unknown name is refused first, with close names
+            if self.pretrained:
+                raise D2maeError("give either pretrained (a D²MAE encoder) or backbone (a timm classifier), not both",
+                                 option="backbone")
+            if self.mode == "linear":
+                raise D2maeError("the linear probe needs a pre-trained D²MAE encoder; use full or scratch",
+                                 option="mode")
+            if self.mode == "full" and not self.backbone_weights:
+                raise D2maeError(f"mode full fine-tunes {self.backbone} from weights: give backbone_weights FILE, or "
+                                 "use mode scratch to train it from a random initialisation", option="mode")
+            if self.mode == "scratch" and self.backbone_weights:
+                raise D2maeError("mode scratch trains from a random initialisation; drop backbone_weights or use "
+                                 "mode full", option="mode")
+        elif self.backbone_weights:
+            raise D2maeError("is only used with backbone timm:NAME", option="backbone_weights")
         self.spec  # the OBS setting parses
 
     @property
     def spec(self) -> ObsSpec:
-        """The OBS setting (no blur, t = 0, for ``scratch``: nothing was pre-trained)."""
-        return ObsSpec.parse("none" if self.mode == "scratch" else self.obs, self.search_step)
+        """The OBS setting (no blur, t = 0, for ``scratch`` and timm backbones: no D²MAE model to search with)."""
+        return ObsSpec.parse("none" if self.mode == "scratch" or self.backbone else self.obs, self.search_step)
 
     @property
     def mixing(self) -> bool:
@@ -276,6 +300,8 @@ def method_name(cfg: FinetuneConfig, pretrained_meta: dict[str, Any] | None) -> 
     """The name a run carries in run.json: ``--method``, or the pre-training preset plus the fine-tuning setting."""
     if cfg.method:
         return cfg.method
+    if cfg.backbone:
+        return cfg.backbone + ("" if cfg.backbone_weights else "-scratch")
     if cfg.mode == "scratch":
         return "scratch"
     extra = (pretrained_meta or {}).get("extra") or {}
@@ -330,6 +356,7 @@ class FinetuneRun:
         self.pretrained_meta: dict[str, Any] | None = None
         self.pretrained_hash: str | None = None
         self.mae: Any = None  # the pre-trained DeblurMAE (full and linear modes)
+        self.backbone_state: dict[str, torch.Tensor] | None = None  # a timm backbone's weights (--backbone-weights)
         self.model_config: ModelConfig | None = None
 
     def say(self, message: str) -> None:
@@ -342,20 +369,35 @@ class FinetuneRun:
             raise D2maeError("is required: the folder for the fine-tuning run", option="out")
         if not cfg.labels:
             raise D2maeError("is required: a labels CSV or a class-per-folder tree", option="labels")
-        if cfg.mode != "scratch" and self.pretrained is None:
+        if cfg.backbone and cfg.backbone_weights:  # read and check the weights once, before any work
+            from d2mae.io.imports import backbone_state
+
+            if not Path(cfg.backbone_weights).exists():
+                raise D2maeError(f"{cfg.backbone_weights} does not exist", option="backbone_weights")
+            c = cfg.in_chans
+            self.backbone_state, notes = backbone_state(
+                cfg.backbone_weights, BackboneConfig(cfg.backbone, cfg.img_size, c, [0.5] * c, [0.25] * c))
+            self.say(f"{cfg.backbone} from {cfg.backbone_weights}" + (f" ({'; '.join(notes)})" if notes else ""))
+        elif not cfg.backbone and cfg.mode != "scratch" and self.pretrained is None:
             raise D2maeError(f"is required for mode {cfg.mode} (only scratch trains without a pre-trained model)",
                              option="pretrained")
         if cfg.obs_table and self.spec.mode != "search":
             raise D2maeError(f"is only used with the search (this run: {self.spec.describe()}"
                              f"{', mode scratch' if cfg.mode == 'scratch' else ''})", option="obs_table")
-        if cfg.mode == "scratch" and cfg.obs != "none":
+        if cfg.mode == "scratch" and not cfg.backbone and cfg.obs != "none":
             self.say(f"note: --mode scratch trains without pre-training, so there is no OBS (t = 0 for every image; "
                      f"--obs {cfg.obs} is not used)")
         on_main(ctx, self._check_out)
+        if self.pretrained is not None and self.pretrained.is_file():
+            self.pretrained = self._import_checkpoint(self.pretrained)
         if self.pretrained is not None:
             self.pretrained_meta = read_config(self.pretrained, PRETRAINED_FORMAT)
             mae = load_pretrained(self.pretrained, "cpu")  # checks files, architecture, weights
             self.model_config = mae.config
+            if self.spec.mode == "search" and mae.config.objective != "mae":
+                raise D2maeError(f"search needs a masked-autoencoder pre-trained model (its decoder restores the "
+                                 f"blurred images); {self.pretrained} was pre-trained with {mae.config.objective}; "
+                                 "use none", option="obs")
             self.pretrained_hash = model_sha256(self.pretrained)
             self.spec.fixed_level(mae.schedule)  # a fixed σ must lie inside the model's schedule
             saved = on_main(ctx, lambda: _saved_run(self.out) if cfg.resume else {})
@@ -399,6 +441,33 @@ class FinetuneRun:
         self.hashes = gather_ordered_objects(content_hashes([labeled.refs[i] for i in mine]), n, ctx)
         self.leaks = on_main(ctx, lambda: leak_check(labeled, self.folds, self.hashes, self.pretrained, self.out,
                                                      cfg.strict))
+
+    def _import_checkpoint(self, path: Path) -> Path:
+        """A released checkpoint file as a pre-trained folder ``OUT/imported`` (made once; reused while the file's
+        sha256 is the one it was made from). Its input mean/std are the labeled images' pixel statistics."""
+        from d2mae.io.imports import import_pretrained
+        from d2mae.runtime.files import file_sha256
+
+        cfg, folder = self.cfg, self.out / "imported"
+
+        def make() -> None:
+            sha = file_sha256(path)
+            try:
+                extra = read_config(folder, PRETRAINED_FORMAT).get("extra", {})
+            except D2maeError:
+                extra = {}
+            if (extra.get("imported") or {}).get("source_sha256") == sha:
+                return
+            labeled = load_labeled(cfg.labels, path_column=cfg.path_column, label_column=cfg.label_column,
+                                   image_root=cfg.image_root, image_ext=cfg.image_ext, folds_csv=cfg.folds_csv,
+                                   classes=cfg.classes)
+            mean, std = compute_stats(labeled.refs, cfg.in_chans, seed=cfg.seed)
+            import_pretrained(path, folder, img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std,
+                              seed=cfg.seed)
+            self.say(f"imported {path} into {folder}")
+
+        on_main(self.ctx, make)
+        return folder
 
     def _check_out(self) -> None:
         """A folder that holds a run is continued only with ``--resume``, and only with the same settings."""
@@ -563,8 +632,17 @@ class FinetuneRun:
                             pin_memory=dev.type == "cuda", persistent_workers=cfg.workers > 0)
         return trainer, loader, sampler
 
-    def _model_for_fold(self, fold: Fold) -> DeblurClassifier:
+    def _model_for_fold(self, fold: Fold) -> nn.Module:
         cfg = self.cfg
+        if cfg.backbone:  # a timm classifier, normalised with the fold's training images' statistics
+            from d2mae.io.imports import backbone_classifier
+
+            mean, std = compute_stats([self.labeled.refs[i] for i in fold.train], cfg.in_chans, seed=cfg.seed)
+            torch.manual_seed(derive_seed(cfg.seed, fold.number, 0))
+            config = BackboneConfig(cfg.backbone, cfg.img_size, cfg.in_chans, mean, std)
+            state = dict(self.backbone_state) if self.backbone_state is not None else None  # timm may edit it
+            return backbone_classifier(config, len(self.labeled.classes), cfg.drop_path, state,
+                                       cfg.backbone_weights or "")
         config = self.model_config
         if config is None:  # scratch without a pre-trained folder: a ViT of --arch, normalised with train stats
             mean, std = compute_stats([self.labeled.refs[i] for i in fold.train], cfg.in_chans, seed=cfg.seed)
@@ -705,7 +783,8 @@ class FinetuneRun:
             "classes": self.labeled.classes, "protocol": cfg.protocol, "folds": [d["fold"] for d in details],
             "method": method, "seed": cfg.seed, "mode": cfg.mode, "obs": self.spec.to_dict(),
             "pretrained": str(self.pretrained.absolute()) if self.pretrained else None,
-            "pretrained_sha256": self.pretrained_hash, "labels": str(cfg.labels), "n_images": len(self.labeled),
+            "pretrained_sha256": self.pretrained_hash, "backbone": cfg.backbone,
+            "backbone_weights": cfg.backbone_weights, "labels": str(cfg.labels), "n_images": len(self.labeled),
             "keep_columns": cfg.keep_columns or [], "leak_check": self.leaks, "fold_details": details,
             "obs_seconds": round(obs_seconds, 3), "seconds": round(seconds, 3),
             "finetune": self._settings()})

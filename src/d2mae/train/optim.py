@@ -12,31 +12,36 @@ from typing import Any
 
 import torch
 
-from d2mae.method.models import DeblurClassifier, DeblurMAE
-
 NO_WEIGHT_DECAY = ("encoder.cls_token", "encoder.blur_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed")
 
 
-def build_optimizer(model: DeblurMAE, cfg: Any, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW(β = 0.9, 0.95) as MAE; weight decay on weight matrices only (not on norms, biases, CLS/BLU/mask
-    tokens), grouped by timm's ``param_groups_weight_decay``."""
+def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW(β = 0.9, 0.95) as MAE, for every objective; weight decay on weight matrices only (not on norms,
+    biases, CLS/BLU/mask tokens), grouped by timm's ``param_groups_weight_decay``; frozen parameters (MoCo v3's
+    patch projection and momentum encoder) are left out."""
     from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def param_groups(model: DeblurClassifier, cfg: Any) -> list[dict[str, Any]]:
+def param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
     """timm's layer-wise decay groups: stem (CLS, BLU, pos/patch embeddings) at layer_decay^(depth+1), blocks
-    in between, head at 1; no weight decay on 1-D parameters and on ``model.no_weight_decay()``."""
-    from timm.optim import param_groups_layer_decay
+    in between, head at 1; no weight decay on 1-D parameters and on ``model.no_weight_decay()``.
 
+    A timm backbone (:class:`d2mae.method.backbones.TimmClassifier`) is grouped by its own ``group_matcher``; one
+    that defines none gets weight-decay groups only (no layer-wise decay)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    root = model.layer_decay_root() if hasattr(model, "layer_decay_root") else model
+    nwd = model.no_weight_decay()
+    if not hasattr(root, "group_matcher"):
+        return param_groups_weight_decay(root, cfg.weight_decay, no_weight_decay_list=nwd)
     decay = 1.0 if cfg.mode == "scratch" else cfg.layer_decay
-    return param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
-                                    no_weight_decay_list=model.no_weight_decay(), layer_decay=decay)
+    return param_groups_layer_decay(root, weight_decay=cfg.weight_decay, no_weight_decay_list=nwd, layer_decay=decay)
 
 
-def make_optimizer(model: DeblurClassifier, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
     """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.finetune.FinetuneConfig`): AdamW over timm's
     layer-wise decay groups, or for the linear probe SGD with momentum on the head alone (MAE's recipes)."""
     lr = cfg.resolved_lr(world_size)

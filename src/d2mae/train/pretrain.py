@@ -1,10 +1,11 @@
 """D²MAE pre-training (Section 2.2): blur each image at σ_t, t ~ U{1..T}, mask 75%, reconstruct the original.
 
-One command runs every pre-training of the paper: D²MAE itself, the MAE and DeblurrMAE baselines of Table 2 and the
-ablations of Table 3 (``--preset``)::
+One command runs every pre-training of the paper: D²MAE itself, the MAE, DeblurrMAE, MoCo v3 and DiffMAE rows of
+Table 2 and the ablations of Table 3 (``--preset``; the objectives are :mod:`d2mae.method.objectives`)::
 
     d2mae pretrain --data images/ --out runs/pt                           # D²MAE, ViT-B, 224 px
     d2mae pretrain --data images/ --out runs/mae --preset mae             # MAE baseline (no blur)
+    d2mae pretrain --data images/ --out runs/moco --preset moco-v3        # MoCo v3 (two views, momentum encoder)
     d2mae pretrain --data images/ --out runs/pt --resume                  # continue a stopped run
     torchrun --nproc_per_node 8 -m d2mae pretrain --data images/ --out runs/pt --batch-size 128   # 8 GPUs
 
@@ -12,8 +13,9 @@ Python: ``pretrain(PretrainConfig(data=["images/"], out="runs/pt"))`` returns th
 
 The output folder is a pre-trained model folder (:func:`d2mae.io.artifacts.load_pretrained` reads it):
 
-* ``model.safetensors`` + ``config.json``: the DeblurMAE, its blur schedule and the data set's mean/std (computed
-  from the training images unless ``--mean``/``--std`` are given).
+* ``model.safetensors`` + ``config.json``: the pre-training model (DeblurMAE, MoCoV3 or DiffMAE; its encoder is what
+  fine-tuning loads), its blur schedule and the data set's mean/std (computed from the training images unless
+  ``--mean``/``--std`` are given).
 * ``pretrain.yaml``: the resolved run config (``d2mae pretrain --config pretrain.yaml`` repeats the run).
 * ``metrics.jsonl``: one record per ``log_every_steps`` steps and at each epoch end: ``step`` (optimizer steps
   done), ``epoch`` (1-based), ``loss`` (mean over the steps since the last record), ``lr``, ``images_per_s``,
@@ -30,7 +32,8 @@ The output folder is a pre-trained model folder (:func:`d2mae.io.artifacts.load_
 
 Reproducibility. Every random number of a step comes from a generator seeded by ``(seed, epoch, step)``: the
 epoch's data order, each image's crop and flip (seeded by ``(seed, epoch, image)``, whatever loader worker decodes
-it), the blur levels t and the mask noise. A run stopped at any point and resumed therefore ends with the same
+it), and the objective's own draws (D²MAE: the blur levels t and the mask noise; MoCo v3: the views' photometric
+augmentation; DiffMAE: the mask, the diffusion steps and each sample's noise seed). A run stopped at any point and resumed therefore ends with the same
 weights as an uninterrupted run (bit for bit on a CPU), and W processes with batch B each match one process with
 batch B·W up to float rounding.
 """
@@ -57,7 +60,8 @@ from d2mae.data.sampler import EpochBatchSampler
 from d2mae.data.sources import find_images
 from d2mae.io.artifacts import WEIGHTS, save_pretrained
 from d2mae.method.blur import BlurSchedule
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.models import ModelConfig
+from d2mae.method.objectives import build_objective
 from d2mae.runtime import distributed as dist_utils
 from d2mae.runtime.device import amp_dtype, autocast
 from d2mae.runtime.distributed import DistContext
@@ -96,6 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Table 3b: no blur embedding / the sinusoid added to every patch embedding.
     "embed-none": {**_D2MAE, "blur_embed": "none"},
     "embed-add": {**_D2MAE, "blur_embed": "add"},
+    # Table 2's other self-supervised rows on ultrasound: MoCo v3 (weight decay 0.1 as its ViT recipe) and DiffMAE.
+    "moco-v3": dict(objective="moco-v3", blur=False, blur_embed="none", loss_on="all", weight_decay=0.1),
+    "diffmae": dict(objective="diffmae", blur=False, blur_embed="none", loss_on="masked"),
 }
 
 MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
@@ -118,8 +125,8 @@ class PretrainConfig(ModelConfig):
         "help": "output folder; it becomes the pre-trained model folder (required)", "metavar": "DIR",
         "volatile": True})
     preset: str = field(default="d2mae", metadata={
-        "help": "method: d2mae (the paper), mae, deblurrmae, or the ablations range-0.6, range-1.6, embed-none, "
-                "embed-add", "choices": list(PRESETS)})
+        "help": "method: d2mae (the paper), mae, deblurrmae, moco-v3, diffmae, or the ablations range-0.6, "
+                "range-1.6, embed-none, embed-add", "choices": list(PRESETS)})
     config: str | None = field(default=None, metadata={
         "help": "YAML file of options (keys as the flags, with _ or -); flags given here override it",
         "metavar": "FILE.yaml", "volatile": True})
@@ -179,7 +186,7 @@ class PretrainConfig(ModelConfig):
             raise D2maeError("is required: give one or more image folders, files or .csv/.txt lists", option="data")
         if not str(self.out).strip():
             raise D2maeError("is required: the folder to write the pre-trained model to", option="out")
-        if int(self.num_patches * (1 - self.mask_ratio)) < 1:
+        if self.objective != "moco-v3" and int(self.num_patches * (1 - self.mask_ratio)) < 1:
             raise D2maeError(f"{self.mask_ratio} masks every one of the {self.num_patches} patches of a "
                              f"{self.img_size}-pixel image; lower it or use a larger image", option="mask_ratio")
 
@@ -263,50 +270,58 @@ def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device,
     return "loader", reason
 
 
-def step_randomness(seed: int, epoch: int, micro_step: int, global_batch: int, num_patches: int,
-                    schedule: Any, rank: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's blur levels t [B] and mask noise [B, N] for one micro-step (CPU tensors).
+def step_randomness(model: Any, seed: int, epoch: int, micro_step: int, global_batch: int, rank: int,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """This rank's share of one micro-step's randomness (``model.draw``: t [B] and mask noise [B, N] for the masked
+    autoencoder), as CPU tensors.
 
     Drawn for the whole global batch [B·W] from a generator seeded by ``(seed, epoch, micro_step)`` and then
-    sliced, so sample j of the global batch gets the same t and mask whichever rank processes it: a W-process run
+    sliced, so sample j of the global batch gets the same draw whichever rank processes it: a W-process run
     equals one process with batch B·W.
     """
     g = torch.Generator().manual_seed(derive_seed(seed, epoch, micro_step, STREAM_STEP))
-    t = schedule.sample(global_batch, generator=g)  # [B·W], t ~ U{1..T} (zeros without blur)
-    noise = torch.rand(global_batch, num_patches, generator=g)  # [B·W, N]
+    drawn = model.draw(g, global_batch)  # each [B·W, ...]
     lo = rank * batch_size
-    return t[lo:lo + batch_size], noise[lo:lo + batch_size]
+    return {k: v[lo:lo + batch_size] for k, v in drawn.items()}
 
 
 class MemoryBatches:
     """Micro-batches cropped on the device from a :class:`d2mae.data.cache.DecodedCache` (no DataLoader).
 
     The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
-    ``(seed, epoch, micro-step)`` and sliced per rank, like t and the mask noise. The crops are PIL's antialiased
-    bicubic resampling of the cached native-resolution images (:func:`d2mae.data.resample.crop_resize`), as sharp as the
-    loader path's.
+    ``(seed, epoch, micro-step)`` and sliced per rank, like the objective's randomness. The crops are PIL's
+    antialiased bicubic resampling of the cached native-resolution images (:func:`d2mae.data.resample.crop_resize`),
+    as sharp as the loader path's. ``views`` independent crops per image (MoCo v3: 2) come as [B, V, C, S, S].
     """
 
-    def __init__(self, cache: Any, sampler: EpochBatchSampler, device: torch.device) -> None:
+    def __init__(self, cache: Any, sampler: EpochBatchSampler, device: torch.device, views: int = 1,
+                 scale: tuple[float, float] = CROP_SCALE) -> None:
         self.cache = cache.to(device)
         self.sampler = sampler
+        self.views = views
+        self.scale = tuple(scale)
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
 
-    def plan(self, epoch: int, micro_step: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
-        """This rank's images [B], crop boxes (cx, cy, w, h) [B] each and flips [B] of one micro-step."""
+    def plan(self, epoch: int, micro_step: int) -> tuple[torch.Tensor, list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]]:
+        """This rank's images [B] and, per view, its crop boxes (cx, cy, w, h) [B] each and flips [B]."""
         s = self.sampler
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, s.permutation(epoch))
         gidx = self._order[1][micro_step * s.global_batch:(micro_step + 1) * s.global_batch]  # [B·W]
         g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, micro_step, STREAM_CROP))
-        boxes = crop_boxes(self.cache.aspect[gidx], CROP_SCALE, CROP_RATIO, g)  # 4 × [B·W]
-        flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
         mine = slice(s.rank * s.batch_size, (s.rank + 1) * s.batch_size)
-        return gidx[mine], tuple(b[mine] for b in boxes), flip[mine]
+        views = []
+        for _ in range(self.views):
+            boxes = crop_boxes(self.cache.aspect[gidx], self.scale, CROP_RATIO, g)  # 4 × [B·W]
+            flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
+            views.append((tuple(b[mine] for b in boxes), flip[mine]))
+        return gidx[mine], views
 
     def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         for m in range(start, self.sampler.micro_steps):
-            yield self.cache.crops(*self.plan(epoch, m))  # [B, C, S, S]
+            idx, views = self.plan(epoch, m)
+            crops = [self.cache.crops(idx, boxes, flip) for boxes, flip in views]  # V × [B, C, S, S]
+            yield crops[0] if self.views == 1 else torch.stack(crops, dim=1)  # [B, C, S, S] or [B, V, C, S, S]
 
 
 class LoaderBatches:
@@ -323,11 +338,6 @@ class LoaderBatches:
         self.sampler.set_epoch(epoch, start)
         for x, _, _ in self.loader:  # images [B, C, S, S], labels, indices
             yield x
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# optimisation
-# --------------------------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -421,12 +431,13 @@ class Pretrainer:
                 mean, std = dist_utils.on_main(ctx, lambda: compute_stats(self.refs, cfg.in_chans, seed=cfg.seed))
                 model_cfg = dataclasses.replace(model_cfg, mean=model_cfg.mean or mean, std=model_cfg.std or std)
         self.model_cfg = model_cfg
-        self.schedule = model_cfg.schedule  # the blur levels t ~ U{1..T} (Eq. 1)
         # the config written beside the outputs: resolved, with the data set's statistics
         self.cfg = dataclasses.replace(cfg, mean=model_cfg.mean, std=model_cfg.std)
 
         seed_everything(cfg.seed)
-        self.model = DeblurMAE(model_cfg).to(self.device)
+        self.model = build_objective(model_cfg).to(self.device)  # DeblurMAE, MoCoV3 or DiffMAE
+        if ctx.enabled and self.device.type == "cuda":  # MoCo v3's BatchNorms normalise over the global batch
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if state is None and cfg.init_from:
             self._init_from(cfg.init_from)
         self.optimizer = build_optimizer(self.model, cfg, self.lr, self.device)
@@ -453,9 +464,11 @@ class Pretrainer:
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
         if self.data_path == "memory":
             cache = DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
-            self.batches: Any = MemoryBatches(cache, self.sampler, self.device)
+            self.batches: Any = MemoryBatches(cache, self.sampler, self.device, views=self.model.views,
+                                              scale=self.model.crop_scale)
         else:
-            dataset = ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae")
+            dataset = ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae", views=self.model.views,
+                                   crop_scale=self.model.crop_scale)
             workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
             self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
 
@@ -485,6 +498,10 @@ class Pretrainer:
     def _init_from(self, path: str) -> None:
         """Load ImageNet MAE (or other) weights into the new model; every rank converts the same file."""
         from d2mae.io.imports import init_from_checkpoint
+
+        if self.model_cfg.objective != "mae":
+            raise D2maeError(f"starts a masked-autoencoder pre-training only (mae, deblurrmae, d2mae presets), not "
+                             f"{self.model_cfg.objective}", option="init_from")
 
         report = init_from_checkpoint(self.model, path)
         if self.ctx.is_main:
@@ -538,17 +555,18 @@ class Pretrainer:
         accum = cfg.accum_iter
         self.scheduler.step_update(num_updates=self.step)  # warm-up + cosine, per step
         loss_sum = torch.zeros((), device=self.device)
+        progress = self.model.progress_inputs(self.step / max(1, self.total_steps))  # MoCo v3: the momentum
         for k in range(accum):
-            x = next(batches).to(self.device, non_blocking=True)  # [B, C, S, S] in [0, 1], not yet blurred
-            # t ~ U{1..T} [B] and mask noise [B, N], drawn from (seed, epoch, micro-step): resumable, rank-independent
-            t, noise = step_randomness(cfg.seed, epoch, self.micro + k, cfg.batch_size * ctx.world_size,
-                                                  self.model_cfg.num_patches, self.schedule, ctx.rank, cfg.batch_size)
-            t = t.to(self.device, non_blocking=True)  # [B]
-            noise = noise.to(self.device, non_blocking=True)  # [B, N]
+            x = next(batches).to(self.device, non_blocking=True)  # [B, C, S, S] ([B, V, C, S, S]) in [0, 1]
+            # the objective's randomness (D²MAE: t ~ U{1..T} [B], mask noise [B, N]), drawn from (seed, epoch,
+            # micro-step): resumable and the same for any number of processes
+            drawn = step_randomness(self.model, cfg.seed, epoch, self.micro + k, cfg.batch_size * ctx.world_size,
+                                    ctx.rank, cfg.batch_size)
+            drawn = {name: v.to(self.device, non_blocking=True) for name, v in drawn.items()}
             sync = k == accum - 1 or not ctx.enabled  # DDP: all-reduce gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else self.train_model.no_sync():
                 with autocast(self.device, self.amp):
-                    loss, _, _ = self.train_model(x, t, noise=noise)  # blur at σ_t, mask, reconstruct x
+                    loss, _, _ = self.train_model(x, **drawn, **progress)  # D²MAE: blur at σ_t, mask, reconstruct x
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
         flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
@@ -669,10 +687,3 @@ def pretrain(cfg: PretrainConfig) -> Path:
     finally:
         if owned:
             dist_utils.shutdown()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
