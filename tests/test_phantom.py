@@ -172,6 +172,6 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "labels.csv" in capsys.readouterr().out
     assert len(read_rows(out / "labels.csv")) == 5
     assert main(["phantoms", "--out", str(tmp_path / "x"), "--n", "0"]) == 2
-    assert "option --n: must be at least 1" in capsys.readouterr().err
+    assert "option --n: must be an integer ≥ 1" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["phantoms", "--out", str(tmp_path / "file"), "--n", "1"]) == 2

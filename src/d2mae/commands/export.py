@@ -17,7 +17,8 @@ def add(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(ExportConfig, args)
-    out = export_encoder(cfg.model, cfg.out, cfg.format, cfg.blur_level, sigma=cfg.sigma, obs_table=cfg.obs_table)
+    out = export_encoder(cfg.model, cfg.out, cfg.format, cfg.blur_level, sigma=cfg.sigma, obs_table=cfg.obs_table,
+                         force=cfg.force)
     save_config(cfg, out / "export.yaml")
     info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
     load = (f"timm.create_model('local-dir:{out}', pretrained=True)" if cfg.format == "timm"

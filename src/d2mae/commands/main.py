@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from d2mae.commands.flags import flag
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, os_error_message
 
 # command: (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except D2maeError as exc:
         print(f"d2mae {command}: error: {error_line(exc, parser)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk that fails mid-run (full, read-only, gone): the file and the cause, one line
+        print(f"d2mae {command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"d2mae {command}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from d2mae.eval.predict import PredictConfig, predict
 from d2mae.runtime.distributed import distributed_run
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_text
+from d2mae.runtime.locks import check_output_file
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(PredictConfig, args)
     if not cfg.inputs:
         raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
+    if cfg.out:
+        check_output_file(cfg.out)  # before any image is classified
     with distributed_run(cfg.device) as (ctx, device):
         result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,
                          precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress,

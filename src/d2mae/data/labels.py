@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, shown
 
 _MISSING = {"", "nan", "na", "n/a", "none", "null"}
 _SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -131,6 +131,26 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
+def _refuse_duplicates(refs: list[str], ids: list[str], names: list[str], labels: Path, path_column: str) -> None:
+    """Each image once: rows are compared by the file they resolve to (``benign/x.png``, ``./benign/x.png`` and a
+    symbolic link to it are one image), so no image trains twice or under two labels."""
+    first: dict[str, int] = {}
+    pairs = []
+    for i, ref in enumerate(refs):
+        file, _, frame = ref.partition("#")
+        key = os.path.realpath(file) + ("#" + frame if frame else "")
+        if key in first:
+            pairs.append((first[key], i))
+        else:
+            first[key] = i
+    if pairs:
+        a, b = pairs[0]
+        labels_differ = sum(names[i] != names[j] for i, j in pairs)
+        what = f", {labels_differ} of them with different labels" if labels_differ else ""
+        raise D2maeError(f"{labels}: column '{path_column}' lists {len(pairs)} image(s) more than once{what} (e.g. "
+                         f"{shown(ids[b])} is the file of {shown(ids[a])}); each image must appear once")
+
+
 def _need_column(header: list[str], column: str, path: Path, option: str) -> None:
     if column not in header:
         raise D2maeError(f"{path} has no column '{column}' (option {option}); its columns are: {', '.join(header)}")
@@ -152,17 +172,22 @@ def _folder_labels(folder: Path) -> tuple[list[str], list[str], list[str]]:
         raise D2maeError(f"labels folder {folder} has no class sub-folders; use one sub-folder per class "
                          "(ImageFolder layout) or a CSV with path,label columns")
     refs, ids, names = [], [], []
+    empty = []
     for d in class_dirs:
         try:
             found = find_images([d])
         except D2maeError:
-            continue  # an empty class folder is reported as a missing class below
+            empty.append(d.name)
+            continue
         for ref in found:
             refs.append(ref)
             ids.append(os.path.relpath(ref.split("#")[0], folder))
             names.append(d.name)
     if not refs:
         raise D2maeError(f"labels folder {folder} holds no images in its class sub-folders")
+    if empty:
+        raise D2maeError(f"labels folder {folder}: class folder(s) {', '.join(repr(e) for e in empty[:5])} hold no "
+                         "images; add images to them or remove them (a class without images cannot be learned)")
     return refs, ids, names
 
 
@@ -208,16 +233,13 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
         if empty:
             raise D2maeError(f"{labels}: column '{path_column}' is empty in {len(empty)} row(s) "
                              f"(lines {_first([str(x) for x in empty])}); every row needs an image path")
-        dup = sorted({v for v in ids if ids.count(v) > 1}) if len(set(ids)) < len(ids) else []
-        if dup:
-            raise D2maeError(f"{labels}: column '{path_column}' lists {len(dup)} image(s) twice "
-                             f"({_first(dup)}); each image must appear once")
         names = [r.get(label_column, "") for r in rows]
         missing = [ids[i] for i, v in enumerate(names) if _is_missing(v)]
         if missing:
             raise D2maeError(f"{labels}: {len(missing)} image(s) have no value in label column '{label_column}' "
                              f"({_first(missing)}); fill the labels or remove those rows")
         refs = [_resolve(v, root, image_ext) for v in ids]
+        _refuse_duplicates(refs, ids, names, labels, path_column)
         if check_files:
             absent = [ids[i] for i, r in enumerate(refs) if not os.path.isfile(r.split("#")[0])]
             if absent:
@@ -245,7 +267,7 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
             for i, v in enumerate(columns[split_column]):
                 word = _SPLIT_WORDS.get(v.strip().lower())
                 if word is None:
-                    raise D2maeError(f"{labels}: split column '{split_column}' has value {v!r} for {ids[i]}; "
+                    raise D2maeError(f"{labels}: split column '{split_column}' has value {shown(v)} for {ids[i]}; "
                                      "use train, val or test")
                 split.append(word)
         if fold_column is None:
@@ -265,7 +287,7 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
     if unknown:
         raise D2maeError(f"{labels}: label(s) {_first(unknown)} are not among the classes given ({class_names})")
     if len(set(names)) < 2:
-        raise D2maeError(f"{labels}: only one class ({names[0]!r}) in column '{label_column}'; a classifier needs "
+        raise D2maeError(f"{labels}: only one class ({shown(names[0])}) in column '{label_column}'; a classifier needs "
                          "at least two")
     index = {c: i for i, c in enumerate(class_names)}
     return LabeledSet(refs=refs, ids=ids, labels=np.array([index[n] for n in names], dtype=np.int64),
@@ -330,7 +352,7 @@ def _fold_roles(columns: dict[str, list[str]], fold: list[str], ids: list[str], 
             elif _fold_name(v) == "0":
                 role = "val"
             else:
-                raise D2maeError(f"{source}: column '{col}' has value {v!r} for {ids[i]}; use 1 (train), "
+                raise D2maeError(f"{source}: column '{col}' has value {shown(v)} for {ids[i]}; use 1 (train), "
                                  "0 (validation) or empty/NaN (test)")
             if (role == "test") != (fold[i] == k):
                 raise D2maeError(f"{source}: {ids[i]} has test fold {fold[i]} but column '{col}' says {role}")
@@ -430,6 +452,9 @@ def _check_k(labeled: LabeledSet, idx: np.ndarray, k: int, what: str) -> None:
     y = labeled.labels[idx]
     for c, name in enumerate(labeled.classes):
         members = idx[y == c]
+        if not len(members):
+            raise D2maeError(f"{what}: class '{name}' has no images; check its label spelling in the labels and in "
+                             "--classes, or leave it out of --classes")
         if len(members) < k:
             raise D2maeError(f"{what}: class '{name}' has only {len(members)} image(s), fewer than the {k} parts "
                              f"asked for; use fewer folds (≤ {len(members)}) or more data")

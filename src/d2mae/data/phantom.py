@@ -42,7 +42,8 @@ from scipy import ndimage
 
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_text
-from d2mae.runtime.options import save_config
+from d2mae.runtime.locks import output_lock
+from d2mae.runtime.options import check_fields, save_config
 
 CLASSES = ("benign", "malignant")
 AXIAL_OVERSAMPLE = 3     # RF samples per output pixel along the beam (room for the carrier)
@@ -85,23 +86,19 @@ class PhantomConfig:
     """Options of ``d2mae phantoms`` (and of :func:`generate_phantoms`)."""
 
     out: str = field(default="phantoms", metadata={"help": "output folder (images/ and labels.csv go here)"})
-    n: int = field(default=200, metadata={"help": "number of images"})
-    size: int = field(default=96, metadata={"help": "image side in pixels (square)"})
-    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same images"})
-    malignant_fraction: float = field(default=0.4, metadata={"help": "share of patients with a malignant lesion"})
+    n: int = field(default=200, metadata={"help": "number of images", "min": 1})
+    size: int = field(default=96, metadata={"help": "image side in pixels (square)", "min": 16, "max": 1024})
+    seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same images", "min": 0})
+    malignant_fraction: float = field(default=0.4, metadata={"help": "share of patients with a malignant lesion",
+                                                             "min": 0.0, "max": 1.0})
     scanners: list[str] = field(default_factory=lambda: list(SCANNERS), metadata={
         "help": f"simulated scanners to use ({', '.join(SCANNERS)})"})
     scanner_weights: list[float] | None = field(default=None, metadata={
-        "help": "relative share of each scanner, in the order of --scanners; unset: equal shares"})
-    max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many"})
+        "help": "relative share of each scanner, in the order of --scanners; unset: equal shares", "min": 0.0})
+    max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many", "min": 1})
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise D2maeError(f"must be at least 1, got {self.n}", option="n")
-        if not 16 <= self.size <= 1024:
-            raise D2maeError(f"must be between 16 and 1024 pixels, got {self.size}", option="size")
-        if not 0.0 <= self.malignant_fraction <= 1.0:
-            raise D2maeError(f"must be in [0, 1], got {self.malignant_fraction}", option="malignant_fraction")
+        check_fields(self)
         unknown = [s for s in self.scanners if s not in SCANNERS]
         if unknown or not self.scanners:
             raise D2maeError(f"unknown scanner(s) {', '.join(unknown) or '(none given)'}; "
@@ -110,10 +107,8 @@ class PhantomConfig:
             if len(self.scanner_weights) != len(self.scanners):
                 raise D2maeError(f"needs one weight per scanner ({len(self.scanners)}), "
                                  f"got {len(self.scanner_weights)}", option="scanner_weights")
-            if min(self.scanner_weights) < 0 or sum(self.scanner_weights) <= 0:
-                raise D2maeError("must be >= 0 and not all 0", option="scanner_weights")
-        if self.max_views < 1:
-            raise D2maeError(f"must be at least 1, got {self.max_views}", option="max_views")
+            if sum(self.scanner_weights) <= 0:
+                raise D2maeError("must not be all 0", option="scanner_weights")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,9 +426,12 @@ def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: i
 
 def write_phantoms(cfg: PhantomConfig) -> Path:
     """:func:`generate_phantoms` from a :class:`PhantomConfig`."""
+    with output_lock(cfg.out, "phantoms"):
+        return _write_phantoms(cfg)
+
+
+def _write_phantoms(cfg: PhantomConfig) -> Path:
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise D2maeError(f"{out} exists and is not a folder", option="out")
     images, plan = render_phantoms(cfg)
     width = len(str(cfg.n - 1))
     rows = []

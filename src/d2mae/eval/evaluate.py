@@ -26,6 +26,7 @@ Examples::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -44,7 +45,8 @@ from d2mae.eval.metrics import (
 from d2mae.eval.tables import Table, format_ci, format_pvalue, format_value
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
-from d2mae.runtime.options import save_config
+from d2mae.runtime.locks import output_lock
+from d2mae.runtime.options import check_fields, save_config
 
 PREDICTIONS_FILE = "predictions.csv"
 RUN_FILE = "run.json"
@@ -59,9 +61,10 @@ class EvaluateConfig:
     """Options of ``d2mae evaluate`` (every field is also a flag: ``n_bootstrap`` -> ``--n-bootstrap``)."""
 
     n_bootstrap: int = dataclasses.field(default=1000, metadata={"help": "bootstrap resamples over images for "
-                                                                         "the pooled 95% CIs"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the bootstrap"})
-    confidence: float = dataclasses.field(default=0.95, metadata={"help": "confidence level of every interval"})
+                                                                         "the pooled 95% CIs", "min": 1})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the bootstrap", "min": 0})
+    confidence: float = dataclasses.field(default=0.95, metadata={"help": "confidence level of every interval",
+                                                                  "above": 0.0, "below": 1.0})
     split: str = dataclasses.field(default="test", metadata={"help": "rows of predictions.csv to evaluate "
                                                                      "(split column)"})
     group_by: list[str] = dataclasses.field(default_factory=list, metadata={
@@ -70,29 +73,26 @@ class EvaluateConfig:
     figures: bool = dataclasses.field(default=True, metadata={"help": "write the PNG figures"})
 
     def __post_init__(self) -> None:
-        _check_common(self.n_bootstrap, self.confidence, self.split)
+        check_fields(self)
+        if not self.split:
+            raise D2maeError("must name a split, e.g. test", option="split")
 
 
 @dataclasses.dataclass
 class CompareConfig:
     """Options of ``d2mae compare``."""
 
-    n_bootstrap: int = dataclasses.field(default=1000, metadata={"help": "paired bootstrap resamples over images"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the bootstrap"})
-    confidence: float = dataclasses.field(default=0.95, metadata={"help": "confidence level of the intervals"})
+    n_bootstrap: int = dataclasses.field(default=1000, metadata={"help": "paired bootstrap resamples over images",
+                                                                 "min": 1})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the bootstrap", "min": 0})
+    confidence: float = dataclasses.field(default=0.95, metadata={"help": "confidence level of the intervals",
+                                                                  "above": 0.0, "below": 1.0})
     split: str = dataclasses.field(default="test", metadata={"help": "rows of predictions.csv to compare"})
 
     def __post_init__(self) -> None:
-        _check_common(self.n_bootstrap, self.confidence, self.split)
-
-
-def _check_common(n_bootstrap: int, confidence: float, split: str) -> None:
-    if n_bootstrap < 1:
-        raise D2maeError(f"must be at least 1, got {n_bootstrap}", option="n_bootstrap")
-    if not 0.0 < confidence < 1.0:
-        raise D2maeError(f"must be between 0 and 1 (e.g. 0.95), got {confidence}", option="confidence")
-    if not split:
-        raise D2maeError("must name a split, e.g. test", option="split")
+        check_fields(self)
+        if not self.split:
+            raise D2maeError("must name a split, e.g. test", option="split")
 
 
 # ------------------------------------------------------------------------------------------- run loading
@@ -441,11 +441,19 @@ def evaluate_run(run_dir: str | Path, n_bootstrap: int = 1000, seed: int = 0, co
         run_dir: folder with predictions.csv (+ run.json) written by fine-tuning.
         n_bootstrap, seed, confidence: percentile bootstrap over images for the pooled CIs.
         split: rows of predictions.csv to evaluate. group_by: extra columns for per-group metrics / σ* histograms.
-        out_dir: where to write (default: ``run_dir``). figures: write the PNGs.
+        out_dir: where to write (default: ``run_dir``; held locked while writing). figures: write the PNGs.
 
     Returns:
         The metrics.json content (NaN as ``None``) with ``files``: the paths written.
     """
+    if not Path(run_dir).is_dir():  # before the lock, which would create the folder
+        raise D2maeError(f"run folder {run_dir} does not exist; pass the --out folder of `d2mae finetune`")
+    with output_lock(out_dir if out_dir is not None else run_dir, "evaluate"):
+        return _evaluate_run(run_dir, n_bootstrap, seed, confidence, split, group_by, out_dir, figures)
+
+
+def _evaluate_run(run_dir: str | Path, n_bootstrap: int, seed: int, confidence: float, split: str,
+                  group_by: Sequence[str], out_dir: str | Path | None, figures: bool) -> dict[str, Any]:
     cfg = EvaluateConfig(n_bootstrap=n_bootstrap, seed=seed, confidence=confidence, split=split,
                          group_by=list(group_by), figures=figures)
     run = load_predictions(run_dir, split=split, require_columns=group_by)
@@ -506,6 +514,14 @@ def _align(a: RunPredictions, b: RunPredictions) -> np.ndarray:
 
 def compare_runs(run_a: str | Path, run_b: str | Path, n_bootstrap: int = 1000, seed: int = 0,
                  confidence: float = 0.95, split: str = "test", out_dir: str | Path | None = None) -> dict[str, Any]:
+    """:func:`_compare_runs`, with ``out_dir`` (when given) locked while it is written."""
+    lock = output_lock(out_dir, "compare") if out_dir is not None else contextlib.nullcontext()
+    with lock:
+        return _compare_runs(run_a, run_b, n_bootstrap, seed, confidence, split, out_dir)
+
+
+def _compare_runs(run_a: str | Path, run_b: str | Path, n_bootstrap: int, seed: int, confidence: float, split: str,
+                  out_dir: str | Path | None) -> dict[str, Any]:
     """Compare run A with run B on the same test images (differences are A − B).
 
     For each metric: the pooled values, a paired percentile bootstrap over images (same resamples for A and B;

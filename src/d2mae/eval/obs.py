@@ -37,6 +37,7 @@ from d2mae.runtime.distributed import (
 )
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
 
 
@@ -90,6 +91,12 @@ def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, bat
                    img_size=cfg.img_size, in_chans=cfg.in_chans, out_shape=(len(levels),), device=dev,
                    batch_size=batch_size, workers=workers, precision=precision, progress=progress, desc="OBS",
                    ctx=ctx)  # [n, L], Eq. 4
+    bad = ~np.isfinite(losses).all(axis=1)  # [n]
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise D2maeError(f"OBS: the model's restoration loss is NaN or infinite for {int(bad.sum())} of {n} images "
+                         f"(first: {refs[first]}); its outputs are not finite — check the pre-trained weights (or "
+                         "use fp32 precision)")
     t_star = select_level(losses, levels).astype(np.float64)  # Eq. 5
     meta["seconds"] = round(time.perf_counter() - started, 3)
     return ObsTable(refs, list(hashes), t_star, list(levels), losses, meta)
@@ -261,7 +268,7 @@ def search_dataset(cfg: ObsConfig) -> Path:
     if bool(cfg.data) == bool(cfg.labels):
         raise D2maeError("give the images either as data (folders, files, lists) or as labels (a labels CSV)",
                          option="data")
-    with distributed_run(cfg.device) as (ctx, device):
+    with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "obs", ctx):
         model = load_pretrained(cfg.model, device)
         refs, groups, group_name = _images(cfg)
         out = Path(cfg.out)

@@ -15,8 +15,8 @@ import yaml
 
 from d2mae.method.models import ModelConfig
 from d2mae.method.obs import DEFAULT_SEARCH_STEP
-from d2mae.runtime.errors import D2maeError
-from d2mae.runtime.options import build_config, coerce, field_types, load_yaml, to_dict
+from d2mae.runtime.errors import D2maeError, shown
+from d2mae.runtime.options import build_config, check_fields, coerce, field_types, load_yaml, to_dict
 from d2mae.train.pretrain import DEBLURRMAE_SIGMA
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,23 +197,20 @@ class DatasetSpec:
 class BudgetSpec:
     """The compute budget every method gets (the equal-budget rule): set once, here, never per method."""
 
-    pretrain_epochs: int | None = field(default=None, metadata={"help": "pre-training epochs (or pretrain_images)"})
+    pretrain_epochs: int | None = field(default=None, metadata={"help": "pre-training epochs (or pretrain_images)",
+                                                                "min": 1})
     pretrain_images: int | None = field(default=None, metadata={
-        "help": "pre-training budget as images seen (instead of epochs)"})
-    pretrain_batch_size: int = 64
-    finetune_epochs: int = 50
-    finetune_batch_size: int = 32
+        "help": "pre-training budget as images seen (instead of epochs)", "min": 1})
+    pretrain_batch_size: int = field(default=64, metadata={"min": 1})
+    finetune_epochs: int = field(default=50, metadata={"min": 1})
+    finetune_batch_size: int = field(default=32, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         if self.pretrain_epochs is not None and self.pretrain_images is not None:
             raise D2maeError("budget: give pretrain_epochs or pretrain_images, not both")
         if self.pretrain_epochs is None and self.pretrain_images is None:
             self.pretrain_epochs = 400
-        for name in ("pretrain_epochs", "pretrain_images", "pretrain_batch_size", "finetune_epochs",
-                     "finetune_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise D2maeError(f"budget.{name} must be ≥ 1, got {value}")
+        check_fields(self)
 
 
 @dataclass
@@ -221,18 +218,14 @@ class ReportSpec:
     """What the report shows."""
 
     title: str | None = None
-    sample_images: int = field(default=4, metadata={"help": "images in the reconstruction figures"})
-    obs_images: int = field(default=2, metadata={"help": "images in the OBS strip figure (Figure 3a)"})
-    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for pooled CIs (evaluate)"})
-    confidence: float = 0.95
+    sample_images: int = field(default=4, metadata={"help": "images in the reconstruction figures", "min": 0})
+    obs_images: int = field(default=2, metadata={"help": "images in the OBS strip figure (Figure 3a)", "min": 0})
+    n_bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for pooled CIs (evaluate)",
+                                                     "min": 1})
+    confidence: float = field(default=0.95, metadata={"above": 0.0, "below": 1.0})
 
     def __post_init__(self) -> None:
-        if self.sample_images < 0 or self.obs_images < 0:
-            raise D2maeError("report.sample_images and report.obs_images must be ≥ 0")
-        if not 0 < self.confidence < 1:
-            raise D2maeError(f"report.confidence must be between 0 and 1, got {self.confidence}")
-        if self.n_bootstrap < 1:
-            raise D2maeError(f"report.n_bootstrap must be ≥ 1, got {self.n_bootstrap}")
+        check_fields(self)
 
 
 @dataclass
@@ -370,6 +363,8 @@ def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] 
     except D2maeError as exc:
         if source in str(exc):
             raise
+        if exc.option:  # a value outside its field's domain: the key as the file spells it
+            raise D2maeError(f"option '{where}.{exc.option}' in {source}: {exc.message}") from None
         raise D2maeError(f"{source}, section {where}: {exc}") from None
 
 
@@ -386,7 +381,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
         raise D2maeError(f"unknown option '{unknown[0]}' in {source}; known top-level options: {known}")
     flat = build_config(_TopLevel, (top, source))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", flat.name):
-        raise D2maeError(f"option 'name' in {source} must be letters, digits, '-', '_' or '.', got {flat.name!r}")
+        raise D2maeError(f"option 'name' in {source} must be letters, digits, '-', '_' or '.', got {shown(flat.name)}")
     if not flat.seeds or len(set(flat.seeds)) != len(flat.seeds) or min(flat.seeds) < 0:
         raise D2maeError(f"option 'seeds' in {source} must list distinct seeds ≥ 0, got {flat.seeds}")
     for m in flat.methods:
@@ -564,12 +559,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
-            raise D2maeError(f"{item!r}: use --set KEY=VALUE, e.g. "
+            raise D2maeError(f"{shown(item)}: use --set KEY=VALUE, e.g. "
                              "--set datasets.busbra.root=/data/bus-bra", option="set")
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise D2maeError(f"{item!r}: the key is empty", option="set")
+            raise D2maeError(f"{shown(item)}: the key is empty", option="set")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -582,7 +577,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise D2maeError(f"{item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section", option="set")
+                raise D2maeError(f"{shown(item)}: '{'.'.join(parts[:i + 1])}' is a value, not a section", option="set")
             node = nxt
         node[parts[-1]] = value
     return data

@@ -19,6 +19,7 @@ from d2mae.experiment.report import write_report
 from d2mae.method.models import ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import say
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,14 +154,15 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
         raise D2maeError(f"weights file {w} of method {m} does not exist ({len(missing)} missing in all: "
                          f"{', '.join(missing)}); put the files there, fix weights: in {cfg.source}, or leave those "
                          "methods out")
-    prepare_out(plan, resume)
-    if estimate and any(s.done_info() is None for s in plan.stages):
-        estimate_plan(plan)
-    _say(format_plan(plan))
-    started = time.perf_counter()
-    for i, stage in enumerate(plan.stages, 1):
-        run_stage(stage, plan, i, len(plan.stages))
-    _say("writing the report …")
-    path = write_report(plan, wall_seconds=time.perf_counter() - started)
+    with output_lock(plan.out, "experiment"):
+        prepare_out(plan, resume)
+        if estimate and any(s.done_info() is None for s in plan.stages):
+            estimate_plan(plan)
+        _say(format_plan(plan))
+        started = time.perf_counter()
+        for i, stage in enumerate(plan.stages, 1):
+            run_stage(stage, plan, i, len(plan.stages))
+        _say("writing the report …")
+        path = write_report(plan, wall_seconds=time.perf_counter() - started)
     _say(f"report: {path}")
     return path

@@ -51,15 +51,28 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dic
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or ±inf, naming the first such tensor (a diverged run or a damaged file would
+    otherwise give NaN losses, every OBS level equal, and a fine-tuning that blames its learning rate)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise D2maeError(f"{source}: tensor {key} holds {bad} NaN or infinite value(s) of {value.numel()}; the "
+                             "weights come from a diverged run or a damaged file — use an earlier checkpoint or "
+                             "train again")
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file is a clear error naming it."""
+    """Read a safetensors file; a missing or corrupt file, or one with non-finite values, is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise D2maeError(f"weights file {path} does not exist")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise D2maeError(f"weights file {path} is not a valid safetensors file ({exc})") from None
+    check_finite(state, path)
+    return state
 
 
 def read_config(folder: str | Path, expected_format: str) -> dict[str, Any]:

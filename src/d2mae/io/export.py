@@ -40,6 +40,8 @@ from d2mae.method.blur import TRUNCATE, sinusoidal_embedding
 from d2mae.method.models import DeblurEncoder, ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.locks import output_lock
+from d2mae.runtime.options import check_fields
 
 EXPORT_FORMATS = ("timm", "hf")
 EXPORT_INFO = "d2mae_export.json"
@@ -59,14 +61,17 @@ class ExportConfig:
                                                   "choices": list(EXPORT_FORMATS)})
     blur_level: float | None = field(default=None, metadata={
         "help": "blur level t whose BLU(t) is baked in (0..T; default: most common t* of --obs-table, else 1)",
-        "metavar": "T"})
+        "metavar": "T", "min": 0.0})
     sigma: float | None = field(default=None, metadata={
-        "help": "give the blur level as its σ instead of --blur-level", "metavar": "S"})
+        "help": "give the blur level as its σ instead of --blur-level", "metavar": "S", "min": 0.0})
     obs_table: str | None = field(default=None, metadata={
         "help": "CSV with a t_star column (e.g. a fine-tuning run's predictions.csv); its most common t* is used",
         "metavar": "CSV"})
+    force: bool = field(default=False, metadata={
+        "help": "write into an existing folder that is not a d2mae export (its model files are replaced)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.model:
             raise D2maeError("is required: the pre-trained d2mae folder to export", option="model")
         if not self.out:
@@ -360,7 +365,7 @@ def export_hf(encoder: DeblurEncoder, out_dir: Path, t: float, source: Path) -> 
 # the library function and the command
 
 
-def _check_out_dir(pretrained_dir: Path, out_dir: Path) -> None:
+def _check_out_dir(pretrained_dir: Path, out_dir: Path, force: bool = False) -> None:
     if out_dir.resolve() == pretrained_dir.resolve():
         raise D2maeError(f"{out_dir} is the pre-trained folder itself; choose another folder", option="out")
     if out_dir.exists() and not out_dir.is_dir():
@@ -370,10 +375,16 @@ def _check_out_dir(pretrained_dir: Path, out_dir: Path) -> None:
         text = existing.read_text(encoding="utf-8", errors="replace")
         if '"d2mae-pretrained"' in text or '"d2mae-classifier"' in text:
             raise D2maeError(f"{out_dir} holds a d2mae model folder; export into another folder", option="out")
+    if out_dir.is_dir() and not (out_dir / EXPORT_INFO).is_file() and not force:
+        others = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+        if others:
+            raise D2maeError(f"{out_dir} already holds files that are not a d2mae export ({', '.join(others[:3])}"
+                             f"{' …' if len(others) > 3 else ''}); choose an empty or new folder, or give --force to "
+                             "replace its model files", option="out")
 
 
 def export_encoder(pretrained_dir: str | Path, out_dir: str | Path, format: str = "timm", t: float | None = None,
-                   *, sigma: float | None = None, obs_table: str | Path | None = None) -> Path:
+                   *, sigma: float | None = None, obs_table: str | Path | None = None, force: bool = False) -> Path:
     """Export the encoder of a pre-trained d2mae folder as a timm or ``transformers`` model folder.
 
     Args:
@@ -383,6 +394,7 @@ def export_encoder(pretrained_dir: str | Path, out_dir: str | Path, format: str 
         t: the blur level whose BLU(t) is baked in (default: most common t* of ``obs_table``, else 1).
         sigma: the level given as its σ instead (must lie inside the model's schedule).
         obs_table: CSV with a ``t_star`` column (a fine-tuning run's ``predictions.csv``).
+        force: write into an existing folder that holds other files than an earlier export.
 
     Returns:
         ``out_dir``. Inputs to the exported model: [0, 1] images blurred at σ_t, then ``(x - mean) / std`` with the
@@ -393,12 +405,13 @@ def export_encoder(pretrained_dir: str | Path, out_dir: str | Path, format: str 
     pretrained_dir, out_dir = Path(pretrained_dir), Path(out_dir)
     if format == "hf":
         _import_transformers()  # fail before any work
-    _check_out_dir(pretrained_dir, out_dir)
-    model = load_pretrained(pretrained_dir)
-    level = resolve_blur_level(model.config, t, sigma, obs_table)
-    with torch.no_grad():
-        if format == "timm":
-            return export_timm(model.encoder, out_dir, level, pretrained_dir)
-        return export_hf(model.encoder, out_dir, level, pretrained_dir)
+    _check_out_dir(pretrained_dir, out_dir, force)
+    with output_lock(out_dir, "export"):  # a writable folder, and one writer, before any work
+        model = load_pretrained(pretrained_dir)
+        level = resolve_blur_level(model.config, t, sigma, obs_table)
+        with torch.no_grad():
+            if format == "timm":
+                return export_timm(model.encoder, out_dir, level, pretrained_dir)
+            return export_hf(model.encoder, out_dir, level, pretrained_dir)
 
 

@@ -40,7 +40,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 
-from d2mae.io.artifacts import load_weights
+from d2mae.io.artifacts import check_finite, load_weights
 from d2mae.method.models import DeblurClassifier, DeblurMAE, sincos_pos_embed_2d
 from d2mae.runtime.errors import D2maeError
 
@@ -131,6 +131,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
             raise D2maeError(f"checkpoint {path} is not a readable PyTorch weights file ({exc})") from None
     state = _unwrap(obj, path)
+    check_finite(state, path)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         for prefix in _PREFIXES:

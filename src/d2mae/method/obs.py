@@ -25,7 +25,7 @@ import torch
 
 from d2mae.method.blur import BlurSchedule
 from d2mae.method.models import DeblurMAE
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, shown
 
 DEFAULT_SEARCH_STEP = 2  # the paper's s (Section 3.1, Table 3d)
 OBS_MODES = ("search", "none", "fixed")
@@ -48,9 +48,9 @@ class ObsSpec:
             raise D2maeError(f"unknown setting '{self.mode}'; use search, none or fixed:SIGMA (e.g. fixed:0.5)",
                              option="obs")
         if isinstance(self.search_step, bool) or not isinstance(self.search_step, int) or self.search_step < 1:
-            raise D2maeError(f"must be an integer ≥ 1, got {self.search_step!r}", option="search_step")
+            raise D2maeError(f"must be an integer ≥ 1, got {shown(self.search_step)}", option="search_step")
         if self.mode == "fixed" and (self.sigma is None or not math.isfinite(self.sigma) or self.sigma < 0):
-            raise D2maeError(f"fixed needs a σ ≥ 0, e.g. fixed:0.5 (got {self.sigma!r})", option="obs")
+            raise D2maeError(f"fixed needs a σ ≥ 0, e.g. fixed:0.5 (got {shown(self.sigma)})", option="obs")
 
     @classmethod
     def parse(cls, text: str, search_step: int = DEFAULT_SEARCH_STEP) -> "ObsSpec":

@@ -10,6 +10,13 @@ carries that option's name (``D2maeError("must be ≥ 1, got 0", option="epochs"
 
 from __future__ import annotations
 
+import errno
+import reprlib
+from typing import Any
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
+
 
 class D2maeError(ValueError):
     """A problem with the user's input, explained in one line.
@@ -35,3 +42,30 @@ def reason(exc: BaseException) -> str:
     if len(text) > 160:
         text = text[:157] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, capped at ``limit`` characters, and cheap for any size of value (a YAML
+    alias bomb's billion elements are never visited: reprlib stops at a few items per level)."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space or choose another output folder",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another output folder",
+    errno.EROFS: "the file system is read-only; choose a writable output folder",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "permission denied; choose a folder you can write to",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENOENT: "it does not exist; check the path",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed file operation: the file, the system's reason and what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    cause = exc.strerror or type(exc).__name__
+    advice = _OS_ADVICE.get(exc.errno or -1)
+    return f"cannot use {where}: {cause}" + (f" — {advice}" if advice else "")

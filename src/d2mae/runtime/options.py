@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, shown
 from d2mae.runtime.files import atomic_write_text
 
 _NONE_WORDS = {"none", "null", "~"}
@@ -76,7 +76,7 @@ def _scalar(value: Any, tp: Any, key: str, source: str) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise D2maeError(f"option '{key}' in {source} must be {expected}, got {value!r}") from None
+        raise D2maeError(f"option '{key}' in {source} must be {expected}, got {shown(value)}") from None
     raise TypeError(f"unsupported config type {tp!r}")
 
 
@@ -116,7 +116,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise D2maeError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    if _count_values(data, MAX_VALUES) > MAX_VALUES:
+        raise D2maeError(f"config file {path} expands to more than {MAX_VALUES:,} values (YAML aliases repeating "
+                         "themselves?); a d2mae config is a few dozen options")
     return data
+
+
+MAX_VALUES = 100_000  # a config's values, counting every repeat of a YAML alias
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """The values in ``data`` as a reader would see them (aliases counted each time), stopping past ``limit``: a
+    266-byte alias bomb is caught in microseconds instead of expanding to a billion values."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
 
 
 def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
@@ -177,7 +198,7 @@ def check_fields(obj: Any) -> None:
         if "choices" in meta:
             for v in values:
                 if v not in meta["choices"]:
-                    raise D2maeError(f"unknown value {v!r}; use one of {', '.join(map(str, meta['choices']))}",
+                    raise D2maeError(f"unknown value {shown(v)}; use one of {', '.join(map(str, meta['choices']))}",
                                      option=f.name)
         if not any(k in meta for k in ("min", "max", "above", "below")):
             continue

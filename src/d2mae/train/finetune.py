@@ -77,6 +77,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import (
     atomic_write_json, atomic_write_text, csv_text, load_checkpoint, read_csv_rows, save_checkpoint
 )
+from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog, say
 from d2mae.runtime.options import check_fields, load_yaml, save_config
 from d2mae.runtime.seeds import derive_seed
@@ -824,5 +825,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         D2maeError: bad input, before any training starts.
         Interrupted: SIGTERM/SIGINT (``exit_code`` 128 + signal); continue with ``resume=True``.
     """
-    with distributed_run(cfg.device) as (ctx, device):
+    if not cfg.out:
+        raise D2maeError("is required: the folder for the fine-tuning run", option="out")
+    with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "finetune", ctx):
         return FinetuneRun(cfg, ctx, device).run()

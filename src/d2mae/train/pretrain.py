@@ -67,6 +67,7 @@ from d2mae.runtime.device import amp_dtype, autocast
 from d2mae.runtime.distributed import DistContext
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog, say
 from d2mae.runtime.options import build_config, save_config, to_dict
 from d2mae.runtime.seeds import (
@@ -671,11 +672,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     :class:`NonFiniteLossError` when the loss diverges, :class:`TrainingInterrupted` after SIGTERM/SIGINT (a resume
     checkpoint has been written).
     """
-    import torch.distributed as dist
-
-    owned = not (dist.is_available() and dist.is_initialized())
-    ctx, device = dist_utils.init_distributed(cfg.device)
-    try:
+    with dist_utils.distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "pretrain", ctx):
         run = Pretrainer(cfg, ctx, device)
         try:
             if not run.setup():
@@ -684,6 +681,3 @@ def pretrain(cfg: PretrainConfig) -> Path:
         finally:
             if run.metrics is not None:
                 run.metrics.close()
-    finally:
-        if owned:
-            dist_utils.shutdown()
