@@ -175,7 +175,7 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     model_cfg = cfg.model_config()
     torch.manual_seed(args.seed)
     model = DeblurMAE(model_cfg).to(device).train()
-    optimizer = build_optimizer(model, cfg, cfg.resolved_lr(), device)
+    optimizer = build_optimizer(model, cfg, cfg.resolved_lr())
     total = args.warmup + args.steps
     scheduler = warmup_cosine_scheduler(optimizer, total, 0, 0.0)
     amp = amp_dtype(device, cfg.precision)

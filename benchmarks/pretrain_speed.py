@@ -86,7 +86,7 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
         batches = LoaderBatches(dataset, sampler, workers, pin=device.type == "cuda")
     torch.manual_seed(0)
     model = DeblurMAE(cfg.model_config()).to(device).train()
-    opt = build_optimizer(model, cfg, cfg.resolved_lr(), device)
+    opt = build_optimizer(model, cfg, cfg.resolved_lr())
     sched = warmup_cosine_scheduler(opt, 1000, 10, 0.0)
     amp = amp_dtype(device, cfg.precision)
     schedule = cfg.model_config().schedule

@@ -1,6 +1,7 @@
 """d2mae pre-training against a reference implementation written as typical MAE research code: one run, same machine.
 
-Both sides train the same model (default ViT-Tiny/16 + MAE decoder 512 × 8, 224 px, batch 32) from the same initial
+Both sides train the same model (default: ``configs/busbra-cpu.yaml``'s, the CPU configuration a user gets: ViT-Tiny/16
++ a 2-block 128-wide decoder, 96 px, batch 64, memory data path) from the same initial
 weights (the reference gets a copy of d2mae's), with the same AdamW, lr and schedule, on the same BUS-BRA images:
 
 * reference (:mod:`reference_mae`): PIL decode → torchvision RandomResizedCrop(0.2-1) + flip → PIL GaussianBlur at a
@@ -17,8 +18,9 @@ never steal CPU from d2mae's round. Every step (warm-up included) is a training 
 reported side by side. A breakdown of each side's step (data, blur, forward, backward, optimizer; the reference's
 per-image work in the workers; fused vs. unfused attention on the same model) follows.
 
-    python benchmarks/speed_vs_reference.py                                      # ViT-Tiny, 224 px, batch 32
-    python benchmarks/speed_vs_reference.py --rounds 3 --steps 4 --img-size 224 --batch-size 32 --json-out r.json
+    python benchmarks/speed_vs_reference.py                          # busbra-cpu.yaml: ViT-Tiny, 96 px, batch 64
+    python benchmarks/speed_vs_reference.py --img-size 224 --batch-size 32 --decoder-embed-dim 512 \
+        --decoder-depth 8 --decoder-num-heads 16 --steps 2 --warm 1 --breakdown-steps 2     # MAE's decoder, 224 px
     python benchmarks/speed_vs_reference.py --model vit_small_patch16 --n-images 256
 """
 
@@ -358,15 +360,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default=str(BUSBRA), help="image folder (default: BUS-BRA beside the repository)")
     ap.add_argument("--n-images", type=int, default=None, help="use the first N images (default: all)")
     ap.add_argument("--model", default="vit_tiny_patch16")
-    ap.add_argument("--img-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--decoder-embed-dim", type=int, default=512)
-    ap.add_argument("--decoder-depth", type=int, default=8)
-    ap.add_argument("--decoder-num-heads", type=int, default=16)
+    ap.add_argument("--img-size", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--decoder-embed-dim", type=int, default=128)
+    ap.add_argument("--decoder-depth", type=int, default=2)
+    ap.add_argument("--decoder-num-heads", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
-    ap.add_argument("--warm", type=int, default=1, help="untimed steps per side at the start of each round")
-    ap.add_argument("--breakdown-steps", type=int, default=2, help="steps per side of the phase breakdown (0: none)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
+    ap.add_argument("--warm", type=int, default=2, help="untimed steps per side at the start of each round")
+    ap.add_argument("--breakdown-steps", type=int, default=10, help="steps per side of the phase breakdown (0: none)")
     ap.add_argument("--ref-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="the reference's DataLoader workers (default: CPU cores, at most 8)")
     ap.add_argument("--blur-backend", default="pil", choices=ref.BLUR_BACKENDS)

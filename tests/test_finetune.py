@@ -173,7 +173,7 @@ def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(data, tmp_pa
         os.kill(os.getpid(), signal.SIGTERM)  # arrives right after epoch 1's checkpoint
 
     monkeypatch.setattr(ft, "save_checkpoint", save_then_term)
-    assert main(base + ["--out", str(tmp_path / "b")]) == 143
+    assert main(base + ["--out", str(tmp_path / "b"), "--checkpoint-every-seconds", "0"]) == 143
     state = torch.load(tmp_path / "b" / "fold_1" / "resume.pt", weights_only=True)
     assert state["epoch"] == 1
     monkeypatch.setattr(ft, "save_checkpoint", real_save)
@@ -187,6 +187,33 @@ def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(data, tmp_pa
                            for x in lines]  # noqa: E731
     assert strip(la) == strip(lb)
     assert {r["t_star"] for r in _rows(tmp_path / "a" / "predictions.csv")} == {"5"}
+
+
+def test_a_stop_signal_writes_the_resume_state_whatever_the_checkpoint_interval(data, tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """Resume states are written at most every checkpoint_every_seconds (default 30 s: short epochs do not pay a
+    checkpoint each), but a SIGTERM always writes the last finished epoch's state before the run stops."""
+    pre, labels = data
+    real_validate = ft.FoldTrainer.validate
+    written = []
+    real_save = ft.save_checkpoint
+    monkeypatch.setattr(ft, "save_checkpoint", lambda state, path: (written.append(state["epoch"]),
+                                                                    real_save(state, path)))
+
+    calls = []
+
+    def validate_then_term(self, *args, **kwargs):  # noqa: ANN001
+        calls.append(1)
+        if len(calls) == 2:  # during epoch 2's validation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ft.FoldTrainer, "validate", validate_then_term)
+    out = tmp_path / "run"
+    assert main(["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "split:3:1:1", *FAST,
+                 "--obs", "none", "--out", str(out), "--epochs", "4", "--checkpoint-every-seconds", "3600"]) == 143
+    assert written == [2]  # no epoch-end checkpoint before the signal; then exactly the state it stopped at
+    assert torch.load(out / "fold_1" / "resume.pt", weights_only=True)["epoch"] == 2
 
 
 @pytest.mark.parametrize("mode,extra", [("linear", []), ("scratch", ["--obs", "none"]),

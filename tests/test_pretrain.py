@@ -143,7 +143,7 @@ def test_no_weight_decay_on_norms_biases_and_tokens(images, tmp_path):
     from d2mae.train.optim import build_optimizer
     cfg = _cfg(images, tmp_path / "o")
     model = DeblurMAE(cfg.model_config())
-    opt = build_optimizer(model, cfg, 1e-3, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}

@@ -94,7 +94,7 @@ def test_moco_patch_projection_stays_frozen_and_out_of_the_optimizer():
     cfg = make_config(preset="moco-v3", data=["x"], out="y", **{k: v for k, v in MOCO.items()
                                                                   if k not in ("objective", "blur", "blur_embed")})
     model = MoCoV3(cfg.model_config())
-    opt = build_optimizer(model, cfg, 1e-3, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, 1e-3)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model.encoder.patch_embed.proj.weight) not in in_opt
     assert not any(id(p) in in_opt for p in model.momentum_encoder.parameters())

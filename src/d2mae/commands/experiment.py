@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from d2mae.experiment import estimate_plan, format_plan, load_experiment, make_plan, run_experiment
+from d2mae.runtime.threads import configure_threads
 from d2mae.train.finetune import Interrupted
 from d2mae.train.pretrain import TrainingInterrupted
 
@@ -25,12 +26,17 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config value, e.g. --set datasets.busbra.root=/data/bus-bra "
                              "--set budget.pretrain_epochs=2 (repeatable; values are YAML)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of PyTorch for every stage (default: the config's threads:, else one per "
+                             "core; docs/threads.md)")
     parser.add_argument("--no-estimate", action="store_true",
                         help="skip the timing of a few steps (plan and report show no estimates)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_experiment(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"threads={args.threads}"] if args.threads is not None else [])
+    cfg = load_experiment(args.config, overrides)
+    configure_threads(cfg.threads)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     if args.plan:
         plan = make_plan(cfg, out)

@@ -14,8 +14,8 @@ import importlib
 import sys
 import warnings
 
-from d2mae.commands.flags import flag
 from d2mae.runtime.errors import D2maeError, os_error_message
+from d2mae.runtime.threads import wait_policy_environment
 
 # command: (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def error_line(exc: D2maeError, parser: argparse.ArgumentParser | None = None) -> str:
     """The error as the command line shows it: a problem with one option names its flag (``option --epochs:
     must be ≥ 1``) when the command has that flag, else the option's own name."""
+    from d2mae.commands.flags import flag
+
     if exc.option is None:
         return exc.message
     known = parser is None or any(flag(exc.option) in a.option_strings for a in parser._actions)
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"d2mae: error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
+    if "torch" not in sys.modules and wait_policy_environment():  # before OpenMP is loaded (runtime/threads.py)
+        print("note: other programs are using the CPU; OpenMP threads sleep while they wait "
+              "(OMP_WAIT_POLICY=PASSIVE), so this run keeps its share", file=sys.stderr)
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     parser = None
     try:

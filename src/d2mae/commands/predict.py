@@ -11,6 +11,7 @@ from d2mae.runtime.distributed import distributed_run
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_text
 from d2mae.runtime.locks import check_output_file
+from d2mae.runtime.threads import configure_threads
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out:
         check_output_file(cfg.out)  # before any image is classified
     with distributed_run(cfg.device) as (ctx, device):
+        configure_threads(cfg.threads)
         result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,
                          precision=cfg.precision, workers=cfg.workers, skip_bad=cfg.skip_bad, progress=cfg.progress,
                          ctx=ctx)

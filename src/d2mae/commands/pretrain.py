@@ -18,9 +18,11 @@ _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
       "max_steps")),
     ("model, blur schedule and normalisation (saved in config.json; a preset sets the blur options)", MODEL_FIELDS),
     ("hardware, data loading and bookkeeping",
-     ("device", "precision", "num_workers", "data_path", "compile", "save_every_epochs", "checkpoint_every_steps",
-      "log_every_steps", "tensorboard")),
+     ("device", "precision", "threads", "num_workers", "data_path", "compile", "save_every_epochs",
+      "checkpoint_every_seconds", "checkpoint_every_steps", "log_every_steps", "tensorboard")),
 )
+_GROUPED = {name for _, names in _GROUPS for name in names}
+assert _GROUPED >= {f.name for f in fields(PretrainConfig)}, "every option of PretrainConfig belongs to a group"
 
 
 def add(parser: argparse.ArgumentParser) -> None:

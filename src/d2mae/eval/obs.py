@@ -39,6 +39,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.threads import configure_threads
 
 
 def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, batch_size: int = 32,
@@ -236,6 +237,9 @@ class ObsConfig:
                                                      "choices": ["auto", "bf16", "fp32"]})
     workers: int = field(default=2, metadata={"help": "DataLoader workers for decoding", "min": 0,
                                               "volatile": True})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
+                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
     labels: str | None = field(default=None, metadata={
         "help": "labels CSV or class-per-folder tree instead of --data (then --group-by can name any column)"})
     path_column: str = field(default="path", metadata={"help": "labels CSV column with the image path or ID"})
@@ -269,6 +273,7 @@ def search_dataset(cfg: ObsConfig) -> Path:
         raise D2maeError("give the images either as data (folders, files, lists) or as labels (a labels CSV)",
                          option="data")
     with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "obs", ctx):
+        configure_threads(cfg.threads)
         model = load_pretrained(cfg.model, device)
         refs, groups, group_name = _images(cfg)
         out = Path(cfg.out)

@@ -58,6 +58,9 @@ class PredictConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32",
                                                      "choices": ["auto", "bf16", "fp32"]})
     workers: int = field(default=2, metadata={"help": "DataLoader workers", "min": 0})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
+                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
     skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images instead of stopping"})
     show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)", "min": 0})
     progress: bool = field(default=True, metadata={"help": "progress bars on large folders"})

@@ -239,7 +239,11 @@ class _TopLevel:
     ablations: list[str] = field(default_factory=list)
     weights: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
+    threads: int | None = field(default=None, metadata={"min": 1})
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -253,6 +257,7 @@ class ExperimentConfig:
     ablations: list[str]
     weights: dict[str, str]
     device: str
+    threads: int | None
     cache_dir: str | None
     model: dict[str, Any]
     budget: BudgetSpec
@@ -282,7 +287,7 @@ class ExperimentConfig:
             datasets[name] = d
         return {"name": self.name, "description": self.description, "seeds": list(self.seeds),
                 "methods": list(self.methods), "ablations": list(self.ablations), "weights": dict(self.weights),
-                "device": self.device,
+                "device": self.device, "threads": self.threads,
                 "cache_dir": self.cache_dir, "model": dict(self.model), "budget": dataclasses.asdict(self.budget),
                 "pretrain": dict(self.pretrain), "finetune": dict(self.finetune), "datasets": datasets,
                 "report": dataclasses.asdict(self.report)}
@@ -481,7 +486,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
         _resolve_paths(spec, where, source)
         datasets[ds_name] = spec
     return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
-                            dict(flat.weights), flat.device, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
+                            dict(flat.weights), flat.device, flat.threads, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
                             pretrain, finetune, datasets, report, source)
 
 

@@ -312,7 +312,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
                     (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
                     ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
-                      "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto"},
+                      "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto",
+                      "threads": cfg.threads},
                      "the experiment"))
                 key = config_hash({"dataset": name, "data": dp.data_key,
                                    "pretrain": _result_options(pcfg)})
@@ -338,6 +339,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                     ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
                       "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
                       "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
+                      "threads": cfg.threads,
                       "arch": cfg.model.get("model", "vit_base_patch16"),
                       "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
                      f"method {m.name}"))
@@ -432,7 +434,9 @@ def _time_objective(model: Any, x: Any) -> dict[str, float]:
     (repeated into its views), and for the masked autoencoder of one OBS level."""
     import torch
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    from d2mae.train.optim import adamw
+
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as training's
     b = x.shape[0]
     views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
     drawn = {k: v.to(x.device) for k, v in model.draw(torch.Generator().manual_seed(0), b).items()}
@@ -462,7 +466,9 @@ def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
     """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
     import torch
 
-    opt = torch.optim.AdamW(clf.parameters(), lr=1e-4)
+    from d2mae.train.optim import adamw
+
+    opt = adamw(clf.parameters(), lr=1e-4)
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
     t = torch.ones(len(x), device=x.device)  # [B]
 

@@ -24,7 +24,7 @@ Outputs in ``--out``::
     fold_<k>/metrics.jsonl    one line per epoch: train loss, val loss, val macro-F1, val accuracy, lr, seconds
     tensorboard/fold_<k>/     the same as TensorBoard scalars, when tensorboard is installed
     fold_<k>/model/           classifier.safetensors + config.json + pretrained/ (for OBS on new images)
-    fold_<k>/resume.pt        while training: resume state (torch.load(weights_only=True))
+    fold_<k>/resume.pt        while training: resume state, at most every checkpoint_every_seconds (weights_only)
 
 More than one process (``torchrun --nproc_per_node N -m d2mae finetune …``): each epoch's global order (seeded by
 (seed, fold, epoch); class-balanced with ``--balance sampler``) is cut into global batches of B·N images and each
@@ -82,6 +82,7 @@ from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog
 from d2mae.runtime.options import check_fields, load_yaml, save_config
 from d2mae.runtime.seeds import derive_seed
 from d2mae.runtime.signals import StopSignals
+from d2mae.runtime.threads import configure_threads
 from d2mae.train.fold import FoldTrainer
 from d2mae.train.optim import make_optimizer, warmup_cosine_scheduler
 from d2mae.train.resume import check_resumable, settings_diff
@@ -183,6 +184,13 @@ class FinetuneConfig:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32",
                                                      "choices": ["auto", "bf16", "fp32"], "volatile": True})
     workers: int = field(default=2, metadata={"help": "DataLoader workers", "min": 0, "volatile": True})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
+                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
+    checkpoint_every_seconds: float = field(default=30.0, metadata={
+        "help": "write a fold's resume state (resume.pt, best.safetensors) after an epoch only when this many seconds "
+                "passed since the last write (0: after every epoch); a stop signal always writes", "min": 0.0,
+        "volatile": True})
     obs_batch_size: int = field(default=32, metadata={"help": "images per OBS batch", "min": 1, "volatile": True})
     strict: bool = field(default=False, metadata={
         "help": "refuse test images that were in the pre-training data or duplicated across splits"})
@@ -559,7 +567,20 @@ class FinetuneRun:
         state, best = self._resume_fold(fold, trainer)
         t_train = torch.as_tensor(self.t_star[fold.train], dtype=torch.float32)  # [n_train], by dataset index
         val = [self.labeled.refs[i] for i in fold.val]
-        started = time.perf_counter()
+        started = saved_at = time.perf_counter()
+        best_saved = True  # the best weights on disk are the best so far
+        saved_epoch = state.epoch  # the epoch whose state resume.pt holds
+
+        def save_state() -> None:
+            nonlocal saved_at, best_saved, saved_epoch
+            if ctx.is_main:
+                if not best_saved and best is not None:
+                    save_weights(best, fold_dir / "best.safetensors")
+                save_checkpoint({"format": "d2mae-finetune-resume", "fold": fold.name, **state.to_dict(),
+                                 "world_size": ctx.world_size, "model": trainer.model.state_dict(),
+                                 "optimizer": trainer.optimizer.state_dict()}, fold_dir / RESUME)
+            saved_at, best_saved, saved_epoch = time.perf_counter(), True, state.epoch
+
         with StopSignals() as stop, self._log(fold, state.epoch) as log:
             for epoch in range(state.epoch, cfg.epochs):
                 if state.bad_epochs >= cfg.patience > 0:
@@ -568,7 +589,7 @@ class FinetuneRun:
                 loss, seen, early = trainer.train_epoch(loader, sampler, t_train, epoch, (cfg.seed, fold.number),
                                                         stop, f"fold {fold.name} epoch {epoch + 1}/{cfg.epochs}"
                                                         if cfg.progress else None)
-                self._stop_early(fold, epoch, state, early, stop.signum)
+                self._stop_early(fold, epoch, saved_epoch, early, stop.signum)
                 train_seconds = time.perf_counter() - t0
                 v = trainer.validate(val, self.t_star[fold.val], self.labeled.labels[fold.val],
                                      batch_size=cfg.eval_batch_size, workers=cfg.workers)
@@ -576,8 +597,7 @@ class FinetuneRun:
                 if v.macro_f1 > state.best_f1:
                     state.best_f1, state.best_epoch, state.bad_epochs = v.macro_f1, epoch + 1, 0
                     best = {k: p.detach().to("cpu", copy=True) for k, p in trainer.model.state_dict().items()}
-                    if ctx.is_main:
-                        save_weights(best, fold_dir / "best.safetensors")
+                    best_saved = False
                 else:
                     state.bad_epochs += 1
                 record = {"epoch": epoch + 1, "train_loss": round(loss, 6), "val_loss": round(v.loss, 6),
@@ -587,13 +607,13 @@ class FinetuneRun:
                           "images_per_s": round(seen / max(train_seconds, 1e-9), 2)}
                 if ctx.is_main:
                     log.write(record)
-                    save_checkpoint({"format": "d2mae-finetune-resume", "fold": fold.name, **state.to_dict(),
-                                     "world_size": ctx.world_size, "model": trainer.model.state_dict(),
-                                     "optimizer": trainer.optimizer.state_dict()}, fold_dir / RESUME)
+                stopping = trainer.any_rank(stop.signum is not None)
+                if stopping or time.perf_counter() - saved_at >= cfg.checkpoint_every_seconds:
+                    save_state()  # rank 0 writes
                 self.say(f"fold {fold.name} epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}, val macro-F1 "
                          f"{v.macro_f1:.4f} (best {state.best_f1:.4f} @ {state.best_epoch}), lr {record['lr']:.2e}, "
                          f"{record['seconds']:.1f} s")
-                if trainer.any_rank(stop.signum is not None):
+                if stopping:
                     raise Interrupted(int(stop.signum or signal.SIGTERM),
                                       f"after fold {fold.name}, epoch {epoch + 1} (saved in {fold_dir / RESUME})")
         trainer.model.load_state_dict(best)
@@ -709,7 +729,7 @@ class FinetuneRun:
         self.say(f"fold {fold.name}: resuming after epoch {state.epoch}")
         return state, (load_weights(best_path) if state.best_epoch else None)
 
-    def _stop_early(self, fold: Fold, epoch: int, state: FoldState, early: Any, signum: int | None) -> None:
+    def _stop_early(self, fold: Fold, epoch: int, saved_epoch: int, early: Any, signum: int | None) -> None:
         """Raise for an epoch that ended early: a non-finite loss (no update applied) or a stop signal."""
         if early is None:
             return
@@ -717,8 +737,8 @@ class FinetuneRun:
         if not early.finite:
             raise D2maeError(f"fold {fold.name} epoch {epoch + 1}: the loss became {early.loss}; lower the learning "
                              "rate", option="blr")
-        note = (f"state after epoch {state.epoch} is in {fold_dir / RESUME}" if state.epoch
-                else "no epoch had finished; a resumed fold starts over")
+        note = (f"state after epoch {saved_epoch} is in {fold_dir / RESUME}" if saved_epoch
+                else "no epoch had been saved; a resumed fold starts over")
         raise Interrupted(int(signum or signal.SIGTERM), f"in fold {fold.name}, epoch {epoch + 1} ({note})")
 
     def _log(self, fold: Fold, resume_at: int) -> Any:
@@ -828,4 +848,5 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if not cfg.out:
         raise D2maeError("is required: the folder for the fine-tuning run", option="out")
     with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "finetune", ctx):
+        configure_threads(cfg.threads)
         return FinetuneRun(cfg, ctx, device).run()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from d2mae.data.sampler import EpochBatchSampler
-from d2mae.eval.infer import class_probabilities
+from d2mae.eval.infer import class_probabilities, decode_views
 from d2mae.eval.metrics import macro_f1
 from d2mae.method.models import DeblurClassifier
 from d2mae.runtime.device import amp_dtype, autocast
@@ -89,6 +89,7 @@ class FoldTrainer:
         self.linear_probe = linear_probe
         self.train_model = wrap_ddp(model, device, self.ctx)  # DDP: gradients averaged over the ranks
         self.step = 0  # optimiser steps done in this fold
+        self._views: tuple[tuple[str, ...], torch.Tensor | None] | None = None  # the validation part, decoded once
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, step_images: int,
                    stopping: bool = False) -> StepResult:
@@ -171,15 +172,25 @@ class FoldTrainer:
     def validate(self, refs: Sequence[str], t: np.ndarray, y: np.ndarray, *, batch_size: int = 64,
                  workers: int = 0) -> Validation:
         """Classify the validation images (deterministic view, at their t*): macro-F1, accuracy, cross-entropy."""
-        probs = self.predict(refs, t, batch_size=batch_size, workers=workers)  # [n_val, K], the same on every rank
+        probs = self.predict(refs, t, batch_size=batch_size, workers=workers, cache=True)  # [n_val, K], every rank
         pred = probs.argmax(axis=1)
         ce = float(nn.functional.cross_entropy(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), torch.as_tensor(y)))
         return Validation(macro_f1(y, pred), float(np.mean(pred == y)), ce)
 
-    def predict(self, refs: Sequence[str], t: np.ndarray, *, batch_size: int = 64, workers: int = 0) -> np.ndarray:
-        """Class probabilities [n, K] of images ``refs`` at their levels ``t``, gathered over the ranks."""
+    def predict(self, refs: Sequence[str], t: np.ndarray, *, batch_size: int = 64, workers: int = 0,
+                cache: bool = False) -> np.ndarray:
+        """Class probabilities [n, K] of images ``refs`` at their levels ``t``, gathered over the ranks. With
+        ``cache`` the images' views are decoded once and kept for the next call with the same ``refs`` (the
+        validation part, classified after every epoch)."""
+        views = None
+        if cache:
+            key = tuple(refs)
+            if self._views is None or self._views[0] != key:
+                cfg = self.model.config
+                self._views = (key, decode_views(refs, cfg.img_size, cfg.in_chans, workers))
+            views = self._views[1]
         return class_probabilities(self.model, refs, t, self.device, batch_size=batch_size, workers=workers,
-                                   precision=self.precision, ctx=self.ctx)
+                                   precision=self.precision, ctx=self.ctx, views=views)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (one all-reduce), so that every rank takes the same branch."""

@@ -27,8 +27,9 @@ The output folder is a pre-trained model folder (:func:`d2mae.io.artifacts.load_
   state), ``scaler`` (None: bf16 needs none), ``epoch`` + ``micro_step`` (the next micro-batch to run), ``step``,
   ``elapsed``, ``rng`` (Python/NumPy/torch/CUDA states as tensors), ``sampler``, ``world_size``, ``config``,
   ``model_config``, ``data`` (image count and a hash of the list). Plain tensors and values only:
-  ``torch.load(path, weights_only=True)``. Written atomically at every epoch end (``save_every_epochs``), every
-  ``checkpoint_every_steps`` steps and on SIGTERM/SIGINT (exit status 143/130).
+  ``torch.load(path, weights_only=True)``. Written atomically at epoch ends (``save_every_epochs``, at most every
+  ``checkpoint_every_seconds``), every ``checkpoint_every_steps`` steps, at the end and on SIGTERM/SIGINT (exit
+  status 143/130).
 
 Reproducibility. Every random number of a step comes from a generator seeded by ``(seed, epoch, step)``: the
 epoch's data order, each image's crop and flip (seeded by ``(seed, epoch, image)``, whatever loader worker decodes
@@ -74,6 +75,7 @@ from d2mae.runtime.seeds import (
     STREAM_CROP, STREAM_STEP, capture_rng_state, derive_seed, restore_rng_state, seed_everything
 )
 from d2mae.runtime.signals import StopSignals
+from d2mae.runtime.threads import configure_threads
 from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
 from d2mae.train.resume import check_resumable, resume_file, settings_diff
 
@@ -158,6 +160,9 @@ class PretrainConfig(ModelConfig):
         "choices": ["auto", "bf16", "fp32"], "volatile": True})
     num_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)", "min": 0, "volatile": True})
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
+                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
     skip_bad: bool = field(default=False, metadata={
         "help": "leave out unreadable images (listed in OUT/bad_images.txt) instead of stopping", "volatile": True})
     resume: str | None = field(default=None, metadata={
@@ -165,6 +170,9 @@ class PretrainConfig(ModelConfig):
         "volatile": True})
     save_every_epochs: int = field(default=1, metadata={
         "help": "write the model and resume.pt every N epochs (and at the end)", "min": 1, "volatile": True})
+    checkpoint_every_seconds: float = field(default=30.0, metadata={
+        "help": "at those epoch ends, write only when this many seconds passed since the last write (0: always); "
+                "the end of the run and a stop signal always write", "min": 0.0, "volatile": True})
     checkpoint_every_steps: int = field(default=500, metadata={
         "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)", "min": 0,
         "volatile": True})
@@ -441,11 +449,12 @@ class Pretrainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if state is None and cfg.init_from:
             self._init_from(cfg.init_from)
-        self.optimizer = build_optimizer(self.model, cfg, self.lr, self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.min_lr)
         self.amp = amp_dtype(self.device, cfg.precision)
         self.epoch, self.micro, self.step, self.elapsed = 0, 0, 0, 0.0
         self.saved_step: int | None = None
+        self.saved_at = time.perf_counter()  # epoch-end writes wait checkpoint_every_seconds after the last one
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -534,6 +543,7 @@ class Pretrainer:
         if self.ctx.is_main:
             save_checkpoint(self.resume_state(), path)
         self.saved_step = self.step
+        self.saved_at = time.perf_counter()
         return path
 
     def save_model(self) -> None:
@@ -640,7 +650,9 @@ class Pretrainer:
                              f"loss {epoch_loss / max(1, epoch_steps):.4f}  "
                              f"lr {self.optimizer.param_groups[0]['lr']:.3g}  "
                              f"{epoch_steps * images_per_step / max(epoch_time, 1e-9):.1f} img/s  {epoch_time:.1f} s")
-                if done or self.epoch % cfg.save_every_epochs == 0:
+                due = self.epoch % cfg.save_every_epochs == 0 and (
+                    time.perf_counter() - self.saved_at >= cfg.checkpoint_every_seconds)
+                if done or due:
                     self.save_model()
                     self.save_resume()
                 elif pending:
@@ -673,6 +685,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     checkpoint has been written).
     """
     with dist_utils.distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "pretrain", ctx):
+        configure_threads(cfg.threads)
         run = Pretrainer(cfg, ctx, device)
         try:
             if not run.setup():
