@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU benchmark run (under 8 minutes on one H100): ViT-B/16 D²MAE pre-training images/s (bf16, in-memory
-# data path on the GPU, synthetic images), model FLOP utilisation against the 989 TFLOP/s dense bf16 peak, peak GPU
-# memory, OBS images/s, and the paper's thyroid schedule (10,675 images × 8,000 epochs) in wall time.
+# data path on the GPU, synthetic images), model FLOP utilisation against the dense bf16 peak (H200 790, H100 989
+# TFLOP/s), peak GPU memory, OBS images/s, and the paper's thyroid schedule (10,675 images × 8,000 epochs) in wall time.
 #
 #   benchmarks/gpu.sh [OUT_DIR] [extra gpu_bench.py options]     # OUT_DIR default: $OUT, else benchmarks/gpu_results
 #   benchmarks/gpu.sh /tmp/gb --device cpu --tiny                 # a seconds-long check on a machine without a GPU

@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/loader_speed.py [--data ../shared/data/bus-bra/images] [--n 512] [--size 224]
-                                      [--batch 64] [--workers 0 2] [--device cpu]
+                                      [--batch 64] [--workers 0 2] [--device cpu] [--shards DIR]
 
 Measures, for MAE pre-training views (RandomResizedCrop(S, scale=(0.2, 1)) + flip, images in [0, 1]):
 
@@ -13,6 +13,8 @@ Measures, for MAE pre-training views (RandomResizedCrop(S, scale=(0.2, 1)) + fli
    then ``cache.batch`` (PIL's antialiased bicubic crops resampled as one batch, :mod:`d2mae.data.resample`) on
    ``--device``.
 3. ``ImageDataset(augment="finetune")`` (adds RandAugment + random erasing) with the largest worker count.
+4. With ``--shards DIR`` (a ``d2mae shards`` folder of the same images): path 1 on the first ``--n`` images of the
+   shards, against path 1 on the same images read as files, in alternating rounds (the median of ``--rounds``).
 
 Prints one Markdown table; images/s are steady-state (the first batch is excluded as warm-up).
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from d2mae.data.cache import DecodedCache
 from d2mae.data.dataset import ImageDataset
 from d2mae.data.decode import load_image
+from d2mae.data.shards import ShardSet
 from d2mae.data.sources import find_images
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bus-bra" / "images"
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads in the main process")
+    parser.add_argument("--shards", default=None, help="a d2mae shards folder: compare reading from it with files")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the shards comparison")
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -94,6 +99,18 @@ def main() -> None:
     w = max(args.workers)
     rate = loader_rate(ImageDataset(refs, args.size, augment="finetune"), args.batch, w)
     rows.append((f"ImageDataset finetune, DataLoader workers={w}", f"{rate:,.0f}"))
+
+    if args.shards:  # the same images, from tar shards and as files, alternating (machine noise hits both)
+        shards = ShardSet.open(args.shards)
+        members, files = shards.refs[: args.n], shards.sources[: args.n]
+        rates: dict[str, list[float]] = {"files": [], "shards": []}
+        for _ in range(args.rounds):
+            for name, group in (("files", files), ("shards", members)):
+                rates[name].append(loader_rate(ImageDataset(group, args.size, augment="mae"), args.batch, w))
+        for name in ("files", "shards"):
+            median = sorted(rates[name])[len(rates[name]) // 2]
+            rounds = ", ".join(f"{r:,.0f}" for r in rates[name])
+            rows.append((f"ImageDataset mae from {name}, DataLoader workers={w} (rounds: {rounds})", f"{median:,.0f}"))
 
     print(f"# loader speed: {len(refs)} images from {args.data}, S={args.size}, batch {args.batch}")
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "

@@ -38,10 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
         parser.add_argument(name, type=str, **kwargs)
 
 
+def add_with_positional(parser: argparse.ArgumentParser, cls: type, positional: str, help: str) -> None:
+    """A positional list field of ``cls`` (images, sources: given here or by the YAML file), ``--config``, then one
+    flag per other field; build the config with ``config_from_cli(cls, args, positional=positional)``."""
+    parser.add_argument(positional, nargs="*", help=help)
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_arguments(parser, cls, exclude=(positional,))
+
+
 def config_from_cli(cls: type, args: argparse.Namespace, preset: Mapping[str, Any] | None = None,
-                    preset_name: str = "preset") -> Any:
-    """Build ``cls`` from a preset, the YAML file named by ``args.config`` (if any) and the flags given."""
-    flags = {k: v for k, v in vars(args).items() if k in field_types(cls)}
+                    preset_name: str = "preset", positional: str | None = None) -> Any:
+    """Build ``cls`` from a preset, the YAML file named by ``args.config`` (if any) and the flags given; an empty
+    ``positional`` list counts as not given (the YAML file may give it)."""
+    flags = {k: v for k, v in vars(args).items() if k in field_types(cls) and not (k == positional and not v)}
     file_layer: dict[str, Any] = {}
     if getattr(args, "config", None):
         file_layer = load_yaml(args.config)

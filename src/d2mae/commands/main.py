@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("d2mae.commands.predict", "classify new images (runs OBS on each first)"),
     "experiment": ("d2mae.commands.experiment", "run every method of a config on every dataset and write a report"),
     "export": ("d2mae.commands.export", "export a pre-trained encoder for timm or Hugging Face"),
+    "shards": ("d2mae.commands.shards", "pack images into tar shards for corpora larger than memory"),
 }
 
 

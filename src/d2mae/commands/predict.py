@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_with_positional, config_from_cli
 from d2mae.eval.predict import PredictConfig, predict
 from d2mae.runtime.distributed import distributed_run
 from d2mae.runtime.errors import D2maeError
@@ -15,15 +15,11 @@ from d2mae.runtime.threads import configure_threads
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", help="images, folders or .csv/.txt lists of images")
-    parser.add_argument("--config", help="YAML file with any of the options below")
-    add_arguments(parser, PredictConfig, exclude=("inputs",))
+    add_with_positional(parser, PredictConfig, "inputs", "images, folders or .csv/.txt lists of images")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.inputs:
-        del args.inputs  # let a YAML file give them
-    cfg = config_from_cli(PredictConfig, args)
+    cfg = config_from_cli(PredictConfig, args, positional="inputs")
     if not cfg.inputs:
         raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
     if cfg.out:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from d2mae.data.shards import read_member, split_member
 from d2mae.data.sources import DICOM_EXTENSIONS, import_pydicom, is_dicom_bytes, is_dicom_file, split_ref
 from d2mae.runtime.errors import D2maeError, reason
 from d2mae.runtime.files import atomic_write_text, file_sha256
@@ -157,6 +158,11 @@ def _decode(ref: str, in_chans: int) -> tuple[np.ndarray, str]:
     """Decode one reference -> (float32 [H, W, in_chans] in [0, 1], content hash). Errors name the file."""
     if in_chans not in (1, 3):
         raise D2maeError(f"in_chans must be 1 or 3, got {in_chans}")
+    member = split_member(ref)
+    if member is not None:  # an image in a tar shard (d2mae.data.shards): one seek, then as a file's bytes
+        data = read_member(ref)
+        return _decode_bytes(data, f"{member[0]}:{member[3]}", Path(member[3]).suffix.lower(), in_chans), \
+            hashlib.sha256(data).hexdigest()
     path, frame = split_ref(ref)
     p = Path(path)
     if not p.exists():
@@ -171,13 +177,17 @@ def _decode(ref: str, in_chans: int) -> tuple[np.ndarray, str]:
         data = p.read_bytes()
     except OSError as exc:
         raise D2maeError(f"cannot read image {path}: {reason(exc)}") from None
-    digest = hashlib.sha256(data).hexdigest()
+    return _decode_bytes(data, path, p.suffix.lower(), in_chans), hashlib.sha256(data).hexdigest()
+
+
+def _decode_bytes(data: bytes, path: str, suffix: str, in_chans: int) -> np.ndarray:
+    """A whole image file's bytes -> float32 [H, W, in_chans] in [0, 1]; errors name ``path``."""
     if not data:
         raise D2maeError(f"image {path} is empty (0 bytes)")
-    if is_dicom_bytes(data[:132]) or p.suffix.lower() in DICOM_EXTENSIONS:
-        return _decode_dicom(path, data, None, in_chans)[0], digest
+    if is_dicom_bytes(data[:132]) or suffix in DICOM_EXTENSIONS:
+        return _decode_dicom(path, data, None, in_chans)[0]
     try:
-        return _decode_pil(data, in_chans), digest
+        return _decode_pil(data, in_chans)
     except Image.DecompressionBombError as exc:
         raise D2maeError(f"image {path} is too large to decode safely ({reason(exc)}); "
                          "downscale it or remove it") from None
@@ -199,6 +209,8 @@ def load_image(ref: str | Path, in_chans: int = 1) -> np.ndarray:
 
 def content_hash(ref: str | Path) -> str:
     """sha256 hex of the file's bytes; for a ``#frame=N`` reference, of that frame's decoded (stored) pixel bytes."""
+    if split_member(str(ref)) is not None:  # an image in a shard: its stored bytes (the source file's)
+        return hashlib.sha256(read_member(str(ref))).hexdigest()
     path, frame = split_ref(str(ref))
     if frame is not None:
         return _decode(str(ref), 1)[1]
@@ -340,12 +352,21 @@ def compute_stats(refs: Sequence[str], in_chans: int = 1, max_images: int = 512,
 
 def image_shape(ref: str) -> tuple[int, int]:
     """(height, width) of an image from its header, without decoding the pixels (DICOM: Rows/Columns)."""
-    path, frame = split_ref(ref)
-    if frame is not None or Path(path).suffix.lower() in DICOM_EXTENSIONS or is_dicom_file(Path(path)):
-        ds = import_pydicom(path).dcmread(path, stop_before_pixels=True, force=True)
+    member = split_member(ref)
+    source: Any
+    if member is not None:  # a shard member: its bytes (one seek), whose header reads as a file's
+        data = read_member(ref)
+        path, source = f"{member[0]}:{member[3]}", io.BytesIO(data)
+        dicom = is_dicom_bytes(data[:132]) or Path(member[3]).suffix.lower() in DICOM_EXTENSIONS
+    else:
+        path, frame = split_ref(ref)
+        source = path
+        dicom = frame is not None or Path(path).suffix.lower() in DICOM_EXTENSIONS or is_dicom_file(Path(path))
+    if dicom:
+        ds = import_pydicom(path).dcmread(source, stop_before_pixels=True, force=True)
         return int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if (im.getexif() or {}).get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation that swaps the axes
                 w, h = h, w

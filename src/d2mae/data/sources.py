@@ -174,7 +174,8 @@ def find_images(paths: Sequence[str | Path] | str | Path) -> list[str]:
 
     Returns:
         Absolute paths as strings, sorted; a file reached twice (through a symbolic link or two sources) appears
-        once. A DICOM with NumberOfFrames > 1 appears as ``path#frame=0`` … ``path#frame=F-1``.
+        once. A DICOM with NumberOfFrames > 1 appears as ``path#frame=0`` … ``path#frame=F-1``. A shard folder
+        (:mod:`d2mae.data.shards`) gives its images as ``shard.tar#member=…`` references, first, in the order written.
 
     Raises:
         D2maeError: a path that does not exist, a file that is not an image, or no image found at all.
@@ -183,8 +184,14 @@ def find_images(paths: Sequence[str | Path] | str | Path) -> list[str]:
         paths = [paths]
     if not paths:
         raise D2maeError("no image source given; pass a folder, image files or a .csv/.txt list of images")
+    from d2mae.data.shards import ShardSet, is_shard_folder
+
     refs: list[str] = []
+    shard_refs: list[str] = []  # shard folders' images keep the order they were written in (rank shares)
     for source in paths:
+        if Path(source).is_dir() and is_shard_folder(source):
+            shard_refs.extend(ShardSet.open(source).refs)
+            continue
         found = _expand(Path(source), "image source", allow_lists=True)
         if not found:
             raise D2maeError(f"image source {source}: no images found (known extensions: "
@@ -203,4 +210,4 @@ def find_images(paths: Sequence[str | Path] | str | Path) -> list[str]:
                 out.extend(f"{base}{FRAME_MARK}{i}" for i in range(frames))
                 continue
         out.append(ref)
-    return out
+    return shard_refs + out

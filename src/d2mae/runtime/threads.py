@@ -9,11 +9,13 @@ Two settings decide how PyTorch's CPU kernels use the cores:
   it sleeps. On an idle machine that is the fastest; when another program holds a core, a spinning thread keeps
   waiting on a sibling the kernel has descheduled, and a 2-core run falls to about 30% of its idle speed where the
   fair share is 50% (benchmarks/contention.py). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) holds the fair share
-  under contention but costs about a quarter of the idle speed of a small model. So the command line looks before it
-  starts: when other tasks are runnable at that moment (the run queue of ``/proc/loadavg``, sampled a few times), it
-  chooses ``PASSIVE``; on an idle machine it keeps libgomp's default. Variables the user set
-  (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``) are never changed. The choice cannot follow load that
-  starts later (OpenMP reads it once); set ``OMP_WAIT_POLICY=PASSIVE`` yourself on a machine that will be shared.
+  under contention; idle, it costs nothing at busbra-cpu.yaml's step but half the speed of a small one (ViT-Tiny at
+  64 px, batch 32: benchmarks/wait_policy_idle.py), where each short parallel region wakes the threads. So the
+  command line looks before it starts: when other tasks are runnable at that moment (the run queue of
+  ``/proc/loadavg``, sampled a few times), it chooses ``PASSIVE``; on an idle machine it keeps libgomp's default.
+  Variables the user set (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``) are never changed. The choice
+  cannot follow load that starts later (OpenMP reads it once); set ``OMP_WAIT_POLICY=PASSIVE`` yourself on a
+  machine that will be shared.
   The wait policy never changes the numbers a run computes; the thread count can (reductions are split by it), so
   it is recorded and the same ``--threads`` reproduces a run bit for bit.
 

@@ -58,6 +58,7 @@ from d2mae.data.cache import DecodedCache, cache_bytes, crop_boxes
 from d2mae.data.dataset import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset
 from d2mae.data.decode import check_images, compute_stats, content_hashes
 from d2mae.data.sampler import EpochBatchSampler
+from d2mae.data.shards import ShardShareSampler, open_shards, rank_share
 from d2mae.data.sources import find_images
 from d2mae.io.artifacts import WEIGHTS, save_pretrained
 from d2mae.method.blur import BlurSchedule
@@ -262,17 +263,20 @@ def _available_memory(device: torch.device) -> int:
         return 0
 
 
-def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device, ctx: DistContext
-                     ) -> tuple[str, str]:
-    """``memory`` or ``loader``, with the reason. The cache (native resolution, :func:`d2mae.data.cache.cache_bytes`) may
-    use a quarter of the free memory (shared by the processes of a node on the CPU)."""
+def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device, ctx: DistContext,
+                     own_share: bool = False) -> tuple[str, str]:
+    """``memory`` or ``loader``, with the reason. The cache of ``refs`` (native resolution,
+    :func:`d2mae.data.cache.cache_bytes`) may use a quarter of the free memory, shared by the processes of a node on
+    the CPU — unless each process caches only its own share (``own_share``: shards)."""
     if cfg.data_path == "loader":
         return "loader", "data path loader (asked for)"
     need = cache_bytes(refs, cfg.img_size, cfg.in_chans)
-    share = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+    share = 1 if device.type == "cuda" or own_share else max(1, int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                                  ctx.world_size)))
     budget = _available_memory(device) // 4 // share
     if need <= budget:
-        return "memory", f"decoded-image cache {need / 2**20:.0f} MiB on {device}"
+        whose = ", each process its own share of the shards" if own_share and ctx.world_size > 1 else ""
+        return "memory", f"decoded-image cache {need / 2**20:.0f} MiB on {device}{whose}"
     reason = f"the decoded-image cache ({need / 2**20:.0f} MiB) exceeds a quarter of the free memory on {device}"
     if cfg.data_path == "memory":
         say(ctx, f"note: data path memory: {reason}; using the DataLoader instead")
@@ -408,19 +412,31 @@ class Pretrainer:
         if cfg.resume is not None and resume_path is None:
             say(ctx, f"no resume checkpoint in {out}; starting a new run")
 
-        def images() -> list[str]:
+        def images() -> tuple[list[str], list[str] | None, int]:
+            shards = open_shards(cfg.data)
+            if shards is not None:  # checked and hashed when the shards were written (d2mae shards)
+                return shards.refs, shards.hashes, max(shards.shard_sizes)
             refs = find_images(cfg.data)
             return check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
-                                     min_size=cfg.patch)
+                                min_size=cfg.patch), None, 0
 
-        self.refs = dist_utils.on_main(ctx, images)
+        self.refs, hashes, shard_size = dist_utils.on_main(ctx, images)
         if ctx.is_main and resume_path is None:  # for the data-leak guard of d2mae finetune
-            hashes = content_hashes(self.refs)
+            hashes = hashes or content_hashes(self.refs)
             atomic_write_text(out / "pretrain_hashes.txt",
                               "".join(f"{h}  {r}\n" for h, r in zip(hashes, self.refs)))
         digest = _refs_digest(self.refs)
-        self.sampler = EpochBatchSampler(len(self.refs), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
-                                         steps_multiple=cfg.accum_iter)
+        self.sharded = bool(shard_size)
+        if self.sharded:  # each process trains on its own contiguous share of the shards (d2mae.data.shards)
+            share = rank_share(len(self.refs), ctx.rank, ctx.world_size)
+            self.train_refs = self.refs[share]
+            self.sampler: EpochBatchSampler = ShardShareSampler(
+                len(self.train_refs), len(self.refs) // ctx.world_size, cfg.batch_size, cfg.seed, ctx.rank,
+                steps_multiple=cfg.accum_iter, window=shard_size)
+        else:
+            self.train_refs = self.refs
+            self.sampler = EpochBatchSampler(len(self.refs), cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
+                                             steps_multiple=cfg.accum_iter)
         self.micro_per_epoch = self.sampler.micro_steps
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_iter
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -468,17 +484,17 @@ class Pretrainer:
             say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
             return False
 
-        self.data_path, why = choose_data_path(cfg, self.refs, self.device, ctx)
+        self.data_path, why = choose_data_path(cfg, self.train_refs, self.device, ctx, own_share=self.sharded)
         if state is not None and state.get("data_path_used") not in (None, self.data_path):
             say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
         if self.data_path == "memory":
-            cache = DecodedCache(self.refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
+            cache = DecodedCache(self.train_refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
             self.batches: Any = MemoryBatches(cache, self.sampler, self.device, views=self.model.views,
                                               scale=self.model.crop_scale)
         else:
-            dataset = ImageDataset(self.refs, cfg.img_size, cfg.in_chans, augment="mae", views=self.model.views,
-                                   crop_scale=self.model.crop_scale)
+            dataset = ImageDataset(self.train_refs, cfg.img_size, cfg.in_chans, augment="mae",
+                                   views=self.model.views, crop_scale=self.model.crop_scale)
             workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
             self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
 
