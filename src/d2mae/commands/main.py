@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"d2mae: error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    if "torch" not in sys.modules and wait_policy_environment():  # before OpenMP is loaded (runtime/threads.py)
+    helping = any(a in ("-h", "--help") for a in argv[1:])  # help computes nothing: no policy, no note
+    if not helping and "torch" not in sys.modules and wait_policy_environment():  # before OpenMP loads (threads.py)
         print("note: other programs are using the CPU; OpenMP threads sleep while they wait "
               "(OMP_WAIT_POLICY=PASSIVE), so this run keeps its share", file=sys.stderr)
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
