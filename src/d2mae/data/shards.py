@@ -17,6 +17,7 @@ decodes and crops in loader workers or in a per-rank memory cache of only its sh
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -158,30 +159,33 @@ class ShardShareSampler(EpochBatchSampler):
         return torch.cat(out)
 
 
-def _member_bytes(ref: str) -> tuple[bytes, str]:
-    """What to store for one image: the source file's bytes and its extension; a DICOM frame as a 16-bit PNG."""
+def _member_bytes(ref: str) -> tuple[bytes, str, str]:
+    """What to store for one image: the source file's bytes, its extension and their SHA-256 (the content hash of
+    :func:`d2mae.data.decode.content_hash`); a DICOM frame as a 16-bit PNG, with the frame's own content hash."""
     from PIL import Image
 
-    from d2mae.data.decode import load_image
+    from d2mae.data.decode import content_hash, load_image
     from d2mae.data.sources import split_ref
 
     member = split_member(ref)
     if member is not None:  # an image of another shard set
-        return read_member(ref), Path(member[3]).suffix
+        data = read_member(ref)
+        return data, Path(member[3]).suffix, hashlib.sha256(data).hexdigest()
     path, frame = split_ref(ref)
     if frame is None:
-        return Path(path).read_bytes(), (Path(path).suffix.lower() or ".dcm")
+        data = Path(path).read_bytes()
+        return data, (Path(path).suffix.lower() or ".dcm"), hashlib.sha256(data).hexdigest()
     arr = load_image(ref, 1)[:, :, 0]  # [H, W] in [0, 1]
     buf = io.BytesIO()
     Image.fromarray(np.rint(arr * 65535).astype(np.uint16)).save(buf, format="PNG")
-    return buf.getvalue(), ".png"
+    return buf.getvalue(), ".png", content_hash(ref)
 
 
 def write_shards(refs: Sequence[str], out: str | Path, shard_size: int = 1000, seed: int = 0,
                  progress: bool = False) -> Path:
     """Write ``refs`` (checked images) as tar shards of ``shard_size`` images, in an order shuffled by ``seed``,
     and ``index.json`` last (the folder is a shard set once it exists); returns the index's path."""
-    from d2mae.data.decode import content_hash, image_shape
+    from d2mae.data.decode import image_shape
     from d2mae.runtime.files import atomic_write_json, atomic_writer
 
     out = Path(out)
@@ -196,14 +200,14 @@ def write_shards(refs: Sequence[str], out: str | Path, shard_size: int = 1000, s
         samples = []
         with atomic_writer(file) as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for j in order[lo:lo + shard_size]:
-                data, ext = _member_bytes(refs[j])
+                data, ext, digest = _member_bytes(refs[j])  # the source read once: bytes and hash
                 info = tarfile.TarInfo(f"{j:09d}{ext}")
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 offset = fh.tell() + tarfile.BLOCKSIZE  # USTAR, short name: one header block, then the data
                 tar.addfile(info, io.BytesIO(data))
                 h, w = image_shape(refs[j])
                 samples.append({"name": info.name, "offset": offset, "size": len(data), "source": refs[j],
-                                "sha256": content_hash(refs[j]), "height": h, "width": w})
+                                "sha256": digest, "height": h, "width": w})
                 if bar is not None:
                     bar.update(1)
         shards.append({"file": file.name, "samples": samples})
