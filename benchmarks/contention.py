@@ -47,7 +47,8 @@ def worker(args: argparse.Namespace) -> None:
     from d2mae.data.sources import find_images
     from d2mae.runtime.distributed import DistContext
     from d2mae.runtime.threads import configure_threads
-    from d2mae.train.pretrain import Pretrainer, make_config
+    from d2mae.train.pretrain import Pretrainer
+    from d2mae.train.pretrain_config import make_config
 
     threads = configure_threads(args.threads)
     refs = find_images([args.data])[:args.n_images]

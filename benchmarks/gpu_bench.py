@@ -156,8 +156,8 @@ def sync(device: Any) -> None:
 
 
 def train_config(args: argparse.Namespace, batch: int) -> Any:
-    """A :class:`d2mae.train.pretrain.PretrainConfig` as ``d2mae pretrain`` would build it (data unused here)."""
-    from d2mae.train.pretrain import make_config
+    """A :class:`d2mae.train.pretrain_config.PretrainConfig` as ``d2mae pretrain`` would build it (data unused here)."""
+    from d2mae.train.pretrain_config import make_config
 
     return make_config(data=["synthetic"], out="unused", batch_size=batch, mean=[0.45], std=[0.25],
                        precision=args.precision, seed=args.seed, **model_options(args))
@@ -171,8 +171,8 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
 
     from d2mae.method.models import DeblurMAE
     from d2mae.runtime.device import amp_dtype, autocast
+    from d2mae.train.batches import step_randomness
     from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
-    from d2mae.train.pretrain import step_randomness
 
     cfg = train_config(args, batch)
     model_cfg = cfg.model_config()

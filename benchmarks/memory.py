@@ -40,7 +40,7 @@ def maxrss_mib() -> float:
 
 def default_batch() -> int:
     """``d2mae pretrain``'s default --batch-size."""
-    from d2mae.train.pretrain import PretrainConfig
+    from d2mae.train.pretrain_config import PretrainConfig
 
     return next(f.default for f in fields(PretrainConfig) if f.name == "batch_size")
 

@@ -35,10 +35,11 @@ from d2mae.data.dataset import ImageDataset
 from d2mae.data.sources import find_images
 from d2mae.eval.obs import run_obs
 from d2mae.io.artifacts import load_pretrained
-from d2mae.method.models import DeblurMAE, ModelConfig, build_classifier
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE, build_classifier
 from d2mae.method.obs import ObsSpec, search_losses
 from d2mae.runtime.device import resolve_device
-from d2mae.train.finetune import FinetuneConfig
+from d2mae.train.finetune_config import FinetuneConfig
 from d2mae.train.optim import make_optimizer
 
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"

@@ -65,8 +65,9 @@ def measure(model_name: str, data: list[str], args: argparse.Namespace) -> dict:
     from d2mae.method.blur import gaussian_blur
     from d2mae.method.models import DeblurMAE
     from d2mae.runtime.device import amp_dtype, autocast, resolve_device
+    from d2mae.train.batches import LoaderBatches, MemoryBatches, step_randomness
     from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
-    from d2mae.train.pretrain import LoaderBatches, MemoryBatches, make_config, step_randomness
+    from d2mae.train.pretrain_config import make_config
 
     device = resolve_device(args.device)
     cfg = make_config(data=data, out="unused", model=model_name, img_size=args.img_size, batch_size=args.batch_size,

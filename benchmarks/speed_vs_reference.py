@@ -95,7 +95,8 @@ class D2maeSide:
     def __init__(self, refs: list[str], args: argparse.Namespace, mean: list[float], std: list[float],
                  total_steps: int, out: Path, data_path: str = "memory") -> None:
         from d2mae.runtime.distributed import DistContext
-        from d2mae.train.pretrain import Pretrainer, make_config
+        from d2mae.train.pretrain import Pretrainer
+        from d2mae.train.pretrain_config import make_config
 
         steps_per_epoch = len(refs) // args.batch_size
         self.cfg = make_config(
@@ -246,7 +247,7 @@ def _mean(values: list[float]) -> float:
 
 def d2mae_breakdown(d2: D2maeSide, steps: int) -> dict[str, float]:
     """Seconds per step of d2mae's phases (same model/optimizer/batches as train_step, timed piece by piece)."""
-    from d2mae.train.pretrain import step_randomness
+    from d2mae.train.batches import step_randomness
 
     run = d2.run
     cfg = run.model_cfg

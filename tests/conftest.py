@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2mae.method.models import ModelConfig
+from d2mae.method.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra"

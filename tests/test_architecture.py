@@ -39,6 +39,110 @@ def _imports(path: Path) -> list[str]:
     return out
 
 
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module → the package's modules it imports, at any depth of the file (imports inside functions count: they
+    only hide a circle until the function runs)."""
+    paths = {_module_name_in(package, p): p for p in sorted(package.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets = set()
+        for imported in _imports(path):
+            while imported and imported not in paths:  # ``from pkg import module`` or ``from module import name``
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):  # a package's own __init__
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def _module_name_in(package: Path, path: Path) -> str:
+    rel = path.relative_to(package.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_circle_of_imports_anywhere_in_the_package() -> None:
+    """No module reaches itself through imports, inside a package or across packages, counting imports inside
+    functions (a package ``__init__`` importing its own modules is not a circle)."""
+    assert import_circles(import_graph(PACKAGE)) == []
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "data").mkdir(parents=True)
+    for name in ("__init__.py", "data/__init__.py", "data/c.py"):
+        (pkg / name).write_text("")
+    (pkg / "data" / "a.py").write_text("from pkg.data.b import f\n")
+    (pkg / "data" / "b.py").write_text("def f():\n    from pkg.data import a\n    return a\n")  # hidden in a function
+    assert import_circles(import_graph(pkg)) == [["pkg.data.a", "pkg.data.b"]]
+
+
+# Imports inside functions are kept only where they must be: the command entry point and the thread policy load
+# torch (and so OpenMP) only after the wait policy is chosen (docs/threads.md); optional extras load when used.
+LAZY_IMPORT_FILES = {"commands/main.py", "runtime/threads.py", "__init__.py"}
+OPTIONAL_EXTRAS = ("pydicom", "transformers", "tensorboard", "torch.utils.tensorboard")
+
+
+def test_imports_sit_at_the_top_of_each_file() -> None:
+    found = []
+    for path in _modules():
+        rel = str(path.relative_to(PACKAGE))
+        if rel in LAZY_IMPORT_FILES:
+            continue
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                        if not (mod or "").startswith(OPTIONAL_EXTRAS):
+                            found.append(f"{rel}:{node.lineno} {fn.name} imports {mod}")
+    assert found == []
+
+
+def test_no_file_over_500_lines_and_no_function_over_80() -> None:
+    """One job per file, one step per function (config dataclasses are classes and may be longer)."""
+    long_files = [f"{p.relative_to(PACKAGE)} ({n})" for p in _modules()
+                  if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
+    long_functions = [f"{p.relative_to(PACKAGE)}:{fn.name} ({fn.end_lineno - fn.lineno + 1})" for p in _modules()
+                      for fn in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+                      if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.end_lineno - fn.lineno >= 80]
+    assert long_files == [] and long_functions == []
+
+
 def _layer(path: Path) -> str | None:
     rel = path.relative_to(PACKAGE)
     return rel.parts[0] if len(rel.parts) > 1 else None
@@ -110,7 +214,7 @@ def test_the_blur_schedule_defaults_have_one_home(name: str) -> None:
     """σ 0.1 → 1.1 step 0.1 are :class:`d2mae.method.blur.BlurSchedule`'s defaults; ModelConfig refers to them."""
     assert _literal_defaults(name) == []
     from d2mae.method.blur import BlurSchedule
-    from d2mae.method.models import ModelConfig
+    from d2mae.method.model_config import ModelConfig
 
     schedule = ModelConfig().schedule
     assert (schedule.start, schedule.stop, schedule.step) == (BlurSchedule.start, BlurSchedule.stop, BlurSchedule.step)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from d2mae.method.blur import gaussian_blur
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
 
 from .conftest import TINY
 

@@ -241,10 +241,10 @@ def test_every_numeric_option_of_every_command_declares_its_domain():
     from d2mae.experiment.config import BudgetSpec, ReportSpec
     from d2mae.io.export import ExportConfig
     from d2mae.method.backbones import BackboneConfig
-    from d2mae.method.models import ModelConfig
+    from d2mae.method.model_config import ModelConfig
     from d2mae.runtime.options import _describe
-    from d2mae.train.finetune import FinetuneConfig
-    from d2mae.train.pretrain import PretrainConfig
+    from d2mae.train.finetune_config import FinetuneConfig
+    from d2mae.train.pretrain_config import PretrainConfig
 
     missing = []
     for cls in (ModelConfig, PretrainConfig, FinetuneConfig, ObsConfig, PredictConfig, EvaluateConfig,
@@ -313,7 +313,8 @@ def test_one_image_under_two_spellings_is_refused(phantoms, tmp_path):
 
 
 def test_an_empty_class_folder_is_named(phantoms, tmp_path):
-    from d2mae.data.labels import load_labeled, make_folds
+    from d2mae.data.folds import make_folds
+    from d2mae.data.labels import load_labeled
 
     tree = tmp_path / "tree"
     for name in ("benign", "malignant"):

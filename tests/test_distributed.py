@@ -19,7 +19,7 @@ from d2mae.data.sampler import EpochBatchSampler
 from d2mae.io.artifacts import load_weights
 from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered, gather_ordered_objects
 from d2mae.runtime.errors import D2maeError
-from d2mae.train.pretrain import step_randomness
+from d2mae.train.batches import step_randomness
 from tests.conftest import TINY
 
 
@@ -86,7 +86,8 @@ def test_accumulation_rounds_the_epoch_to_whole_optimizer_steps():
 def test_blur_levels_and_masks_do_not_depend_on_the_rank_layout():
     from d2mae.method.diffmae import DiffMAE
     from d2mae.method.moco import MoCoV3
-    from d2mae.method.models import DeblurMAE, ModelConfig
+    from d2mae.method.model_config import ModelConfig
+    from d2mae.method.models import DeblurMAE
 
     small = dict(model="vit_tiny_patch16", img_size=32, depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=16,
                  decoder_depth=1, decoder_num_heads=2)
@@ -127,7 +128,8 @@ def _worker(rank: int, world: int, port: int, options: dict, result_dir: str) ->
     from safetensors.torch import save_file
 
     from d2mae.runtime import distributed as du
-    from d2mae.train.pretrain import Pretrainer, make_config
+    from d2mae.train.pretrain import Pretrainer
+    from d2mae.train.pretrain_config import make_config
 
     ctx, device = du.init_distributed("cpu")
     try:
@@ -155,7 +157,8 @@ def _epoch_indices(sampler: EpochBatchSampler, epoch: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    from d2mae.train.pretrain import make_config, pretrain
+    from d2mae.train.pretrain import pretrain
+    from d2mae.train.pretrain_config import make_config
     from tests.test_pretrain import write_images
 
     images = write_images(tmp_path / "images", 32)

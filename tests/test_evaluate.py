@@ -15,7 +15,8 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from d2mae.commands.main import main
-from d2mae.eval.evaluate import compare_runs, evaluate_run, load_predictions
+from d2mae.eval.evaluate import compare_runs, evaluate_run
+from d2mae.io.predictions import load_predictions
 from d2mae.runtime.errors import D2maeError
 
 CLASSES = ["benign", "malignant"]

@@ -15,7 +15,8 @@ from d2mae.commands.main import main
 from d2mae.io.artifacts import save_pretrained
 from d2mae.io.export import export_encoder, resolve_blur_level
 from d2mae.method.blur import gaussian_blur
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
 

@@ -15,7 +15,8 @@ from timm.layers import resample_abs_pos_embed
 
 from d2mae.io.artifacts import save_pretrained
 from d2mae.io.imports import init_from_checkpoint, load_checkpoint_file
-from d2mae.method.models import DeblurClassifier, DeblurMAE, ModelConfig, sincos_pos_embed_2d
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurClassifier, DeblurMAE, sincos_pos_embed_2d
 from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2mae.data.labels import crossing_groups, load_labeled, make_folds
+from d2mae.data.folds import crossing_groups, make_folds
+from d2mae.data.labels import load_labeled
 from d2mae.runtime.errors import D2maeError
 
 

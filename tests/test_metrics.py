@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 from scipy import stats
 from sklearn.metrics import (
-    accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
 )
 
-from d2mae.eval.metrics import (
-    SCALAR_METRICS, bootstrap, bootstrap_ci, classification_metrics, mean_ci, nan_to_none, paired_bootstrap,
-    paired_ttest
-)
+from d2mae.eval.metrics import SCALAR_METRICS, classification_metrics, nan_to_none
+from d2mae.eval.statistics import bootstrap, bootstrap_ci, mean_ci, paired_bootstrap, paired_ttest
 from d2mae.runtime.errors import D2maeError
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from d2mae.io.artifacts import load_pretrained, save_pretrained
-from d2mae.method.models import DeblurClassifier, DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurClassifier, DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY
 

@@ -16,7 +16,8 @@ from d2mae.data.decode import content_hash
 from d2mae.eval.obs import obs_strips, run_obs
 from d2mae.io.artifacts import load_pretrained, model_sha256, save_pretrained
 from d2mae.io.obs_table import ObsTable
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
 from d2mae.method.obs import ObsSpec, search_losses, select_level
 from d2mae.runtime.errors import D2maeError
 from tests.conftest import TINY

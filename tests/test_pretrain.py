@@ -19,8 +19,11 @@ from PIL import Image
 
 from d2mae.commands import main as cli
 from d2mae.io.artifacts import load_pretrained, load_weights
+from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError
-from d2mae.train.pretrain import PRESETS, NonFiniteLossError, make_config, pretrain
+from d2mae.train.interrupts import NonFiniteLossError
+from d2mae.train.pretrain import pretrain
+from d2mae.train.pretrain_config import make_config
 from tests.conftest import REPO, TINY
 
 TINY_FLAGS = ["--model", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64",
@@ -332,7 +335,7 @@ def test_memory_data_path_falls_back_to_the_loader_when_the_cache_does_not_fit(i
     from d2mae.data.cache import DecodedCache, cache_bytes
     from d2mae.data.sources import find_images
     from d2mae.runtime.distributed import DistContext
-    from d2mae.train import pretrain as pt
+    from d2mae.train import batches as pt
     cpu, ctx = torch.device("cpu"), DistContext()
     refs = find_images(images)
     need = cache_bytes(refs, 32)
@@ -364,7 +367,7 @@ def _memory_batch_sigmas(refs: list[str], size: int, rank: int, world: int, devi
     from d2mae.data.cache import DecodedCache
     from d2mae.data.sampler import EpochBatchSampler
     from d2mae.data.sharpness import equivalent_sigma
-    from d2mae.train.pretrain import MemoryBatches
+    from d2mae.train.batches import MemoryBatches
 
     sampler = EpochBatchSampler(len(refs), 3, seed=5, rank=rank, world_size=world)
     batches = MemoryBatches(DecodedCache(refs, size), sampler, torch.device(device))

@@ -12,11 +12,9 @@ from PIL import Image
 from scipy import stats
 
 from d2mae.eval.document import Report, markdown_to_html, write_html
-from d2mae.eval.figures import (
-    confusion_figure, image_grid, metric_bars, obs_strip, read_records, reconstruction_figure, roc_figure,
-    sigma_histogram, training_curves
-)
-from d2mae.eval.metrics import mean_ci
+from d2mae.eval.figures import confusion_figure, metric_bars, read_records, roc_figure, sigma_histogram, training_curves
+from d2mae.eval.image_figures import image_grid, obs_strip, reconstruction_figure
+from d2mae.eval.statistics import mean_ci
 from d2mae.eval.tables import ablation_table, comparison_table, format_mean_ci, format_pvalue
 from d2mae.runtime.errors import D2maeError
 

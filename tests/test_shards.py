@@ -21,9 +21,9 @@ from d2mae.commands import main as cli
 from d2mae.data.dataset import ImageDataset, SeededDataset
 from d2mae.data.decode import content_hash, load_image
 from d2mae.data.phantom import generate_phantoms
-from d2mae.data.shards import (
-    INDEX, ShardsConfig, ShardSet, ShardShareSampler, make_shards, rank_share, read_member, split_member
-)
+from d2mae.data.sampler import ShardShareSampler, rank_share
+from d2mae.data.shard_writer import ShardsConfig, make_shards
+from d2mae.data.shards import INDEX, ShardSet, read_member, split_member
 from d2mae.data.sharpness import equivalent_sigma
 from d2mae.data.sources import find_images
 from d2mae.io.artifacts import load_weights
@@ -112,7 +112,8 @@ def _share_worker(rank: int, world: int, port: int, options: dict, result_dir: s
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
     from d2mae.runtime import distributed as du
-    from d2mae.train.pretrain import Pretrainer, make_config
+    from d2mae.train.pretrain import Pretrainer
+    from d2mae.train.pretrain_config import make_config
 
     ctx, device = du.init_distributed("cpu")
     try:

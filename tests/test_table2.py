@@ -21,14 +21,15 @@ from d2mae import experiment as ex
 from d2mae.commands import main as cli
 from d2mae.data.phantom import generate_phantoms
 from d2mae.io.artifacts import load_classifier, load_pretrained
-from d2mae.io.imports import backbone_classifier, backbone_state, import_pretrained
-from d2mae.method.backbones import BackboneConfig
+from d2mae.io.imports import backbone_state, import_pretrained
+from d2mae.method.backbones import BackboneConfig, backbone_classifier
 from d2mae.method.diffmae import DiffMAE, alphas_cumprod, seeded_normal
 from d2mae.method.moco import MoCoV3, momentum_at
-from d2mae.method.models import ModelConfig
+from d2mae.method.model_config import ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.train.optim import build_optimizer
-from d2mae.train.pretrain import make_config, pretrain
+from d2mae.train.pretrain import pretrain
+from d2mae.train.pretrain_config import make_config
 from tests.conftest import TINY
 
 MOCO = dict(TINY, objective="moco-v3", blur=False, blur_embed="none", moco_dim=16, moco_mlp_dim=32)
@@ -347,7 +348,7 @@ def test_every_pre_trained_row_gets_the_same_budget(tmp_path):
     assert ft["timm:convnext_atto"].backbone == "timm:convnext_atto" and ft["timm:convnext_atto"].mode == "scratch"
     assert ft["moco-v3"].spec.mode == "none" and ft["d2mae"].spec.mode == "search"
     # a preset may bring its own recipe (MoCo v3's weight decay), never a budget of its own
-    from d2mae.train import pretrain as pt
+    from d2mae.method import presets as pt
 
     original = dict(pt.PRESETS["moco-v3"])
     pt.PRESETS["moco-v3"]["accum_iter"] = 2

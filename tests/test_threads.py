@@ -52,7 +52,8 @@ def test_every_heavy_command_takes_threads(command):
 
 def test_threads_option_sets_torch_threads(tmp_path):
     from d2mae.data.phantom import generate_phantoms
-    from d2mae.train.pretrain import make_config, pretrain
+    from d2mae.train.pretrain import pretrain
+    from d2mae.train.pretrain_config import make_config
     from tests.conftest import TINY
 
     generate_phantoms(tmp_path / "ph", n=8, size=32)

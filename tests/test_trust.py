@@ -7,11 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import load_checkpoint
 from d2mae.runtime.options import build_config
-from d2mae.train.pretrain import PretrainConfig
+from d2mae.train.pretrain_config import PretrainConfig
 from tests.conftest import TINY
 
 
@@ -55,7 +56,7 @@ def test_pretrain_resume_from_a_malicious_state_is_a_clear_error(tmp_path):
     assert not marker.exists()
 
 
-_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+fold_metric_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4),
                                                                                                 st.integers(), max_size=2))
 _keys = st.sampled_from(["epochs", "batch_size", "img_size", "sigma_start", "sigma_stop", "blur_embed", "mean",
@@ -63,7 +64,7 @@ _keys = st.sampled_from(["epochs", "batch_size", "img_size", "sigma_start", "sig
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(_keys, _values, max_size=4))
+@given(st.dictionaries(_keys, fold_metric_values, max_size=4))
 def test_config_parser_gives_a_config_or_a_clear_error(mapping):
     """Whatever a YAML file holds, the parser returns a config or raises D2maeError — nothing else."""
     try:

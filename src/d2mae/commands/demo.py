@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from d2mae.experiment.demo import DEFAULT_OUT, run_demo
-from d2mae.train.finetune import Interrupted
-from d2mae.train.pretrain import TrainingInterrupted
+from d2mae.train.interrupts import Interrupted, TrainingInterrupted
 
 
 def add(parser: argparse.ArgumentParser) -> None:

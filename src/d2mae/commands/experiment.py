@@ -8,8 +8,7 @@ from pathlib import Path
 
 from d2mae.experiment import estimate_plan, format_plan, load_experiment, make_plan, run_experiment
 from d2mae.runtime.threads import configure_threads
-from d2mae.train.finetune import Interrupted
-from d2mae.train.pretrain import TrainingInterrupted
+from d2mae.train.interrupts import Interrupted, TrainingInterrupted
 
 
 def add(parser: argparse.ArgumentParser) -> None:

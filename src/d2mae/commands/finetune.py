@@ -1,4 +1,4 @@
-"""``d2mae finetune``: flags of :class:`d2mae.train.finetune.FinetuneConfig`, and the call."""
+"""``d2mae finetune``: flags of :class:`d2mae.train.finetune_config.FinetuneConfig`, and the call."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import sys
 
 from d2mae.commands.flags import add_arguments, config_from_cli
 from d2mae.runtime.distributed import context_from_env
-from d2mae.train.finetune import FinetuneConfig, Interrupted, finetune
+from d2mae.train.finetune import finetune
+from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.interrupts import Interrupted
 
 
 def add(parser: argparse.ArgumentParser) -> None:

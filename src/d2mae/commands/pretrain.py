@@ -1,4 +1,4 @@
-"""``d2mae pretrain``: flags of :class:`d2mae.train.pretrain.PretrainConfig`, grouped, and the call."""
+"""``d2mae pretrain``: flags of :class:`d2mae.train.pretrain_config.PretrainConfig`, grouped, and the call."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import sys
 from dataclasses import fields
 
 from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.method.presets import preset_overrides
 from d2mae.runtime.options import load_yaml
-from d2mae.train.pretrain import MODEL_FIELDS, PretrainConfig, TrainingInterrupted, preset_overrides, pretrain
+from d2mae.train.interrupts import TrainingInterrupted
+from d2mae.train.pretrain import pretrain
+from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 
 _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("what to pre-train on, and where the model goes",

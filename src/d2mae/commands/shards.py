@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from d2mae.commands.flags import add_with_positional, config_from_cli
-from d2mae.data.shards import ShardsConfig, ShardSet, make_shards
+from d2mae.data.shard_writer import ShardsConfig, make_shards
+from d2mae.data.shards import ShardSet
 
 
 def add(parser: argparse.ArgumentParser) -> None:

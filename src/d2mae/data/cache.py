@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from d2mae.data.dataset import CROP_RATIO, CROP_SCALE, resize_box
 from d2mae.data.decode import image_shape, load_image, map_threads
@@ -124,7 +125,6 @@ class DecodedCache:
 
         items = map_threads(decode, refs)
         if progress:
-            from tqdm import tqdm
             items = tqdm(items, total=len(refs), desc="decoding images", unit="img")
         chunks, shapes, original = [], [], []
         for x, hw in items:

@@ -19,8 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 
 from d2mae.data.decode import load_image
 from d2mae.runtime.errors import D2maeError, reason
@@ -91,7 +92,8 @@ class ImageDataset(Dataset):
         labels: one int per image, or ``None`` (items then carry label -1).
         finetune_kwargs: overrides of :data:`FINETUNE_DEFAULTS` for ``"finetune"``.
         views: with ``"mae"``, independent crops per image (MoCo v3's two views: 2); items are then [V, C, S, S].
-        crop_scale: with ``"mae"``, RandomResizedCrop's area range (MAE: (0.2, 1); MoCo v3: (0.08, 1)).
+        crop_scale: with ``"mae"``, RandomResizedCrop's area range (``None``: MAE's :data:`CROP_SCALE`; MoCo v3:
+            (0.08, 1)).
 
     ``__getitem__(i)`` returns ``(image [C, S, S], label, i)``. The data set holds only paths and small picklable
     transforms, so it works with DataLoader workers; randomness comes from the torch/python RNGs that the
@@ -100,7 +102,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, refs: Sequence[str], img_size: int, in_chans: int = 1, augment: str = "none",
                  labels: Sequence[int] | None = None, finetune_kwargs: dict[str, Any] | None = None,
-                 views: int = 1, crop_scale: tuple[float, float] = CROP_SCALE) -> None:
+                 views: int = 1, crop_scale: tuple[float, float] | None = None) -> None:
         if augment not in AUGMENTS:
             raise D2maeError(f"unknown augmentation '{augment}'; use one of {', '.join(AUGMENTS)}")
         if img_size < 1:
@@ -115,7 +117,7 @@ class ImageDataset(Dataset):
         self.in_chans = in_chans
         self.augment = augment
         self.views = int(views)
-        self.crop_scale = tuple(crop_scale)
+        self.crop_scale = tuple(crop_scale or CROP_SCALE)  # None: MAE's
         unknown = sorted(set(finetune_kwargs or {}) - set(FINETUNE_DEFAULTS))
         if unknown:
             raise D2maeError(f"unknown fine-tuning augmentation option(s) {', '.join(unknown)}; "
@@ -131,7 +133,6 @@ class ImageDataset(Dataset):
             self.rand_augment = None
             policy = kw["auto_augment"]
             if policy and str(policy).lower() != "none":
-                from timm.data.auto_augment import rand_augment_transform
                 fill = int(kw["fill"])
                 hparams = {"translate_const": int(s * 0.45), "img_mean": fill if in_chans == 1 else (fill,) * 3}
                 if "mmax" not in str(policy):  # timm clips m to [0, 10]; at m = 10 its increasing posterize keeps
@@ -151,7 +152,6 @@ class ImageDataset(Dataset):
         if self.augment == "none":
             return torch.from_numpy(resize_box(arr, center_box(arr.shape[0], arr.shape[1]), s))
         if self.augment == "mae":
-            from torchvision.transforms import RandomResizedCrop
             crops = []
             for _ in range(self.views):
                 i, j, h, w = RandomResizedCrop.get_params(_shape_proxy(arr), scale=list(self.crop_scale),

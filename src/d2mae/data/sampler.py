@@ -102,3 +102,35 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return self.micro_steps - self.start
+
+
+def rank_share(n: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s contiguous share of ``n`` images in shard order: W parts whose sizes differ by ≤ 1."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
+
+
+class ShardShareSampler(EpochBatchSampler):
+    """Batches of ``(index, seed)`` from this process's share of a shard set (indices local to the share).
+
+    Every process runs the same number of micro-steps, those of the smallest share (``min_samples``); each epoch
+    shuffles the share in windows of ``window`` images (window order and the images inside each window, seeded by
+    seed, rank and epoch), so that a loader reads one shard after another instead of seeking across all of them.
+    ``set_epoch(epoch, start)`` resumes at a micro-step, as the parent class.
+    """
+
+    def __init__(self, num_samples: int, min_samples: int, batch_size: int, seed: int, rank: int,
+                 steps_multiple: int = 1, window: int = 1000) -> None:
+        super().__init__(min_samples, batch_size, derive_seed(seed, rank), steps_multiple=steps_multiple)
+        self.num_samples = int(num_samples)  # the share; micro_steps were counted on the smallest share
+        self.window = max(1, int(window))
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, STREAM_ORDER))
+        starts = torch.arange(0, self.num_samples, self.window)
+        out = []
+        for s in starts[torch.randperm(len(starts), generator=g)].tolist():
+            size = min(self.window, self.num_samples - s)
+            out.append(s + torch.randperm(size, generator=g))
+        return torch.cat(out)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from d2mae.data.shards import ShardSet, is_shard_folder
 from d2mae.runtime.errors import D2maeError, reason
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm",
@@ -184,7 +185,6 @@ def find_images(paths: Sequence[str | Path] | str | Path) -> list[str]:
         paths = [paths]
     if not paths:
         raise D2maeError("no image source given; pass a folder, image files or a .csv/.txt list of images")
-    from d2mae.data.shards import ShardSet, is_shard_folder
 
     refs: list[str] = []
     shard_refs: list[str] = []  # shard folders' images keep the order they were written in (rank shares)

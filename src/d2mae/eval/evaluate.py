@@ -27,9 +27,7 @@ Examples::
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,21 +36,14 @@ import numpy as np
 
 from d2mae.eval.document import Report
 from d2mae.eval.figures import confusion_figure, roc_figure, sigma_histogram
-from d2mae.eval.metrics import (
-    METRIC_LABELS, SCALAR_METRICS, bootstrap, classification_metrics, mean_ci, nan_to_none, paired_bootstrap,
-    paired_ttest
-)
+from d2mae.eval.metrics import METRIC_LABELS, SCALAR_METRICS, classification_metrics, nan_to_none
+from d2mae.eval.statistics import bootstrap, mean_ci, paired_bootstrap, paired_ttest
 from d2mae.eval.tables import Table, format_ci, format_pvalue, format_value
+from d2mae.io.predictions import RunPredictions, load_predictions
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
-
-PREDICTIONS_FILE = "predictions.csv"
-RUN_FILE = "run.json"
-REQUIRED_COLUMNS = ("path", "fold", "split", "label", "pred")
-# Probabilities may be rounded when written; rows must still sum to 1 within this tolerance.
-_PROB_SUM_TOL = 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -93,201 +84,6 @@ class CompareConfig:
         check_fields(self)
         if not self.split:
             raise D2maeError("must name a split, e.g. test", option="split")
-
-
-# ------------------------------------------------------------------------------------------- run loading
-@dataclasses.dataclass
-class RunPredictions:
-    """The rows of one split of a run's predictions.csv, as arrays (row order of the file)."""
-
-    run_dir: Path
-    classes: list[str]
-    info: dict[str, Any]  # run.json (empty when absent)
-    split: str
-    paths: list[str]  # [N]
-    folds: list[str]  # [N]
-    fold_order: list[str]  # distinct folds, run.json order first
-    labels: np.ndarray  # [N] int
-    preds: np.ndarray  # [N] int
-    probs: np.ndarray  # [N, K] float
-    t_star: np.ndarray | None  # [N] float (NaN where empty) or None when the column is absent
-    sigma_star: np.ndarray | None  # [N]
-    extra: dict[str, list[str]]  # other columns, as text
-    notes: list[str]
-
-    @property
-    def method(self) -> str:
-        return str(self.info.get("method") or self.run_dir.name)
-
-    def fold_indices(self, fold: str) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.folds, dtype=object) == fold)
-
-
-def _class_index(value: str, classes: list[str], file: Path, line: int, column: str) -> int:
-    text = value.strip()
-    idx: int | None
-    try:
-        idx = int(text)
-    except ValueError:
-        try:
-            number = float(text)
-            idx = int(number) if number.is_integer() else None
-        except ValueError:
-            idx = None
-    if idx is None:
-        if text in classes:  # a class name instead of its index
-            return classes.index(text)
-        raise D2maeError(f"{file}, line {line}: column '{column}' must be a class index 0..{len(classes) - 1} "
-                         f"or a class name, got {value!r}")
-    if not 0 <= idx < len(classes):
-        raise D2maeError(f"{file}, line {line}: column '{column}' = {idx} is outside 0..{len(classes) - 1} "
-                         f"(classes: {classes})")
-    return idx
-
-
-def _float_cell(value: str, file: Path, line: int, column: str, allow_empty: bool) -> float:
-    text = (value or "").strip()
-    if not text and allow_empty:
-        return math.nan
-    try:
-        out = float(text)
-    except ValueError:
-        raise D2maeError(f"{file}, line {line}: column '{column}' must be a number, got {value!r}") from None
-    if not math.isfinite(out) and not allow_empty:
-        raise D2maeError(f"{file}, line {line}: column '{column}' must be finite, got {value!r}")
-    return out
-
-
-def _fold_names(info: dict[str, Any]) -> list[str]:
-    folds = info.get("folds")
-    if not isinstance(folds, list):
-        return []
-    names = []
-    for f in folds:
-        if isinstance(f, dict) and "name" in f:
-            names.append(str(f["name"]))
-        elif isinstance(f, (str, int)):
-            names.append(str(f))
-    return names
-
-
-def load_predictions(run_dir: str | Path, split: str = "test",
-                     require_columns: Sequence[str] = ()) -> RunPredictions:
-    """Read and check ``RUN/predictions.csv`` (+ ``RUN/run.json``) and keep the rows of ``split``.
-
-    Every problem (missing folder/file/column, bad cell, label outside the classes, probabilities that do not sum to
-    1, duplicate test images, a single class) raises :class:`D2maeError` naming the file, line or column.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise D2maeError(f"run folder {run} does not exist; pass the --out folder of `d2mae finetune`")
-    pred_file = run / PREDICTIONS_FILE
-    if not pred_file.is_file():
-        raise D2maeError(f"{pred_file} not found; a run folder needs the predictions.csv written by `d2mae finetune`")
-    notes: list[str] = []
-    info: dict[str, Any] = {}
-    run_file = run / RUN_FILE
-    if run_file.is_file():
-        try:
-            info = json.loads(run_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise D2maeError(f"{run_file} is not valid JSON: {exc}") from None
-        if not isinstance(info, dict):
-            raise D2maeError(f"{run_file} must hold a JSON object with 'classes', 'protocol', 'folds', ...")
-    with pred_file.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        rows = list(reader)
-    if not header:
-        raise D2maeError(f"{pred_file} is empty; expected a header row path,fold,split,label,pred,prob_<class>,...")
-    prob_cols = [h for h in header if h.startswith("prob_")]
-    if "classes" in info:
-        classes = info["classes"]
-        if not isinstance(classes, list) or not all(isinstance(c, (str, int)) for c in classes):
-            raise D2maeError(f"{run_file}: 'classes' must be a list of class names")
-        classes = [str(c) for c in classes]
-        expected = [f"prob_{c}" for c in classes]
-        missing_p = [c for c in expected if c not in header]
-        if missing_p:
-            raise D2maeError(f"{pred_file} is missing column(s) {missing_p} for the classes {classes} of {run_file}")
-        extra_p = [c for c in prob_cols if c not in expected]
-        if extra_p:
-            raise D2maeError(f"{pred_file} has probability column(s) {extra_p} that are not classes of {run_file} "
-                             f"({classes})")
-    else:
-        classes = [c[len("prob_"):] for c in prob_cols]
-        notes.append(f"{run_file.name} not found or without 'classes': classes taken from the prob_ columns "
-                     f"({classes})")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing or not prob_cols:
-        need = list(missing) + ([] if prob_cols else ["prob_<class> (one per class)"])
-        raise D2maeError(f"{pred_file} is missing column(s) {need}; expected path,fold,split,label,label_name,pred,"
-                         "prob_<class>...,t_star,sigma_star")
-    for col in require_columns:
-        if col not in header:
-            raise D2maeError(f"{pred_file} has no column '{col}' (asked for by --group-by); its columns are "
-                             f"{header}")
-    if len(classes) < 2:
-        raise D2maeError(f"{run_file if 'classes' in info else pred_file}: only one class {classes}; "
-                         "classification metrics need at least 2 classes")
-    selected = [(i, r) for i, r in enumerate(rows, start=2) if (r.get("split") or "").strip() == split]
-    if not selected:
-        found = sorted({(r.get("split") or "").strip() for r in rows})
-        raise D2maeError(f"{pred_file} has no rows with split == '{split}' (splits found: {found}); "
-                         "choose one with --split")
-    k = len(classes)
-    prob_names = [f"prob_{c}" for c in classes]
-    n = len(selected)
-    labels = np.empty(n, dtype=np.int64)
-    preds = np.empty(n, dtype=np.int64)
-    probs = np.empty((n, k), dtype=np.float64)
-    has_t, has_s = "t_star" in header, "sigma_star" in header
-    t_star = np.full(n, np.nan) if has_t else None
-    sigma_star = np.full(n, np.nan) if has_s else None
-    known = set(REQUIRED_COLUMNS) | set(prob_cols) | {"label_name", "t_star", "sigma_star"}
-    extra_cols = [h for h in header if h not in known]
-    extra: dict[str, list[str]] = {c: [] for c in extra_cols}
-    paths, folds = [], []
-    seen: dict[tuple[str, str], int] = {}
-    for j, (line, r) in enumerate(selected):
-        path, fold = (r.get("path") or "").strip(), (r.get("fold") or "").strip()
-        if not path:
-            raise D2maeError(f"{pred_file}, line {line}: empty 'path'")
-        if (fold, path) in seen:
-            raise D2maeError(f"{pred_file}, line {line}: image {path} appears twice in fold '{fold}' of split "
-                             f"'{split}' (first on line {seen[(fold, path)]})")
-        seen[(fold, path)] = line
-        paths.append(path)
-        folds.append(fold)
-        labels[j] = _class_index(r.get("label") or "", classes, pred_file, line, "label")
-        preds[j] = _class_index(r.get("pred") or "", classes, pred_file, line, "pred")
-        name = (r.get("label_name") or "").strip()
-        if name and name != classes[labels[j]]:
-            raise D2maeError(f"{pred_file}, line {line}: label {labels[j]} is class '{classes[labels[j]]}' but "
-                             f"label_name says '{name}'")
-        for c, col in enumerate(prob_names):
-            probs[j, c] = _float_cell(r.get(col) or "", pred_file, line, col, allow_empty=False)
-        if probs[j].min() < -1e-6 or probs[j].max() > 1 + 1e-6 or abs(probs[j].sum() - 1.0) > _PROB_SUM_TOL:
-            raise D2maeError(f"{pred_file}, line {line}: the prob_ columns must be probabilities in [0, 1] that sum "
-                             f"to 1, got {probs[j].round(4).tolist()} (logits instead of softmax?)")
-        if t_star is not None:
-            t_star[j] = _float_cell(r.get("t_star") or "", pred_file, line, "t_star", allow_empty=True)
-        if sigma_star is not None:
-            sigma_star[j] = _float_cell(r.get("sigma_star") or "", pred_file, line, "sigma_star", allow_empty=True)
-        for c in extra_cols:
-            extra[c].append((r.get(c) or "").strip())
-    if np.unique(labels).size < 2:
-        raise D2maeError(f"{pred_file}: every '{split}' image has the label '{classes[labels[0]]}'; metrics such "
-                         "as AUROC and balanced accuracy need at least two classes in the evaluated split")
-    differ = int((np.argmax(probs, axis=1) != preds).sum())
-    if differ:
-        notes.append(f"'pred' differs from the argmax of the prob_ columns on {differ} row(s); ACC/F1 use 'pred', "
-                     "AUROC uses the probabilities")
-    order = [f for f in _fold_names(info) if f in set(folds)]
-    order += [f for f in dict.fromkeys(folds) if f not in order]
-    return RunPredictions(run, classes, info, split, paths, folds, order, labels, preds, probs, t_star,
-                          sigma_star, extra, notes)
 
 
 # -------------------------------------------------------------------------------------------- evaluation

@@ -12,13 +12,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import auc, roc_curve
 
-from d2mae.eval.metrics import MeanCI, mean_ci
+from d2mae.eval.metrics import as_arrays
+from d2mae.eval.statistics import MeanCI, mean_ci
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, read_csv_rows
 from d2mae.runtime.logs import read_jsonl
@@ -33,7 +35,7 @@ from d2mae.runtime.logs import read_jsonl
 
 
 # --------------------------------------------------------------------------------------------- figures
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -48,7 +50,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _display(img: Any) -> np.ndarray:
+def display_image(img: Any) -> np.ndarray:
     """An image for ``imshow``: ``[H, W]`` gray or ``[H, W, 3]`` RGB; accepts ``[C, H, W]`` (C = 1 or 3) and
     torch tensors. Values in [0, 1] are shown as is; other ranges are min-max scaled per image."""
     if hasattr(img, "detach"):
@@ -67,8 +69,7 @@ def _display(img: Any) -> np.ndarray:
     return a
 
 
-def _imshow(ax: Any, img: np.ndarray, cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0) -> None:
-    import matplotlib
+def imshow(ax: Any, img: np.ndarray, cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0) -> None:
 
     cm = matplotlib.colormaps[cmap].with_extremes(bad="#7f7f7f")  # NaN (e.g. masked patches) shows mid-gray
     if img.ndim == 3:
@@ -90,9 +91,7 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path, classes:
     ±1 s.d. band; the legend gives each AUROC. Multi-class: each class vs. rest on the pooled predictions plus the
     macro-average curve. Folds or classes on which AUROC is undefined are named in the legend, not drawn.
     """
-    from sklearn.metrics import auc, roc_curve
 
-    from d2mae.eval.metrics import as_arrays
 
     if not curves:
         raise D2maeError("roc_figure: no predictions given")
@@ -100,7 +99,7 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path, classes:
     k = next(iter(data.values()))[1].shape[1]
     names = list(classes) if classes is not None else [str(i) for i in range(k)]
     grid = np.linspace(0.0, 1.0, 201)
-    fig = _new_figure(5.6, 5.0)
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label="chance")
     if k == 2:
@@ -160,7 +159,7 @@ def confusion_figure(cm: Any, classes: Sequence[str], path: str | Path, title: s
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(m.sum(axis=1, keepdims=True) > 0, m / m.sum(axis=1, keepdims=True), 0.0)
     size = 2.2 + 0.75 * k
-    fig = _new_figure(size + 1.0, size)
+    fig = new_figure(size + 1.0, size)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
@@ -198,10 +197,9 @@ def metric_bars(data: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str |
 
     Args:
         data: ``{panel (e.g. "ACC"): {group (dataset): {method: value}}}`` where a value is a
-            :class:`~d2mae.eval.metrics.MeanCI`, a mapping with ``mean``/``low``/``high`` (as in metrics.json), a list
+            :class:`~d2mae.eval.statistics.MeanCI`, a mapping with ``mean``/``low``/``high`` (as in metrics.json), a list
             of per-fold values (mean ± t-interval) or one number (no error bar).
     """
-    import matplotlib
 
     if not data:
         raise D2maeError("metric_bars: no data given")
@@ -212,7 +210,7 @@ def metric_bars(data: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str |
             methods += [m for m in grp if m not in methods]
     colors = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     n_groups = max(len(data[p]) for p in panels)
-    fig = _new_figure(max(4.5, 1.0 + n_groups * (0.35 * len(methods) + 0.6)) * len(panels) ** 0.5 + 1.5, 4.2)
+    fig = new_figure(max(4.5, 1.0 + n_groups * (0.35 * len(methods) + 0.6)) * len(panels) ** 0.5 + 1.5, 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     width = 0.8 / max(1, len(methods))
     lows_all = []
@@ -274,7 +272,7 @@ def sigma_histogram(values: Any, path: str | Path, groups: Sequence[Any] | None 
         shown = sorted(shown, key=lambda n: (rank.get(str(n), len(rank)), str(n)))
     ncols = min(4, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig = _new_figure(3.2 * ncols + 0.5, 2.6 * nrows + 0.6)
+    fig = new_figure(3.2 * ncols + 0.5, 2.6 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
     step = float(np.min(np.diff(levels))) if levels.size > 1 else 0.1
     for ax, name in zip(axes.ravel(), shown):
@@ -299,75 +297,6 @@ def sigma_histogram(values: Any, path: str | Path, groups: Sequence[Any] | None 
         extra.append(f"{n_missing} image(s) without a value left out")
     full = title or "Distribution of the optimal blurriness"
     fig.suptitle(full + (f" ({'; '.join(extra)})" if extra else ""), fontsize=10)
-    return save_figure(fig, path)
-
-
-def obs_strip(original: Any, blurred: Sequence[Any], deblurred: Sequence[Any], sigmas: Sequence[float],
-              losses: Sequence[float], path: str | Path, chosen: int | None = None,
-              title: str = "Optimal blurriness search") -> Path:
-    """Figure 3a of the paper: the OBS procedure on one image (Eq. 4-5).
-
-    Columns are the searched levels; rows show the blurred input G_σt(x), the deblurred output x̂^(t), and the
-    absolute difference |x̂^(t) - x| (one colour scale for all levels); the original sits at the left, and the
-    bottom panel plots L_deblur^(t) against σ_t. The chosen level (default: argmin of ``losses``) is framed in red.
-
-    Args:
-        original: ``[H, W]`` (or ``[H, W, C]`` / ``[C, H, W]``) image in [0, 1].
-        blurred, deblurred: ``L`` images of the same shape (or arrays ``[L, ...]``).
-        sigmas, losses: ``[L]`` σ of each searched level and its deblurring loss.
-    """
-    n = len(sigmas)
-    if not (len(blurred) == len(deblurred) == len(losses) == n) or n == 0:
-        raise D2maeError(f"obs_strip: need the same number (>0) of blurred ({len(blurred)}), deblurred "
-                         f"({len(deblurred)}), sigmas ({n}) and losses ({len(losses)})")
-    loss = np.asarray(losses, dtype=np.float64)
-    best = int(np.nanargmin(loss)) if chosen is None else int(chosen)
-    if not 0 <= best < n:
-        raise D2maeError(f"obs_strip: chosen level {chosen} is outside 0..{n - 1}")
-    orig = _display(original)
-    blur = [_display(b) for b in blurred]
-    deb = [_display(d) for d in deblurred]
-    for name, arr in (("blurred", blur), ("deblurred", deb)):
-        if any(a.shape != orig.shape for a in arr):
-            raise D2maeError(f"obs_strip: every {name} image must have the original's shape {orig.shape}")
-    diff = [np.abs(d - orig) if d.ndim == 2 else np.abs(d - orig).mean(axis=-1) for d in deb]
-    dmax = max(float(np.nanmax(d)) for d in diff) or 1.0
-    fig = _new_figure(1.55 * (n + 1) + 0.8, 1.6 * 3 + 2.2)
-    gs = fig.add_gridspec(4, n + 1, height_ratios=[1, 1, 1, 1.15])
-    ax = fig.add_subplot(gs[0, 0])
-    _imshow(ax, orig)
-    ax.set_title("original", fontsize=9)
-    for r, label in enumerate(("blurred\nG_σ(x)", "deblurred\nx̂(t)", "difference\n|x̂(t) − x|")):
-        if r > 0:
-            ax = fig.add_subplot(gs[r, 0])
-            ax.axis("off")
-            ax.text(0.5, 0.5, label, ha="center", va="center", fontsize=9, transform=ax.transAxes)
-        else:
-            ax.set_ylabel(label, fontsize=8)
-    for c in range(n):
-        for r, img in enumerate((blur[c], deb[c], diff[c])):
-            ax = fig.add_subplot(gs[r, c + 1])
-            if r == 2:
-                _imshow(ax, img, cmap="magma", vmin=0.0, vmax=dmax)
-            else:
-                _imshow(ax, img)
-            if r == 0:
-                ax.set_title(f"σ = {float(sigmas[c]):.2f}" + (" (σ*)" if c == best else ""), fontsize=9,
-                             color="#d62728" if c == best else "black", fontweight="bold" if c == best else None)
-            if c == best:
-                ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False, ec="#d62728", lw=3,
-                                       clip_on=False))
-    ax = fig.add_subplot(gs[3, :])
-    s = np.asarray(sigmas, dtype=np.float64)
-    ax.plot(s, loss, marker="o", color="#4c72b0")
-    ax.plot([s[best]], [loss[best]], marker="o", ms=11, mfc="none", mec="#d62728", mew=2,
-            label=f"σ* = {s[best]:.2f} (min loss {loss[best]:.4g})")
-    ax.set_xlabel("σ_t")
-    ax.set_ylabel("L_deblur(t)")
-    ax.set_xticks(s)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
 
 
@@ -433,7 +362,7 @@ def training_curves(source: str | Path | Sequence[Mapping[str, Any]], path: str 
         if not panels:
             raise D2maeError(f"metrics file {src_name}: no column with 'loss', 'val' or 'lr' in its name "
                              f"(columns: {all_keys}); pass keys=[...]")
-    fig = _new_figure(4.6 * len(panels) + 0.4, 3.6)
+    fig = new_figure(4.6 * len(panels) + 0.4, 3.6)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, ks, prefer) in zip(axes, panels):
         xlabels = set()
@@ -454,55 +383,12 @@ def training_curves(source: str | Path | Sequence[Mapping[str, Any]], path: str 
     return save_figure(fig, path)
 
 
-def image_grid(columns: Mapping[str, Any], path: str | Path, row_labels: Sequence[str] | None = None,
-               max_rows: int = 8, title: str = "") -> Path:
-    """A grid of images: one column per entry of ``columns`` (each ``[B, H, W]``, ``[B, H, W, C]`` or
-    ``[B, C, H, W]``, values in [0, 1]; NaN pixels show gray), one row per image (at most ``max_rows``)."""
-    if not columns:
-        raise D2maeError("image_grid: no columns given")
-    arrays = {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
-              for k, v in columns.items()}
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1:
-        raise D2maeError(f"image_grid: columns hold different numbers of images: {sizes}")
-    b = min(next(iter(sizes.values())), max_rows)
-    if b == 0:
-        raise D2maeError("image_grid: no images given")
-    fig = _new_figure(1.9 * len(arrays) + (0.8 if row_labels else 0.2), 1.9 * b + 0.5)
-    axes = fig.subplots(b, len(arrays), squeeze=False)
-    for j, (name, arr) in enumerate(arrays.items()):
-        for i in range(b):
-            _imshow(axes[i, j], _display(arr[i]))
-            if i == 0:
-                axes[i, j].set_title(name, fontsize=9)
-            if j == 0 and row_labels is not None and i < len(row_labels):
-                axes[i, j].set_ylabel(str(row_labels[i]), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return save_figure(fig, path)
-
-
-def reconstruction_figure(original: Any, masked: Any, reconstruction: Any, path: str | Path,
-                          blurred: Any | None = None, row_labels: Sequence[str] | None = None,
-                          max_rows: int = 8, title: str = "Masked reconstruction") -> Path:
-    """Pre-training reconstructions (Eq. 1-3): original x, optionally the blurred x_b, the masked input x_b^m
-    (masked patches as NaN or any fill value), and the reconstruction x̂, one row per image."""
-    cols: dict[str, Any] = {"original x": original}
-    if blurred is not None:
-        cols["blurred x_b"] = blurred
-    cols["masked input"] = masked
-    cols["reconstruction x̂"] = reconstruction
-    return image_grid(cols, path, row_labels=row_labels, max_rows=max_rows, title=title)
-
-
 def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """ROC curves of several methods on one dataset (test predictions pooled over folds): binary, or the
     macro-average of one-vs-rest curves for more classes; the legend gives each pooled AUROC."""
-    from sklearn.metrics import auc, roc_curve
 
-    from d2mae.eval.figures import save_figure
 
-    fig = _new_figure(5.6, 5.0)
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label="chance")
     grid = np.linspace(0, 1, 201)
@@ -538,9 +424,8 @@ def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path
 def curves_figure(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: Path,
                   xlabel: str, title: str) -> Path:
     """Line plots, one panel per entry of ``panels`` (``{panel: {series: (x, y)}}``), one colour per series."""
-    from d2mae.eval.figures import save_figure
 
-    fig = _new_figure(4.8 * len(panels) + 0.4, 3.7)
+    fig = new_figure(4.8 * len(panels) + 0.4, 3.7)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, series) in zip(axes, panels.items()):
         for label, (xs, ys) in series.items():

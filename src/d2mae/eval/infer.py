@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from d2mae.data.dataset import ImageDataset
 from d2mae.runtime.device import amp_dtype, autocast, eval_mode
@@ -59,7 +60,6 @@ def infer(model: torch.nn.Module, step: Step, refs: Sequence[str], t: np.ndarray
     local = torch.zeros(len(mine), *out_shape, device=device)  # [n_mine, ...], row k = image mine[k]
     bar = None
     if progress and ctx.is_main and len(mine) > 4 * batch_size:
-        from tqdm import tqdm
         bar = tqdm(total=len(mine), desc=desc, unit="img")
     with eval_mode(model), torch.inference_mode(), autocast(device, amp_dtype(device, precision)):
         for x, _, k in loader:  # k: positions in this rank's block

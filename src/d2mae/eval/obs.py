@@ -24,7 +24,8 @@ from d2mae.data.dataset import ImageDataset
 from d2mae.data.decode import check_images, content_hashes
 from d2mae.data.labels import load_labeled
 from d2mae.data.sources import find_images
-from d2mae.eval.figures import obs_strip, sigma_histogram
+from d2mae.eval.figures import sigma_histogram
+from d2mae.eval.image_figures import obs_strip
 from d2mae.eval.infer import infer
 from d2mae.io.artifacts import load_pretrained, model_sha256
 from d2mae.io.obs_table import TABLE_NAME, ObsTable, sigmas_of
@@ -33,7 +34,12 @@ from d2mae.method.models import DeblurMAE
 from d2mae.method.obs import DEFAULT_SEARCH_STEP, ObsSpec, search_losses, select_level
 from d2mae.runtime.device import eval_mode
 from d2mae.runtime.distributed import (
-    DistContext, barrier, distributed_run, eval_indices, gather_ordered_objects, on_main
+    DistContext,
+    barrier,
+    distributed_run,
+    eval_indices,
+    gather_ordered_objects,
+    on_main,
 )
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
@@ -161,7 +167,7 @@ def obs_strips(model: DeblurMAE, refs: Sequence[str], spec: ObsSpec | None = Non
 
 
 def plot_strips(strips: Sequence[ObsStrip], out_dir: str | Path, stem: str = "obs_strip") -> list[Path]:
-    """Fig. 3a for each strip (:func:`d2mae.eval.figures.obs_strip`): ``<stem>_<k>.png`` in ``out_dir``."""
+    """Fig. 3a for each strip (:func:`d2mae.eval.image_figures.obs_strip`): ``<stem>_<k>.png`` in ``out_dir``."""
     paths = []
     for k, s in enumerate(strips, start=1):
         best = s.levels.index(s.t_star) if s.t_star in s.levels else None

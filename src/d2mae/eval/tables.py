@@ -2,7 +2,7 @@
 
 * :func:`comparison_table` -- Table 2: rows = methods, columns = datasets (or metrics), cells "mean ± CI" in %,
   best in **bold**, second <u>underlined</u>, and a P-value row (best vs. runner-up, two-sided paired t-test over
-  folds/seeds, :func:`d2mae.eval.metrics.paired_ttest`).
+  folds/seeds, :func:`d2mae.eval.statistics.paired_ttest`).
 * :func:`ablation_table` -- Table 3: groups of variants (blur range, embedding, OBS setting, search step), one metric.
 * :func:`format_value`, :func:`format_ci`, :func:`format_mean_ci`, :func:`format_pvalue`: the numbers as text.
 """
@@ -15,11 +15,11 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from d2mae.eval.metrics import MeanCI, TTestResult, mean_ci, paired_ttest
+from d2mae.eval.statistics import MeanCI, TTestResult, mean_ci, paired_ttest
 from d2mae.runtime.errors import D2maeError
 
 #: Per-fold/seed results of one method on one dataset: one value, a list (paired by position), or
-#: ``{fold_name: value}`` (paired by name), or an already computed :class:`~d2mae.eval.metrics.MeanCI` (no t-test).
+#: ``{fold_name: value}`` (paired by name), or an already computed :class:`~d2mae.eval.statistics.MeanCI` (no t-test).
 Values = Union[float, Sequence[float], Mapping[str, float], MeanCI]
 
 

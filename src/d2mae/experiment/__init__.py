@@ -79,18 +79,45 @@ The package's parts: :mod:`d2mae.experiment.config` (methods, ablation groups, t
 from __future__ import annotations
 
 from d2mae.experiment.config import (
-    ABLATIONS, METHODS, PRESET_FIELDS, TABLE2_METHODS, TABLE2_TIMM, AblationGroup, BudgetSpec, DatasetSpec,
-    ExperimentConfig, Method, ReportSpec, apply_overrides, expand_env, load_experiment, method_for, parse_experiment
+    PRESET_FIELDS,
+    BudgetSpec,
+    DatasetSpec,
+    ExperimentConfig,
+    ReportSpec,
+    apply_overrides,
+    expand_env,
+    load_experiment,
+    parse_experiment,
 )
+from d2mae.experiment.estimate import estimate_plan, measure_speed
+from d2mae.experiment.methods import ABLATIONS, METHODS, TABLE2_METHODS, TABLE2_TIMM, AblationGroup, Method, method_for
 from d2mae.experiment.plan import (
-    DONE, EXPERIMENT_CONFIG, PLAN_FILE, DatasetPlan, Plan, Stage, check_equal_budget, config_hash, estimate_plan,
-    format_plan, machine_info, make_plan, measure_speed, pretrain_budget
+    DONE,
+    EXPERIMENT_CONFIG,
+    PLAN_FILE,
+    DatasetPlan,
+    Plan,
+    Stage,
+    check_equal_budget,
+    config_hash,
+    format_plan,
+    make_plan,
+    pretrain_budget,
 )
-from d2mae.experiment.report import (
-    METRIC_COLUMNS, SIGNIFICANCE, RunResult, ablation_tables, check_same_folds, collect_results, comparison_tables,
-    make_figures, reconstruction_arrays, significance_statements, write_report
+from d2mae.experiment.report import write_report
+from d2mae.experiment.report_figures import make_figures, reconstruction_arrays
+from d2mae.experiment.results import (
+    METRIC_COLUMNS,
+    SIGNIFICANCE,
+    RunResult,
+    ablation_tables,
+    check_same_folds,
+    collect_results,
+    comparison_tables,
+    significance_statements,
 )
 from d2mae.experiment.runner import prepare_out, run_experiment, run_stage
+from d2mae.runtime.machine import machine_info
 
 __all__ = [
     # config

@@ -1,4 +1,4 @@
-"""The experiment config: methods and ablation groups (Tables 2 and 3), the schema of an experiment file, and its
+"""The experiment config: the schema of an experiment file (its methods come from :mod:`d2mae.experiment.methods`) and its
 loading (``${VAR}`` expansion, ``--set`` overrides). Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
@@ -13,142 +13,15 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from d2mae.method.models import ModelConfig
-from d2mae.method.obs import DEFAULT_SEARCH_STEP
+from d2mae.data.folds import parse_protocol
+from d2mae.data.phantom import PhantomConfig
+from d2mae.experiment.methods import ABLATIONS, TABLE2_METHODS, Method, method_for
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError, shown
 from d2mae.runtime.options import build_config, check_fields, coerce, field_types, load_yaml, to_dict
-from d2mae.train.pretrain import DEBLURRMAE_SIGMA
-
-# --------------------------------------------------------------------------------------------------------------------
-# methods and ablation groups
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of a results table: what its encoder starts from and how it is fine-tuned.
-
-    Attributes:
-        name: the config name (``methods:`` list).
-        label: the name shown in tables and figures.
-        preset: :data:`d2mae.train.pretrain.PRESETS` key: the experiment pre-trains it. ``None``: no pre-training.
-        obs: fine-tuning blur: ``none``, ``fixed:SIGMA`` or ``search`` (:meth:`d2mae.method.obs.ObsSpec.parse`).
-        search_step: OBS step s (Table 3d).
-        source: where a row without pre-training starts: ``scratch`` (the ViT of the supervised floor),
-            ``checkpoint`` (a released ViT checkpoint, imported: ``weights:`` must name the file), ``backbone`` (a timm
-            classifier ``backbone``, from ``weights:`` when given, else from scratch).
-        backbone: ``timm:NAME`` for ``source = backbone``.
-        needs_weights: ``weights:`` must name a local file for this method.
-        table2: Table 2's row it reproduces (for the report and the docs).
-    """
-
-    name: str
-    label: str
-    preset: str | None
-    obs: str = "none"
-    search_step: int = DEFAULT_SEARCH_STEP
-    source: str = "scratch"
-    backbone: str | None = None
-    needs_weights: bool = False
-    table2: str = ""
-
-    @property
-    def mode(self) -> str:
-        return "full" if self.preset is not None or self.source == "checkpoint" else "scratch"
-
-    def describe(self) -> str:
-        if self.preset is not None:
-            pre = f"pre-training preset {self.preset}"
-        elif self.source == "checkpoint":
-            pre = "a released checkpoint (weights:), imported"
-        elif self.source == "backbone":
-            pre = f"timm {self.backbone}, from weights: when given, else from scratch"
-        else:
-            pre = "no pre-training (ViT from scratch)"
-        if self.preset is None and self.source == "scratch":
-            ft = "fine-tuning --mode scratch, no blur"
-        elif self.obs == "search":
-            ft = f"fine-tuning with OBS (s = {self.search_step})"
-        elif self.obs == "none":
-            ft = "fine-tuning without blur"
-        else:
-            ft = f"fine-tuning at fixed σ = {self.obs.split(':', 1)[1]}"
-        return f"{pre}; {ft}"
-
-
-USFM_BACKBONE = "timm:beit_base_patch16_224"  # USFM's ViT-B: BEiT layout (relative position bias, layer scale)
-
-METHODS: dict[str, Method] = {m.name: m for m in (
-    # Table 2
-    Method("supervised", "ViT (no pre-training)", None, "none", table2="(floor: no pre-training)"),
-    Method("mae-imagenet", "MAE (ImageNet)", None, "none", source="checkpoint", needs_weights=True,
-           table2="MAE, ViT-B, ImageNet"),
-    Method("moco-v3-imagenet", "MoCo v3 (ImageNet)", None, "none", source="checkpoint", needs_weights=True,
-           table2="MoCo v3, ViT-B, ImageNet"),
-    Method("usfm", "USFM (US3M)", None, "none", source="backbone", backbone=USFM_BACKBONE, needs_weights=True,
-           table2="USFM, ViT-B, US3M"),
-    Method("moco-v3", "MoCo v3 (US)", "moco-v3", "none", table2="MoCo v3, ViT-B, US"),
-    Method("diffmae", "DiffMAE (US)", "diffmae", "none", table2="DiffMAE, ViT-B, US"),
-    Method("mae", "MAE", "mae", "none", table2="MAE, ViT-B, US"),
-    Method("deblurrmae", "DeblurrMAE", "deblurrmae", f"fixed:{DEBLURRMAE_SIGMA}", table2="DeblurrMAE, ViT-B, US"),
-    Method("d2mae", "D²MAE", "d2mae", "search", table2="D²MAE (ours)"),
-    # Table 3a: blur range
-    Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search"),
-    Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search"),
-    # Table 3b: blur embedding
-    Method("d2mae-embed-none", "D²MAE w/o blur embedding", "embed-none", "search"),
-    Method("d2mae-embed-add", "D²MAE blur embedding added", "embed-add", "search"),
-    # Table 3c: OBS setting (the d2mae pre-trained model). "No blur" is t = 0 (σ 0 and a token pre-training never
-    # saw); σ_1 = 0.1 has a one-tap kernel, so fixed:0.1 is the same pixels with the in-distribution token t = 1.
-    Method("d2mae-obs-none", "D²MAE, no blur in fine-tuning", "d2mae", "none"),
-    Method("d2mae-obs-none-t1", "D²MAE, no blur, token t = 1", "d2mae", "fixed:0.1"),
-    Method("d2mae-obs-fixed-0.5", "D²MAE, fixed σ = 0.5", "d2mae", "fixed:0.5"),
-    # Table 3d: search step (the d2mae pre-trained model)
-    Method("d2mae-s1", "D²MAE, OBS s = 1", "d2mae", "search", 1),
-    Method("d2mae-s3", "D²MAE, OBS s = 3", "d2mae", "search", 3),
-)}
-TABLE2_METHODS: tuple[str, ...] = ("supervised", "mae", "deblurrmae", "d2mae")
-#: Table 2's supervised rows as timm models (ImageNet weights given under weights:, else trained from scratch).
-TABLE2_TIMM = ("timm:vit_base_patch16_224", "timm:swin_large_patch4_window7_224", "timm:convnext_large")
-
-
-def method_for(name: str) -> Method:
-    """The method of a ``methods:`` name: one of :data:`METHODS`, or ``timm:NAME`` (any timm classifier)."""
-    if name in METHODS:
-        return METHODS[name]
-    if name.startswith("timm:") and len(name) > len("timm:"):
-        return Method(name, f"{name[len('timm:'):]} (timm)", None, "none", source="backbone", backbone=name,
-                      table2="supervised (SP) rows")
-    raise D2maeError(f"unknown method '{name}'; choose from {', '.join(METHODS)} or timm:NAME (any timm model)")
-
-
-def table2_order(names: Sequence[str]) -> list[str]:
-    """``names`` in Table 2's order: supervised rows, ImageNet-pretrained, ultrasound-pretrained, D²MAE; others after."""
-    paper = ["supervised", *[n for n in names if n.startswith("timm:")], "mae-imagenet", "moco-v3-imagenet", "usfm",
-             "moco-v3", "diffmae", "mae", "deblurrmae", "d2mae"]
-    return [n for n in paper if n in names] + [n for n in names if n not in paper]
-
-
-@dataclass(frozen=True)
-class AblationGroup:
-    """A Table 3 panel: its title and (method, row label) pairs, in the paper's order."""
-
-    name: str
-    title: str
-    variants: tuple[tuple[str, str], ...]
-
-
-ABLATIONS: dict[str, AblationGroup] = {g.name: g for g in (
-    AblationGroup("blur_range", "(a) Blurriness range", (
-        ("d2mae-range-0.6", "0.1 → 0.6"), ("d2mae", "0.1 → 1.1"), ("d2mae-range-1.6", "0.1 → 1.6"))),
-    AblationGroup("embedding", "(b) Blurriness embedding", (
-        ("d2mae-embed-none", "w/o embedding"), ("d2mae-embed-add", "Addition"), ("d2mae", "Extra token"))),
-    AblationGroup("obs_setting", "(c) OBS settings", (
-        ("d2mae-obs-none", "No blur"), ("d2mae-obs-none-t1", "No blur (token t = 1)"),
-        ("d2mae-obs-fixed-0.5", "Fixed (σ = 0.5)"), ("d2mae", "With OBS"))),
-    AblationGroup("search_step", "(d) Search step", (
-        ("d2mae-s1", "s = 1"), ("d2mae", "s = 2"), ("d2mae-s3", "s = 3"))),
-)}
+from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 
 # --------------------------------------------------------------------------------------------------------------------
 # config schema
@@ -156,7 +29,7 @@ ABLATIONS: dict[str, AblationGroup] = {g.name: g for g in (
 
 #: ModelConfig fields each method's pre-training preset decides (they may not be set in ``model:``).
 PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on", "objective")
-_LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
+LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
                   "image_ext", "folds_csv", "classes")
 _PATH_OPTIONS = ("labels", "image_root", "folds_csv")
 
@@ -330,7 +203,7 @@ _FINETUNE_FORBIDDEN = {
     "arch": "set model.model",
     "img_size": "set model.img_size",
     "in_chans": "set model.in_chans",
-    **{k: f"set datasets.<name>.{k}" for k in _LABEL_OPTIONS},
+    **{k: f"set datasets.<name>.{k}" for k in LABEL_OPTIONS},
 }
 
 
@@ -373,12 +246,8 @@ def _build(cls: type, where: str, source: str, *layers: tuple[Mapping[str, Any] 
         raise D2maeError(f"{source}, section {where}: {exc}") from None
 
 
-def parse_experiment(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
-    """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
-    from d2mae.data.labels import parse_protocol
-    from d2mae.train.pretrain import MODEL_FIELDS, PRESETS, PretrainConfig
-
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+def _parse_top(data: Mapping[str, Any], source: str) -> "_TopLevel":
+    """The top-level options: name, seeds, methods (with their weights files) and ablation groups."""
     top = {k: v for k, v in data.items() if k not in _TOP_SECTIONS}
     unknown = [k for k in top if k not in field_types(_TopLevel)]
     if unknown:
@@ -412,6 +281,53 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     if not flat.methods and not flat.ablations:
         raise D2maeError(f"{source}: no methods and no ablations to run; list some under methods:")
 
+    return flat
+
+
+def _parse_dataset(ds_name: str, ds_data: Any, source: str) -> DatasetSpec:
+    """One ``datasets:`` entry: real images (labels:) or phantoms, its protocol checked, its paths resolved."""
+    ds_name = str(ds_name)
+    where = f"datasets.{ds_name}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", ds_name):
+        raise D2maeError(f"dataset name '{ds_name}' in {source} must be letters, digits, '-', '_' or '.'")
+    if not isinstance(ds_data, Mapping):
+        raise D2maeError(f"'{where}' in {source} must be a mapping (labels:, protocol:, …)")
+    ds_data = {str(k).replace("-", "_"): v for k, v in ds_data.items()}
+    if "name" in ds_data:
+        raise D2maeError(f"option '{where}.name' in {source} is not allowed: the key is the dataset's name")
+    phantoms = {}
+    for key in ("phantoms", "pretrain_phantoms"):
+        value = ds_data.pop(key, None)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise D2maeError(f"option '{where}.{key}' in {source} must be a mapping (n:, size:, seed:, …)")
+        phantoms[key] = _check_phantoms(dict(value), f"{where}.{key}", source)
+    _check_section_types(DatasetSpec, ds_data, where, source)
+    spec = _build(DatasetSpec, where, source, (ds_data, f"{source}, section {where}"))
+    spec.name = ds_name
+    spec.phantoms = phantoms.get("phantoms")
+    spec.pretrain_phantoms = phantoms.get("pretrain_phantoms")
+    if (spec.labels is None) == (spec.phantoms is None):
+        raise D2maeError(f"'{where}' in {source} needs exactly one of labels: (real images) or phantoms: "
+                         "(synthetic images generated into the output folder)")
+    if spec.pretrain_phantoms is not None and spec.pretrain_data is not None:
+        raise D2maeError(f"'{where}' in {source}: give pretrain_data or pretrain_phantoms, not both")
+    if spec.phantoms is not None:
+        spec.scanner_column = spec.scanner_column or "scanner"
+    try:
+        kind, params = parse_protocol(spec.protocol)
+    except D2maeError as exc:
+        raise D2maeError(f"option '{where}.protocol' in {source}: {exc}") from None
+    _check_protocol(kind, params, f"option '{where}.protocol' in {source}")
+    _resolve_paths(spec, where, source)
+    return spec
+
+
+def parse_experiment(data: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+    """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    flat = _parse_top(data, source)
     model = _section(data, "model", source)
     for key in model:
         if key in PRESET_FIELDS:
@@ -433,8 +349,6 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
                              "model: (shared by pre-training and fine-tuning)")
     _check_section_types(PretrainConfig, pretrain, "pretrain", source)
 
-    from d2mae.train.finetune import FinetuneConfig
-
     finetune = _section(data, "finetune", source)
     _refuse(finetune, _FINETUNE_FORBIDDEN, "finetune", source)
     _check_section_types(FinetuneConfig, finetune, "finetune", source)
@@ -449,45 +363,11 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
                          "(labels: FILE or phantoms: {n: ...})")
     datasets: dict[str, DatasetSpec] = {}
     for ds_name, ds_data in raw_datasets.items():
-        ds_name = str(ds_name)
-        where = f"datasets.{ds_name}"
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", ds_name):
-            raise D2maeError(f"dataset name '{ds_name}' in {source} must be letters, digits, '-', '_' or '.'")
-        if not isinstance(ds_data, Mapping):
-            raise D2maeError(f"'{where}' in {source} must be a mapping (labels:, protocol:, …)")
-        ds_data = {str(k).replace("-", "_"): v for k, v in ds_data.items()}
-        if "name" in ds_data:
-            raise D2maeError(f"option '{where}.name' in {source} is not allowed: the key is the dataset's name")
-        phantoms = {}
-        for key in ("phantoms", "pretrain_phantoms"):
-            value = ds_data.pop(key, None)
-            if value is None:
-                continue
-            if not isinstance(value, Mapping):
-                raise D2maeError(f"option '{where}.{key}' in {source} must be a mapping (n:, size:, seed:, …)")
-            phantoms[key] = _check_phantoms(dict(value), f"{where}.{key}", source)
-        _check_section_types(DatasetSpec, ds_data, where, source)
-        spec = _build(DatasetSpec, where, source, (ds_data, f"{source}, section {where}"))
-        spec.name = ds_name
-        spec.phantoms = phantoms.get("phantoms")
-        spec.pretrain_phantoms = phantoms.get("pretrain_phantoms")
-        if (spec.labels is None) == (spec.phantoms is None):
-            raise D2maeError(f"'{where}' in {source} needs exactly one of labels: (real images) or phantoms: "
-                             "(synthetic images generated into the output folder)")
-        if spec.pretrain_phantoms is not None and spec.pretrain_data is not None:
-            raise D2maeError(f"'{where}' in {source}: give pretrain_data or pretrain_phantoms, not both")
-        if spec.phantoms is not None:
-            spec.scanner_column = spec.scanner_column or "scanner"
-        try:
-            kind, params = parse_protocol(spec.protocol)
-        except D2maeError as exc:
-            raise D2maeError(f"option '{where}.protocol' in {source}: {exc}") from None
-        _check_protocol(kind, params, f"option '{where}.protocol' in {source}")
-        _resolve_paths(spec, where, source)
-        datasets[ds_name] = spec
+        datasets[str(ds_name)] = _parse_dataset(str(ds_name), ds_data, source)
     return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
-                            dict(flat.weights), flat.device, flat.threads, _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget,
-                            pretrain, finetune, datasets, report, source)
+                            dict(flat.weights), flat.device, flat.threads,
+                            _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget, pretrain, finetune,
+                            datasets, report, source)
 
 
 def _check_protocol(kind: str, params: list[str], where: str) -> None:
@@ -507,7 +387,6 @@ def _check_protocol(kind: str, params: list[str], where: str) -> None:
 
 def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str, Any]:
     """Phantom options (:class:`d2mae.data.phantom.PhantomConfig` without ``out``), checked and with defaults filled."""
-    from d2mae.data.phantom import PhantomConfig
 
     value = {str(k).replace("-", "_"): v for k, v in value.items()}
     if "out" in value:

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from d2mae.experiment import load_experiment, run_experiment
+from d2mae.runtime.errors import D2maeError
 
 DEFAULT_OUT = "d2mae-demo"
 
@@ -41,7 +42,6 @@ def demo_config() -> Path:
     """The demo config shipped inside the package (``d2mae/configs/demo.yaml``)."""
     path = Path(str(resources.files("d2mae") / "configs" / "demo.yaml"))
     if not path.is_file():  # pragma: no cover - a broken installation
-        from d2mae.runtime.errors import D2maeError
 
         raise D2maeError(f"the packaged demo config {path} is missing; reinstall d2mae")
     return path

@@ -3,28 +3,26 @@ measured on this machine. Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import platform
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-from d2mae.experiment.config import (
-    _LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build, method_for
-)
-from d2mae.method.models import ModelConfig
+from d2mae.data.folds import make_folds
+from d2mae.data.labels import load_labeled
+from d2mae.data.sources import find_images
+from d2mae.experiment.config import LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.machine import machine_info
 from d2mae.runtime.options import build_config, result_fields, to_dict
+from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.pretrain_config import PretrainConfig
 
 DONE = "DONE.json"
 #: pre-training options that are the budget: every method's must agree, whatever its preset says
@@ -161,8 +159,6 @@ def _check_path(path: str, key: str, source: str, dataset: DatasetSpec, what: st
 
 def _dataset_plan(spec: DatasetSpec, out: Path, source: str, seed: int) -> DatasetPlan:
     """Sizes, folds and data identity of one dataset; real paths are checked here (clear errors)."""
-    from d2mae.data.labels import load_labeled, make_folds
-    from d2mae.data.sources import find_images
 
     data_dir = out / "data" / spec.name
     if spec.phantoms is not None:
@@ -193,7 +189,7 @@ def _dataset_plan(spec: DatasetSpec, out: Path, source: str, seed: int) -> Datas
         if getattr(spec, key):
             _check_path(getattr(spec, key), key, source, spec)
     try:
-        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in _LABEL_OPTIONS})
+        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
         fold_list = make_folds(labeled, spec.protocol, seed, spec.folds)
     except D2maeError as exc:
         raise D2maeError(f"dataset '{spec.name}' in {source}: {exc}") from None
@@ -256,15 +252,89 @@ def _start_options(method: Any, base: Stage | None, weights: str | None) -> dict
     return {"pretrained": str(base.folder), "mode": method.mode}
 
 
+def _data_stages(name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path) -> list[Stage]:
+    """A dataset's data stages: phantoms to generate, or the labeled images listed for pre-training."""
+    stages: list[Stage] = []
+    data_dir = out / "data" / name
+    if spec.phantoms is not None:
+        stages.append(Stage("data", name, f"generate {spec.phantoms['n']} labeled phantoms ({name})",
+                            data_dir / "labeled", config_hash(spec.phantoms), dict(spec.phantoms)))
+        if spec.pretrain_phantoms is not None:
+            stages.append(Stage("data", name, f"generate {spec.pretrain_phantoms['n']} pre-training phantoms "
+                                              f"({name})", data_dir / "pretrain",
+                                config_hash(spec.pretrain_phantoms), dict(spec.pretrain_phantoms)))
+    elif not spec.pretrain_data:
+        stages.append(Stage("data", name, f"list the {dp.n_labeled} labeled images for pre-training ({name})",
+                            data_dir, dp.data_key, {"list": dp.pretrain_data[0]}))
+    return stages
+
+
+def _pretrain_stages(cfg: ExperimentConfig, name: str, dp: DatasetPlan, presets: Sequence[str], cache: Path,
+                     epochs: int, max_steps: int | None) -> list[Stage]:
+    """One pre-training stage per (seed, preset): every method's one pre-training run on the dataset."""
+    stages: list[Stage] = []
+    for seed in cfg.seeds:
+        for preset in presets:
+            pcfg = _build(
+                PretrainConfig, "pretrain", cfg.source,
+                ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
+                (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
+                ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
+                  "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto",
+                  "threads": cfg.threads},
+                 "the experiment"))
+            key = config_hash({"dataset": name, "data": dp.data_key,
+                               "pretrain": _result_options(pcfg)})
+            folder = cache / name / f"{preset}-seed{seed}-{key[:12]}"
+            pcfg = dataclasses.replace(pcfg, out=str(folder))
+            stage = Stage("pretrain", name, f"pre-train {preset} on {name} (seed {seed})", folder, key, pcfg,
+                          seed=seed, preset=preset)
+            stages.append(stage)
+    return stages
+
+
+def _finetune_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path,
+                     pre_by: Mapping[tuple[str, int], Stage], arch_stage: Stage | None) -> list[Stage]:
+    """One fine-tuning stage per (seed, method), each on its pre-trained (or scratch) starting point."""
+    stages: list[Stage] = []
+    runs = cfg.runs()
+    for seed in cfg.seeds:
+        for m in runs:
+            base = pre_by[(m.preset, seed)] if m.preset is not None else (
+                arch_stage if m.source == "scratch" else None)
+            weights = cfg.weights.get(m.name)
+            start = _start_options(m, base, weights)
+            options = {k: getattr(spec, k) for k in LABEL_OPTIONS}
+            options.update(labels=dp.labels, protocol=spec.protocol,
+                           folds=",".join(spec.folds) if spec.folds else None,
+                           keep_columns=[spec.scanner_column] if spec.scanner_column else None)
+            fcfg = _build(
+                FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
+                (options, f"{cfg.source}, section datasets.{name}"),
+                ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
+                  "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
+                  "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
+                  "threads": cfg.threads,
+                  "arch": cfg.model.get("model", "vit_base_patch16"),
+                  "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
+                 f"method {m.name}"))
+            origin = base.key if base is not None else _refs_digest([weights] if weights else [])
+            key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
+                               "finetune": _result_options(fcfg)})
+            folder = out / "runs" / name / f"{m.name.replace(':', '-')}-seed{seed}-{key[:8]}"
+            fcfg = dataclasses.replace(fcfg, out=str(folder))
+            stages.append(Stage("finetune", name, f"fine-tune {m.name} on {name} (seed {seed})", folder, key,
+                                fcfg, seed=seed, method=m.name, preset=m.preset,
+                                needs=[base.id] if base is not None else []))
+    return stages
+
+
 def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
     """Every stage of the experiment, in run order, with resolved configs and cache keys (nothing is run).
 
     Raises:
         D2maeError: a missing dataset path, a bad column/protocol, or a violated equal-budget rule.
     """
-    from d2mae.train.finetune import FinetuneConfig
-    from d2mae.train.pretrain import PRESETS, PretrainConfig
-
     out = Path(out).absolute()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "pretrained"
     runs = cfg.runs()
@@ -277,17 +347,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
     for name, spec in cfg.datasets.items():
         dp = _dataset_plan(spec, out, cfg.source, cfg.seeds[0])
         datasets[name] = dp
-        data_dir = out / "data" / name
-        if spec.phantoms is not None:
-            stages.append(Stage("data", name, f"generate {spec.phantoms['n']} labeled phantoms ({name})",
-                                data_dir / "labeled", config_hash(spec.phantoms), dict(spec.phantoms)))
-            if spec.pretrain_phantoms is not None:
-                stages.append(Stage("data", name, f"generate {spec.pretrain_phantoms['n']} pre-training phantoms "
-                                                  f"({name})", data_dir / "pretrain",
-                                    config_hash(spec.pretrain_phantoms), dict(spec.pretrain_phantoms)))
-        elif not spec.pretrain_data:
-            stages.append(Stage("data", name, f"list the {dp.n_labeled} labeled images for pre-training ({name})",
-                                data_dir, dp.data_key, {"list": dp.pretrain_data[0]}))
+        stages += _data_stages(name, spec, dp, out)
         accum = int(cfg.pretrain.get("accum_iter", 1))
         epochs, max_steps, _ = pretrain_budget(cfg.budget, dp.n_pretrain, accum)
         if dp.n_pretrain < cfg.budget.pretrain_batch_size * accum and presets:
@@ -295,7 +355,6 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                              f"than one optimizer step needs (budget.pretrain_batch_size "
                              f"{cfg.budget.pretrain_batch_size} × accum_iter {accum}); lower the batch size or add "
                              "images")
-        pre_by: dict[tuple[str, int], Stage] = {}
         arch_stage: Stage | None = None
         if any(m.preset is None and m.source == "scratch" for m in runs):
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
@@ -305,52 +364,10 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                                cache / name / f"scratch-vit-{arch_key[:12]}", arch_key,
                                {"model": arch_cfg, "data": dp.pretrain_data})
             stages.append(arch_stage)
-        for seed in cfg.seeds:
-            for preset in presets:
-                pcfg = _build(
-                    PretrainConfig, "pretrain", cfg.source,
-                    ({**PRESETS[preset], "preset": preset}, f"preset '{preset}'"),
-                    (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
-                    ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
-                      "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto",
-                      "threads": cfg.threads},
-                     "the experiment"))
-                key = config_hash({"dataset": name, "data": dp.data_key,
-                                   "pretrain": _result_options(pcfg)})
-                folder = cache / name / f"{preset}-seed{seed}-{key[:12]}"
-                pcfg = dataclasses.replace(pcfg, out=str(folder))
-                stage = Stage("pretrain", name, f"pre-train {preset} on {name} (seed {seed})", folder, key, pcfg,
-                              seed=seed, preset=preset)
-                pre_by[(preset, seed)] = stage
-                stages.append(stage)
-        for seed in cfg.seeds:
-            for m in runs:
-                base = pre_by[(m.preset, seed)] if m.preset is not None else (
-                    arch_stage if m.source == "scratch" else None)
-                weights = cfg.weights.get(m.name)
-                start = _start_options(m, base, weights)
-                options = {k: getattr(spec, k) for k in _LABEL_OPTIONS}
-                options.update(labels=dp.labels, protocol=spec.protocol,
-                               folds=",".join(spec.folds) if spec.folds else None,
-                               keep_columns=[spec.scanner_column] if spec.scanner_column else None)
-                fcfg = _build(
-                    FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
-                    (options, f"{cfg.source}, section datasets.{name}"),
-                    ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
-                      "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
-                      "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
-                      "threads": cfg.threads,
-                      "arch": cfg.model.get("model", "vit_base_patch16"),
-                      "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
-                     f"method {m.name}"))
-                origin = base.key if base is not None else _refs_digest([weights] if weights else [])
-                key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
-                                   "finetune": _result_options(fcfg)})
-                folder = out / "runs" / name / f"{m.name.replace(':', '-')}-seed{seed}-{key[:8]}"
-                fcfg = dataclasses.replace(fcfg, out=str(folder))
-                stages.append(Stage("finetune", name, f"fine-tune {m.name} on {name} (seed {seed})", folder, key,
-                                    fcfg, seed=seed, method=m.name, preset=m.preset,
-                                    needs=[base.id] if base is not None else []))
+        pre = _pretrain_stages(cfg, name, dp, presets, cache, epochs, max_steps)
+        pre_by = {(s.preset, s.seed): s for s in pre}
+        stages += pre
+        stages += _finetune_stages(cfg, name, spec, dp, out, pre_by, arch_stage)
     plan = Plan(cfg, out, datasets, stages)
     check_equal_budget(plan)
     return plan
@@ -371,7 +388,6 @@ def check_equal_budget(plan: Plan) -> None:
     Raises:
         D2maeError: naming the dataset, the two stages and the first option that differs.
     """
-    from d2mae.train.pretrain import PRESETS
 
     # what a preset sets is the method's own recipe (MoCo v3's weight decay), never the budget
     own = {k for preset in PRESETS.values() for k in preset} - set(BUDGET_FIELDS)
@@ -410,239 +426,7 @@ def check_equal_budget(plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _time_steps(step: Callable[[], None], max_steps: int = 3, max_seconds: float = 4.0) -> float:
-    """Seconds per call of ``step``: one warm-up call, then up to ``max_steps`` timed calls."""
-    step()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_steps and (not times or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def _sync(device: Any) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
-def _time_objective(model: Any, x: Any) -> dict[str, float]:
-    """Seconds per image of a pre-training step (forward, backward, AdamW) of any objective on batch x [B, C, S, S]
-    (repeated into its views), and for the masked autoencoder of one OBS level."""
-    import torch
-
-    from d2mae.train.optim import adamw
-
-    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as training's
-    b = x.shape[0]
-    views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
-    drawn = {k: v.to(x.device) for k, v in model.draw(torch.Generator().manual_seed(0), b).items()}
-    progress = model.progress_inputs(0.5)
-
-    def pre_step() -> None:
-        loss, _, _ = model(views, **drawn, **progress)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(x.device)
-
-    out = {"pretrain_step": _time_steps(pre_step) / b}
-    if hasattr(model, "deblur_loss"):
-        t = torch.ones(b, device=x.device)  # [B]
-
-        def obs_step() -> None:
-            with torch.no_grad():
-                model.deblur_loss(x, t)
-            _sync(x.device)
-
-        out["obs_level"] = _time_steps(obs_step) / b
-    return out
-
-
-def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
-    """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
-    import torch
-
-    from d2mae.train.optim import adamw
-
-    opt = adamw(clf.parameters(), lr=1e-4)
-    y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
-    t = torch.ones(len(x), device=x.device)  # [B]
-
-    def ft_step() -> None:
-        loss = torch.nn.functional.cross_entropy(clf(x, t), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(x.device)
-
-    def eval_step() -> None:
-        with torch.no_grad():
-            clf.eval()
-            clf(x, t)
-            clf.train()
-        _sync(x.device)
-
-    return {"finetune_step": _time_steps(ft_step) / len(x), "eval": _time_steps(eval_step) / len(x)}
-
-
-def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
-                  num_classes: int, sample_refs: Sequence[str], augment: str = "finetune") -> dict[str, float]:
-    """Seconds per image of each kind of work, timed here on the configured model (not a guess).
-
-    Times one pre-training step (forward, backward, AdamW) of the D²MAE model, one fine-tuning step of the
-    classifier, inference, one OBS forward pass per level, and decoding/augmenting a few of the dataset's images.
-    Steps run at the configured batch sizes when that is cheap (per-image cost falls with the batch on a CPU), and
-    at fewer images for big models, so that a ViT-B at 224 px takes seconds, not minutes, to time.
-    """
-    import torch
-
-    from d2mae.data.dataset import ImageDataset
-    from d2mae.method.models import DeblurClassifier, DeblurMAE
-    from d2mae.runtime.device import resolve_device
-
-    dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(0)
-    out: dict[str, float] = {}
-    # per-image work of one encoder pass ~ width² × tokens × blocks; ~1.1e9 ≈ a batch of 64 ViT-Tiny images at 96 px
-    work = model_cfg.dim ** 2 * (model_cfg.num_patches + 2) * model_cfg.blocks
-    cap = max(4, int(1.1e9 // max(1, work)))
-    bp = max(1, min(pretrain_batch, cap))
-    bf = max(1, min(finetune_batch, cap))
-    c, s = model_cfg.in_chans, model_cfg.img_size
-    torch.manual_seed(0)
-    x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
-    out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x))
-    xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
-    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev), xf))
-    refs = list(sample_refs)[:6]
-    out["decode"] = out["augment"] = 0.0
-    if refs:
-        for name, mode in (("decode", "none"), ("augment", augment)):
-            ds = ImageDataset(refs, s, c, augment=mode)
-            t0 = time.perf_counter()
-            for i in range(len(refs)):
-                ds[i]
-            out[name] = (time.perf_counter() - t0) / len(refs)
-    out["device"] = str(dev)  # type: ignore[assignment]
-    return out
-
-
-def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, num_classes: int) -> None:
-    """Time the pre-training objectives other than the masked autoencoder, and the classifiers that are not the
-    experiment's ViT (timm backbones, imported checkpoints' architectures), once each, into ``speed``."""
-    import torch
-
-    from d2mae.io.imports import encoder_architecture
-    from d2mae.method.backbones import BackboneConfig, TimmClassifier
-    from d2mae.method.models import DeblurClassifier
-    from d2mae.method.objectives import build_objective
-    from d2mae.runtime.device import resolve_device
-
-    dev = resolve_device(device)
-    gen = torch.Generator().manual_seed(0)
-    for s in plan.of("pretrain", name):
-        mc = s.payload.model_config()
-        key = f"pretrain_step:{mc.objective}"
-        if mc.objective != "mae" and key not in speed:
-            x = torch.rand(min(s.payload.batch_size, 16), mc.in_chans, mc.img_size, mc.img_size, generator=gen)
-            speed[key] = _time_objective(build_objective(mc).to(dev), x.to(dev))["pretrain_step"]
-    for s in plan.of("finetune", name):
-        fc = s.payload
-        imported = method_for(str(s.method)).source == "checkpoint"
-        if not (fc.backbone or imported) or f"finetune_step:{s.method}" in speed:
-            continue
-        c = fc.in_chans
-        if fc.backbone:
-            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, [0.5] * c, [0.25] * c), num_classes)
-        else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
-            found = os.path.exists(fc.pretrained)
-            arch = encoder_architecture(fc.pretrained) if found else {"model": "vit_base_patch16"}
-            clf = DeblurClassifier(ModelConfig(**arch, img_size=fc.img_size, in_chans=c, blur=False,
-                                               blur_embed="none"), num_classes)
-        x = torch.rand(min(fc.batch_size, 8), c, fc.img_size, fc.img_size, generator=gen).to(dev)
-        timed = _time_classifier(clf.to(dev), x)
-        speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
-
-
-def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], levels: int) -> float:
-    """Seconds of one fine-tuning run: OBS once, then per fold every epoch (train + validation), then predictions."""
-    total = 0.0
-    used = sum(tr + va + te for _, tr, va, te in dp.folds[:1]) if dp.folds else dp.n_labeled
-    if fcfg.mode != "scratch" and fcfg.obs == "search":
-        total += used * (levels * speed["obs_level"] + speed["decode"])
-    infer = speed["eval"] + speed["decode"]
-    for _, n_train, n_val, n_test in dp.folds:
-        total += fcfg.epochs * (n_train * (speed["finetune_step"] + speed["augment"]) + n_val * infer)
-        total += (n_val + n_test) * infer + 3.0  # best model's predictions, saving the fold
-    return total + 8.0  # labels, content hashes, evaluation (bootstrap CIs, figures)
-
-
-def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
-    """Fill ``estimate_s`` of every stage from :func:`measure_speed` on this machine (timed per dataset)."""
-    from d2mae.train.pretrain import PRESETS
-
-    cfg = plan.config
-    stages = {s.id: s for s in plan.stages}
-    for name, dp in plan.datasets.items():
-        refs = list((sample_refs or {}).get(name, []))
-        tmp = None
-        phantom_s = 0.0
-        try:
-            if dp.spec.phantoms is not None:
-                from d2mae.data.phantom import generate_phantoms
-
-                tmp = tempfile.mkdtemp(prefix="d2mae-plan-")
-                size = int(dp.spec.phantoms["size"])
-                t0 = time.perf_counter()
-                labels = generate_phantoms(tmp, n=4, size=size, seed=0)
-                phantom_s = (time.perf_counter() - t0) / 4
-                refs = [str(Path(tmp) / r["path"]) for r in csv.DictReader(open(labels, encoding="utf-8"))]
-            elif not refs:
-                from d2mae.data.labels import load_labeled
-
-                refs = load_labeled(dp.labels, **{k: getattr(dp.spec, k) for k in _LABEL_OPTIONS}).refs[:6]
-            model_cfg = build_config(ModelConfig, (PRESETS["d2mae"], "preset d2mae"),
-                                     (cfg.model, f"{cfg.source}, section model"))
-            fine = [s.payload for s in plan.of("finetune", name)]
-            augment = fine[0].resolved_augment() if fine else "finetune"
-            speed = measure_speed(model_cfg, cfg.device, cfg.budget.pretrain_batch_size,
-                                  cfg.budget.finetune_batch_size, dp.num_classes, refs, augment)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-        speed["phantom"] = phantom_s
-        _method_speeds(plan, name, speed, cfg.device, dp.num_classes)
-        plan.speed[name] = speed
-        for s in plan.stages:
-            if s.dataset != name:
-                continue
-            if s.kind == "data":
-                s.estimate_s = (phantom_s * int(s.payload.get("n", 0)) + 0.5) if "n" in s.payload else 1.0
-            elif s.kind == "arch":
-                s.estimate_s = min(dp.n_pretrain, 512) * speed["decode"] + 2.0
-            elif s.kind == "pretrain":
-                p = s.payload
-                eff = p.batch_size * p.accum_iter
-                steps = p.epochs * (dp.n_pretrain // eff)
-                if p.max_steps is not None:
-                    steps = min(steps, p.max_steps)
-                per_image = speed.get(f"pretrain_step:{p.objective}", speed["pretrain_step"])
-                s.estimate_s = steps * eff * per_image + dp.n_pretrain * speed["decode"] + 2.0
-            elif s.kind == "finetune":
-                base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
-                levels = (len(s.payload.spec.levels(base.payload.schedule))
-                          if base is not None and base.kind == "pretrain" else 0)
-                own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
-                s.estimate_s = _finetune_estimate(s.payload, dp, {**speed, **own}, levels)
-    plan.estimated = True
-    return plan
-
-
-def _fmt_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
@@ -651,46 +435,6 @@ def _fmt_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU, cores, memory, GPU and the versions of the software that matter."""
-    import timm
-    import torch
-
-    import d2mae
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count() or 1
-    memory = None
-    try:
-        memory = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            gpus.append(f"{props.name} ({props.total_memory / 2**30:.0f} GiB)")
-    import numpy
-    import sklearn
-
-    return {"platform": platform.platform(), "cpu": cpu, "cores": affinity, "logical_cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "memory_gib": memory, "gpus": gpus or ["none"],
-            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "d2mae": d2mae.__version__}
 
 
 def format_plan(plan: Plan) -> str:
@@ -727,14 +471,14 @@ def format_plan(plan: Plan) -> str:
         if math.isfinite(est):
             total += est
         status = "done" if done else "to run"
-        lines.append(f"{i:>3}  {s.label:<{width}}  {status:<8}  {_fmt_seconds(est) if plan.estimated else '-'}")
+        lines.append(f"{i:>3}  {s.label:<{width}}  {status:<8}  {format_seconds(est) if plan.estimated else '-'}")
     lines.append(f"{'':>3}  {'report (tables, figures)':<{width}}  {'to run':<8}  "
-                 f"{_fmt_seconds(15.0) if plan.estimated else '-'}")
+                 f"{format_seconds(15.0) if plan.estimated else '-'}")
     if plan.estimated:
         total += 15.0
         m = machine_info()
         lines.append("")
-        lines.append(f"Estimated time: {_fmt_seconds(total)} on this machine ({m['cpu']}, {m['cores']} cores, GPU: "
+        lines.append(f"Estimated time: {format_seconds(total)} on this machine ({m['cpu']}, {m['cores']} cores, GPU: "
                      f"{', '.join(m['gpus'])}). This is an ESTIMATE from timing a few real pre-training, fine-tuning "
                      "and OBS steps of the configured model and decoding a few images here, extrapolated to the "
                      "planned steps; other load on the machine, early stopping and data loading change it.")

@@ -11,16 +11,36 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from d2mae.experiment.config import _LABEL_OPTIONS, ExperimentConfig
+import torch
+
+from d2mae.data.decode import compute_stats
+from d2mae.data.labels import load_labeled
+from d2mae.data.phantom import generate_phantoms
+from d2mae.data.sources import find_images
+from d2mae.eval.evaluate import evaluate_run
+from d2mae.experiment.config import LABEL_OPTIONS, ExperimentConfig
+from d2mae.experiment.estimate import estimate_plan
 from d2mae.experiment.plan import (
-    DONE, EXPERIMENT_CONFIG, PLAN_FILE, Plan, Stage, _fmt_seconds, estimate_plan, format_plan, make_plan
+    DONE,
+    EXPERIMENT_CONFIG,
+    PLAN_FILE,
+    Plan,
+    Stage,
+    format_plan,
+    format_seconds,
+    make_plan,
 )
 from d2mae.experiment.report import write_report
-from d2mae.method.models import ModelConfig
+from d2mae.io.artifacts import save_pretrained
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import say
+from d2mae.runtime.options import save_config
+from d2mae.train.finetune import finetune
+from d2mae.train.pretrain import pretrain
 
 # --------------------------------------------------------------------------------------------------------------------
 # running the stages
@@ -48,13 +68,11 @@ def _clear_stale(folder: Path, keep_partial: bool) -> None:
 
 def _run_data(stage: Stage, plan: Plan) -> None:
     if "list" in stage.payload:
-        from d2mae.data.labels import load_labeled
 
         spec = plan.config.datasets[stage.dataset]
-        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in _LABEL_OPTIONS})
+        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
         atomic_write_text(stage.payload["list"], "".join(f"{r}\n" for r in labeled.refs))
         return
-    from d2mae.data.phantom import generate_phantoms
 
     _clear_stale(stage.folder, keep_partial=False)
     generate_phantoms(stage.folder, **stage.payload)
@@ -63,12 +81,7 @@ def _run_data(stage: Stage, plan: Plan) -> None:
 def _run_arch(stage: Stage, plan: Plan) -> None:
     """The supervised floor's ViT: an untrained model folder with the experiment's architecture and the
     pre-training images' mean/std (fine-tuning ``--mode scratch`` reads only its config, not its weights)."""
-    import torch
 
-    from d2mae.data.decode import compute_stats
-    from d2mae.data.sources import find_images
-    from d2mae.io.artifacts import save_pretrained
-    from d2mae.method.models import DeblurMAE
 
     mc: ModelConfig = stage.payload["model"]
     if mc.mean is None or mc.std is None:
@@ -83,15 +96,12 @@ def _run_arch(stage: Stage, plan: Plan) -> None:
 
 
 def _run_pretrain(stage: Stage, plan: Plan) -> None:
-    from d2mae.train.pretrain import pretrain
 
     _clear_stale(stage.folder, keep_partial=True)
     pretrain(stage.payload)
 
 
 def _run_finetune(stage: Stage, plan: Plan) -> None:
-    from d2mae.eval.evaluate import evaluate_run
-    from d2mae.train.finetune import finetune
 
     _clear_stale(stage.folder, keep_partial=True)
     spec = plan.config.datasets[stage.dataset]
@@ -117,13 +127,12 @@ def run_stage(stage: Stage, plan: Plan, index: int = 0, total: int = 0) -> dict[
     _RUNNERS[stage.kind](stage, plan)
     seconds = time.perf_counter() - t0
     _write_done(stage, seconds)
-    _say(f"{where}{stage.label}: done in {_fmt_seconds(seconds)}")
+    _say(f"{where}{stage.label}: done in {format_seconds(seconds)}")
     return {**(stage.done_info() or {}), "skipped": False}
 
 
 def prepare_out(plan: Plan, resume: bool) -> None:
     """Refuse to mix two experiments in one folder; save the resolved config and the plan."""
-    from d2mae.runtime.options import save_config
 
     out = plan.out
     previous = out / EXPERIMENT_CONFIG

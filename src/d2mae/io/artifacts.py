@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from d2mae.method.backbones import BackboneConfig, TimmClassifier
-from d2mae.method.models import ModelConfig, build_classifier
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import build_classifier
 from d2mae.method.objectives import build_objective
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.errors import D2maeError

@@ -37,7 +37,8 @@ import torch
 
 from d2mae.io.artifacts import CONFIG, WEIGHTS, load_pretrained, save_weights
 from d2mae.method.blur import TRUNCATE, sinusoidal_embedding
-from d2mae.method.models import DeblurEncoder, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurEncoder
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock

@@ -28,7 +28,6 @@ could run code when unpickled) is refused, never executed. The conversion to a :
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 import zipfile
@@ -37,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
-from timm.models import adapt_input_conv
 
-from d2mae.io.artifacts import check_finite, load_weights
-from d2mae.method.models import DeblurClassifier, DeblurMAE, sincos_pos_embed_2d
+from d2mae.io.artifacts import check_finite, load_weights, save_pretrained
+from d2mae.io.convert import convert_decoder_pred, convert_patch_weight, convert_pos_embed
+from d2mae.method.backbones import TimmClassifier
+from d2mae.method.model_config import ARCHITECTURES, ModelConfig
+from d2mae.method.models import DeblurClassifier, DeblurMAE
 from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.files import file_sha256
 
 # target-model keys that no MAE or timm checkpoint can provide: kept as the model initialised / configured them
 NEW_KEYS = ("encoder.blur_token", "encoder.pixel_mean", "encoder.pixel_std")
@@ -160,75 +161,6 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 # tensor conversions
 
 
-def _prefix_count(length: int) -> int:
-    """Prefix tokens of a position embedding with ``length`` rows over a square grid (1: MAE/timm, 2: d2mae)."""
-    for prefix in (1, 2, 0):
-        if length - prefix > 0 and math.isqrt(length - prefix) ** 2 == length - prefix:
-            return prefix
-    raise D2maeError(f"position embedding with {length} rows is not prefix tokens + a square grid of patches")
-
-
-def convert_pos_embed(src: torch.Tensor, target: torch.Tensor, name: str, notes: list[str]) -> torch.Tensor:
-    """[1, p_src + g_src², D] → the target's [1, p + g², D]: prefix rows adapted, grid regenerated or resampled."""
-    src = src.reshape(1, -1, src.shape[-1]).float()  # [1, L, D]
-    dim = src.shape[-1]
-    if dim != target.shape[-1]:
-        raise ValueError(f"{name}: width {dim} vs the model's {target.shape[-1]}")
-    p_src = _prefix_count(src.shape[1])
-    g_src = math.isqrt(src.shape[1] - p_src)
-    p_tgt = _prefix_count(target.shape[1])
-    g_tgt = math.isqrt(target.shape[1] - p_tgt)
-    grid = src[:, p_src:]  # [1, g_src², D]
-    if g_src != g_tgt:
-        fixed = sincos_pos_embed_2d(dim, g_src, 0) if dim % 4 == 0 else None
-        if fixed is not None and torch.allclose(grid, fixed, atol=1e-4):
-            grid = sincos_pos_embed_2d(dim, g_tgt, 0)
-            notes.append(f"{name}: fixed 2-D sin-cos grid regenerated for {g_tgt}×{g_tgt} patches "
-                         f"(was {g_src}×{g_src})")
-        else:
-            grid = resample_abs_pos_embed(grid, new_size=[g_tgt, g_tgt], old_size=[g_src, g_src], num_prefix_tokens=0)
-            notes.append(f"{name}: resampled {g_src}×{g_src} → {g_tgt}×{g_tgt} (bicubic, timm)")
-    rows = [src[:, :1] if p_src >= 1 else torch.zeros(1, 1, dim)]  # CLS
-    if p_tgt == 2:
-        if p_src == 2:
-            rows.append(src[:, 1:2])
-        else:
-            rows.append(torch.zeros(1, 1, dim))  # BLU(t)'s position: zero, like the sin-cos prefix rows
-            notes.append(f"{name}: zero row inserted for the blur token (N+1 → N+2 positions)")
-    elif p_src == 2:
-        notes.append(f"{name}: the blur token's row dropped (this model has no blur token)")
-    return torch.cat(rows + [grid], dim=1).to(target.dtype)  # [1, p_tgt + g_tgt², D]
-
-
-def convert_patch_weight(src: torch.Tensor, target: torch.Tensor, notes: list[str]) -> torch.Tensor:
-    """Patch projection [D, C_src, p, p] → [D, C, p, p] (timm ``adapt_input_conv``: 3→1 sums the RGB filters)."""
-    if src.shape[0] != target.shape[0] or src.shape[2:] != target.shape[2:]:
-        raise ValueError(f"patch_embed.proj.weight: {tuple(src.shape)} vs the model's {tuple(target.shape)} "
-                         "(width or patch size differ)")
-    if src.shape[1] != target.shape[1]:
-        notes.append(f"patch_embed.proj.weight: {src.shape[1]} → {target.shape[1]} input channel(s) "
-                     f"({'sum over RGB' if target.shape[1] == 1 else 'repeated, rescaled'}, as timm adapt_input_conv)")
-        src = adapt_input_conv(target.shape[1], src.float())
-    return src.to(target.dtype)
-
-
-def convert_decoder_pred(src: torch.Tensor, target: torch.Tensor, c_src: int, c_tgt: int, name: str,
-                         notes: list[str]) -> torch.Tensor:
-    """decoder_pred rows [p*p*C_src, …] → [p*p*C, …]; rows are ordered (pixel, channel), channel fastest (MAE)."""
-    if c_src == c_tgt or src.shape[0] % c_src or target.shape[0] % c_tgt:
-        return src.to(target.dtype)
-    pixels = src.shape[0] // c_src
-    rows = src.float().reshape(pixels, c_src, *src.shape[1:])  # [p*p, C_src, (Dd)]
-    if c_tgt == 1:
-        out = rows.mean(dim=1)  # gray prediction = mean of the RGB predictions
-        how = "mean of the three RGB rows per pixel"
-    else:
-        out = rows.repeat_interleave(c_tgt, dim=1).reshape(pixels * c_tgt, *src.shape[1:])
-        how = "gray row repeated per channel"
-    notes.append(f"{name}: {c_src} → {c_tgt} output channel(s) ({how})")
-    return out.reshape(target.shape[0], *src.shape[1:]).to(target.dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # mapping a checkpoint onto a model
 
@@ -277,7 +209,6 @@ def _source_names(state: dict[str, torch.Tensor], path: str | Path = "") -> dict
 def encoder_architecture(path: str | Path) -> dict[str, Any]:
     """The ViT of a checkpoint's encoder as :class:`~d2mae.method.models.ModelConfig` options (``model`` and, when
     it differs from that architecture's, ``patch_size``), from its tensor shapes; an unknown size is a clear error."""
-    from d2mae.method.models import ARCHITECTURES
 
     source = _source_names(load_checkpoint_file(path), path)
     if "cls_token" not in source or "patch_embed.proj.weight" not in source:
@@ -303,34 +234,24 @@ def _target_key(model: DeblurMAE | DeblurClassifier, key: str) -> str | None:
     return None
 
 
-def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, *,
-                         strict_encoder: bool = True) -> ImportReport:
-    """Initialise ``model`` in place from an MAE / timm / d2mae checkpoint file and say what was used.
+class _Conversion:
+    """What an import plans per role (encoder, decoder, head): the converted tensors, the notes for the report and
+    the problems that stop a role from loading."""
 
-    Args:
-        model: a :class:`DeblurMAE` (pre-training) or :class:`DeblurClassifier` (fine-tuning).
-        path: ``.pth`` (official MAE, ``torch.load(weights_only=True)``), ``.safetensors`` (timm), or a folder.
-        strict_encoder: refuse a checkpoint whose encoder does not cover the model's encoder exactly (every
-            encoder tensor present and convertible, no extra encoder tensors such as deeper blocks). With ``False``
-            those tensors are skipped and listed in the report instead. A decoder that does not fit (other width or
-            depth) is never loaded in part: it is skipped whole and reported.
+    def __init__(self) -> None:
+        self.problems: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
+        self.planned: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "decoder": {}, "head": {}}
+        self.notes: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
+        self.failed: set[str] = set()  # model keys whose checkpoint tensor could not be converted
 
-    Returns:
-        An :class:`ImportReport` (``report.summary()`` for a log line).
-    """
-    if not isinstance(model, (DeblurMAE, DeblurClassifier)):
-        raise TypeError(f"init_from_checkpoint expects a DeblurMAE or DeblurClassifier, got {type(model).__name__}")
-    source = _source_names(load_checkpoint_file(path), path)
-    report = ImportReport(source=str(path))
-    target = model.state_dict()
-    new_state = {k: v.clone() for k, v in target.items()}
+
+def _plan_tensors(model: DeblurMAE | DeblurClassifier, source: dict[str, torch.Tensor], target: dict[str, Any],
+                  c_src: int, report: ImportReport) -> _Conversion:
+    """Each checkpoint tensor converted to its place in ``model`` (position embeddings, patch projection, decoder
+    head), or listed as unexpected with the reason."""
+    conv = _Conversion()
+    problems, planned, notes, failed = conv.problems, conv.planned, conv.notes, conv.failed
     cfg = model.config
-    c_src = source["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in source else cfg.in_chans
-    problems: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
-    planned: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "decoder": {}, "head": {}}
-    notes: dict[str, list[str]] = {"encoder": [], "decoder": [], "head": []}
-    failed: set[str] = set()  # model keys whose checkpoint tensor could not be converted
-
     for key, value in source.items():
         tkey = _target_key(model, key)
         if isinstance(model, DeblurClassifier) and key.startswith("norm."):
@@ -364,6 +285,13 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
             continue
         planned[role][tkey] = out.to(want.dtype)
 
+    return conv
+
+
+def _list_missing(model: DeblurMAE | DeblurClassifier, target: dict[str, Any], conv: _Conversion,
+                  report: ImportReport) -> None:
+    """The model's tensors the checkpoint does not provide: new ones (the blur token) and missing ones."""
+    problems, planned, failed = conv.problems, conv.planned, conv.failed
     expected_roles = {"encoder"} | ({"decoder"} if isinstance(model, DeblurMAE) else set())
     if isinstance(model, DeblurClassifier) and planned["head"]:
         expected_roles.add("head")
@@ -379,6 +307,33 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
             if role == "encoder" and tkey not in failed:
                 problems["encoder"].append(f"{tkey} is not in the checkpoint")
 
+
+def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, *,
+                         strict_encoder: bool = True) -> ImportReport:
+    """Initialise ``model`` in place from an MAE / timm / d2mae checkpoint file and say what was used.
+
+    Args:
+        model: a :class:`DeblurMAE` (pre-training) or :class:`DeblurClassifier` (fine-tuning).
+        path: ``.pth`` (official MAE, ``torch.load(weights_only=True)``), ``.safetensors`` (timm), or a folder.
+        strict_encoder: refuse a checkpoint whose encoder does not cover the model's encoder exactly (every
+            encoder tensor present and convertible, no extra encoder tensors such as deeper blocks). With ``False``
+            those tensors are skipped and listed in the report instead. A decoder that does not fit (other width or
+            depth) is never loaded in part: it is skipped whole and reported.
+
+    Returns:
+        An :class:`ImportReport` (``report.summary()`` for a log line).
+    """
+    if not isinstance(model, (DeblurMAE, DeblurClassifier)):
+        raise TypeError(f"init_from_checkpoint expects a DeblurMAE or DeblurClassifier, got {type(model).__name__}")
+    source = _source_names(load_checkpoint_file(path), path)
+    report = ImportReport(source=str(path))
+    target = model.state_dict()
+    new_state = {k: v.clone() for k, v in target.items()}
+    cfg = model.config
+    c_src = source["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in source else cfg.in_chans
+    conv = _plan_tensors(model, source, target, c_src, report)
+    _list_missing(model, target, conv, report)
+    problems, planned, notes = conv.problems, conv.planned, conv.notes
     if strict_encoder and problems["encoder"]:
         first = problems["encoder"][0]
         more = f" (and {len(problems['encoder']) - 1} more)" if len(problems["encoder"]) > 1 else ""
@@ -417,9 +372,6 @@ def import_pretrained(path: str | Path, folder: str | Path, *, img_size: int, in
     encoder is converted as :func:`init_from_checkpoint` describes, a decoder the checkpoint lacks stays at its
     seeded initialisation. ``config.json`` records the source file, its sha256 and the import report.
     """
-    from d2mae.io.artifacts import save_pretrained
-    from d2mae.method.models import ModelConfig
-    from d2mae.runtime.files import file_sha256
 
     arch = encoder_architecture(path)
     config = ModelConfig(**arch, img_size=img_size, in_chans=in_chans, blur=False, blur_embed="none",
@@ -446,7 +398,6 @@ def backbone_state(path: str | Path, config: Any) -> tuple[dict[str, torch.Tenso
         D2maeError: a file that does not hold a state dict, or one that lacks tensors of the model (another
             architecture or layout), naming the first ones.
     """
-    from d2mae.method.backbones import TimmClassifier
 
     state = load_checkpoint_file(path)
     notes: list[str] = []
@@ -477,19 +428,3 @@ def backbone_state(path: str | Path, config: Any) -> tuple[dict[str, torch.Tenso
     return {k: v for k, v in state.items() if k in expected}, notes
 
 
-def backbone_classifier(config: Any, num_classes: int, drop_path: float,
-                        state: dict[str, torch.Tensor] | None, source: str | Path = "") -> Any:
-    """A :class:`~d2mae.method.backbones.TimmClassifier`, from ``state`` (:func:`backbone_state` of the file
-    ``source``, then timm's loader) or randomly initialised; weights whose shapes timm cannot adapt are a clear
-    error."""
-    from d2mae.method.backbones import TimmClassifier
-
-    try:
-        return TimmClassifier(config, num_classes, drop_path, state)
-    except RuntimeError as exc:
-        if state is None:
-            raise
-        lines = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
-        raise D2maeError(f"weights file {source} does not fit {config.backbone} ({detail[:240]})",
-                         option="backbone_weights") from None

@@ -15,6 +15,7 @@ import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
@@ -27,7 +28,6 @@ PREFIX = "timm:"
 
 def timm_name(backbone: str) -> str:
     """``timm:NAME`` → ``NAME``, checked against timm's registry (close names suggested)."""
-    import timm
 
     if not backbone.startswith(PREFIX) or len(backbone) == len(PREFIX):
         raise D2maeError(f"{backbone!r} is not a timm backbone; write timm:NAME (e.g. timm:vit_base_patch16_224)",
@@ -68,7 +68,6 @@ class BackboneConfig:
 def _create(config: BackboneConfig, num_classes: int, drop_path: float, state_dict: dict | None) -> nn.Module:
     """``timm.create_model`` at the configured size and channels; ``state_dict`` goes through timm's own loading
     (``pretrained_cfg_overlay``: its checkpoint filter, input-conv adaptation, classifier reset)."""
-    import timm
 
     options: dict[str, Any] = {"num_classes": num_classes, "in_chans": config.in_chans}
     if drop_path:
@@ -111,3 +110,20 @@ class TimmClassifier(nn.Module):
     def no_weight_decay(self) -> set[str]:
         nwd = getattr(self.model, "no_weight_decay", None)
         return set(nwd()) if callable(nwd) else set()
+
+
+def backbone_classifier(config: Any, num_classes: int, drop_path: float,
+                        state: dict[str, torch.Tensor] | None, source: str = "") -> Any:
+    """A :class:`~d2mae.method.backbones.TimmClassifier`, from ``state`` (:func:`backbone_state` of the file
+    ``source``, then timm's loader) or randomly initialised; weights whose shapes timm cannot adapt are a clear
+    error."""
+
+    try:
+        return TimmClassifier(config, num_classes, drop_path, state)
+    except RuntimeError as exc:
+        if state is None:
+            raise
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise D2maeError(f"weights file {source} does not fit {config.backbone} ({detail[:240]})",
+                         option="backbone_weights") from None

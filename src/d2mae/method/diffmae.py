@@ -27,7 +27,9 @@ from timm.layers import Mlp
 from torch import nn
 
 from d2mae.method.blur import BlurSchedule, sinusoidal_embedding
-from d2mae.method.models import LAYER_NORM, DeblurEncoder, ModelConfig, _init_weights, patchify, sincos_pos_embed_2d
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import LAYER_NORM, DeblurEncoder, _init_weights, patchify, sincos_pos_embed_2d
+from d2mae.method.objective import Objective
 
 
 def alphas_cumprod(steps: int, schedule: str = "cosine") -> torch.Tensor:
@@ -80,11 +82,8 @@ class CrossSelfBlock(nn.Module):
         return x + self.mlp(self.norm3(x))
 
 
-class DiffMAE(nn.Module):
+class DiffMAE(Objective):
     """The DiffMAE pre-training model: MAE's encoder on visible patches + a denoising cross-attention decoder."""
-
-    views = 1
-    crop_scale = (0.2, 1.0)  # MAE's pre-training crops
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -115,9 +114,6 @@ class DiffMAE(nn.Module):
         step = torch.randint(1, self.config.diffusion_steps + 1, (n,), generator=generator)
         seed = torch.randint(0, 2**62, (n,), generator=generator)
         return {"noise": noise, "step": step, "eps_seed": seed}
-
-    def progress_inputs(self, progress: float) -> dict[str, float]:
-        return {}
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] → [B, N, p*p*C] (MAE's order)."""

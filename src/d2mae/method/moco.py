@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2mae.method.blur import BlurSchedule, gaussian_blur
-from d2mae.method.models import DeblurEncoder, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurEncoder
+from d2mae.method.objective import Objective
 
 JITTER_P = 0.8
 JITTER = 0.4  # brightness and contrast factors ∈ [1 − 0.4, 1 + 0.4]
@@ -68,7 +70,7 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank()
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(Objective):
     """The MoCo v3 pre-training model: query encoder + projector + predictor, momentum encoder + projector.
 
     ``encoder`` is a :class:`DeblurEncoder` without blur (``encoder.*`` weights load into the classifier as every

@@ -4,24 +4,21 @@
 * ``moco-v3`` — :class:`~d2mae.method.moco.MoCoV3` (contrastive, two views, momentum encoder).
 * ``diffmae`` — :class:`~d2mae.method.diffmae.DiffMAE` (masked patches denoised from a diffusion step).
 
-Every objective has the same face for pre-training: ``encoder`` (a :class:`~d2mae.method.models.DeblurEncoder`,
-whose ``encoder.*`` weights the classifier loads), ``views`` and ``crop_scale`` (what the data path crops for it),
-``draw(generator, n)`` (a step's randomness for n samples, drawn on the CPU so that resumes and any number of
-processes see the same numbers), ``progress_inputs(progress)`` and ``forward(x, **drawn, **progress_inputs)`` →
-(loss, prediction, mask).
+Every objective is an :class:`~d2mae.method.objective.Objective`: the same face for pre-training (``encoder``,
+``views``, ``crop_scale``, ``draw``, ``progress_inputs``, ``forward``).
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from d2mae.method.diffmae import DiffMAE
 from d2mae.method.moco import MoCoV3
-from d2mae.method.models import DeblurMAE, ModelConfig
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
+from d2mae.method.objective import Objective
 
-OBJECTIVE_CLASSES: dict[str, type[nn.Module]] = {"mae": DeblurMAE, "moco-v3": MoCoV3, "diffmae": DiffMAE}
+OBJECTIVE_CLASSES: dict[str, type[Objective]] = {"mae": DeblurMAE, "moco-v3": MoCoV3, "diffmae": DiffMAE}
 
 
-def build_objective(config: ModelConfig) -> nn.Module:
+def build_objective(config: ModelConfig) -> Objective:
     """The pre-training model of ``config.objective`` (randomly initialised)."""
     return OBJECTIVE_CLASSES[config.objective](config)

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.errors import D2maeError
@@ -168,7 +169,6 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
-
 def wrap_ddp(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` (unchanged for one process).
 
@@ -179,14 +179,12 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, ctx: DistContext) -> 
     """
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False, **no_buffer_sync)
-
 
 
 def eval_indices(n_total: int, ctx: DistContext) -> list[int]:

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from d2mae.data.sampler import EpochBatchSampler
 from d2mae.eval.infer import class_probabilities, decode_views
@@ -148,7 +149,6 @@ class FoldTrainer:
             self.model.fc_norm.eval()
         bar = None
         if progress and self.ctx.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
             bar = tqdm(total=sampler.micro_steps, desc=progress, unit="step", leave=False)
         loss_sum, seen = 0.0, 0
         try:

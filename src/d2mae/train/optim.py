@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 
 NO_WEIGHT_DECAY = ("encoder.cls_token", "encoder.blur_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed")
 
@@ -19,7 +22,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Any, lr: float) -> torch.optim.
     """AdamW(β = 0.9, 0.95) as MAE, for every objective; weight decay on weight matrices only (not on norms,
     biases, CLS/BLU/mask tokens), grouped by timm's ``param_groups_weight_decay``; frozen parameters (MoCo v3's
     patch projection and momentum encoder) are left out."""
-    from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
     return adamw(groups, lr=lr, betas=(0.9, 0.95))
@@ -40,7 +42,6 @@ def param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
 
     A timm backbone (:class:`d2mae.method.backbones.TimmClassifier`) is grouped by its own ``group_matcher``; one
     that defines none gets weight-decay groups only (no layer-wise decay)."""
-    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     root = model.layer_decay_root() if hasattr(model, "layer_decay_root") else model
     nwd = model.no_weight_decay()
@@ -51,7 +52,7 @@ def param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
-    """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.finetune.FinetuneConfig`): AdamW over timm's
+    """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.finetune_config.FinetuneConfig`): AdamW over timm's
     layer-wise decay groups, or for the linear probe SGD with momentum on the head alone (MAE's recipes)."""
     lr = cfg.resolved_lr(world_size)
     if cfg.mode == "linear":
@@ -68,9 +69,7 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, 
     ``scheduler.step_update(num_updates=step)`` before optimizer step ``step`` (0-based). The base lr is each param
     group's ``lr`` when the scheduler is made. Its ``state_dict()`` holds plain values only.
     """
-    import logging
 
-    from timm.scheduler import CosineLRScheduler
 
     warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
     timm_log = logging.getLogger("timm.scheduler.cosine_lr")

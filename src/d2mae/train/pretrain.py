@@ -44,25 +44,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
-from d2mae.data.cache import DecodedCache, cache_bytes, crop_boxes
-from d2mae.data.dataset import CROP_RATIO, CROP_SCALE, ImageDataset, SeededDataset
+from d2mae.data.cache import DecodedCache
+from d2mae.data.dataset import ImageDataset
 from d2mae.data.decode import check_images, compute_stats, content_hashes
-from d2mae.data.sampler import EpochBatchSampler
-from d2mae.data.shards import ShardShareSampler, open_shards, rank_share
+from d2mae.data.sampler import EpochBatchSampler, ShardShareSampler, rank_share
+from d2mae.data.shards import open_shards
 from d2mae.data.sources import find_images
 from d2mae.io.artifacts import WEIGHTS, save_pretrained
-from d2mae.method.blur import BlurSchedule
-from d2mae.method.models import ModelConfig
+from d2mae.io.imports import init_from_checkpoint
+from d2mae.method.model_config import ModelConfig
 from d2mae.method.objectives import build_objective
 from d2mae.runtime import distributed as dist_utils
 from d2mae.runtime.device import amp_dtype, autocast
@@ -70,14 +69,15 @@ from d2mae.runtime.distributed import DistContext
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from d2mae.runtime.locks import output_lock
-from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP, MetricsLog, say
-from d2mae.runtime.options import build_config, save_config, to_dict
-from d2mae.runtime.seeds import (
-    STREAM_CROP, STREAM_STEP, capture_rng_state, derive_seed, restore_rng_state, seed_everything
-)
+from d2mae.runtime.logs import MetricsLog, say
+from d2mae.runtime.options import save_config, to_dict
+from d2mae.runtime.seeds import capture_rng_state, restore_rng_state, seed_everything
 from d2mae.runtime.signals import StopSignals
 from d2mae.runtime.threads import configure_threads
+from d2mae.train.batches import LoaderBatches, MemoryBatches, choose_data_path, default_workers, step_randomness
+from d2mae.train.interrupts import NonFiniteLossError, TrainingInterrupted
 from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
+from d2mae.train.pretrain_config import PretrainConfig
 from d2mae.train.resume import check_resumable, resume_file, settings_diff
 
 RESUME = "resume.pt"
@@ -85,272 +85,11 @@ METRICS = "metrics.jsonl"
 RUN_CONFIG = "pretrain.yaml"
 RESUME_FORMAT = "d2mae-pretrain-resume"
 RESUME_VERSION = 1
-DEBLURRMAE_SIGMA = 1.1  # DeblurrMAE's one fixed blur, as its public code (pre-training and fine-tuning)
-
-# Table 2 (MAE, DeblurrMAE, D²MAE) and Table 3 (a: blur range, b: blur embedding) as ModelConfig overrides.
-_D2MAE = dict(blur=True, sigma_start=BlurSchedule.start, sigma_stop=BlurSchedule.stop, sigma_step=BlurSchedule.step,
-              blur_embed="token", loss_on="all")
-PRESETS: dict[str, dict[str, Any]] = {
-    # D²MAE: σ ∈ {0.1, 0.2, …, 1.1} (T = 11), t ~ U{1..T}, BLU(t) token after CLS, loss on every patch (Eq. 3).
-    "d2mae": dict(_D2MAE),
-    # MAE: no blur, no blur embedding, loss on the masked patches only.
-    "mae": dict(blur=False, blur_embed="none", loss_on="masked"),
-    # DeblurrMAE: one fixed blur, no blur embedding, loss on every patch.
-    "deblurrmae": dict(blur=True, sigma_start=DEBLURRMAE_SIGMA, sigma_stop=DEBLURRMAE_SIGMA,
-                       sigma_step=BlurSchedule.step, blur_embed="none", loss_on="all"),
-    # Table 3a: blur ranges 0.1→0.6 and 0.1→1.6 (step 0.1).
-    "range-0.6": {**_D2MAE, "sigma_stop": 0.6},
-    "range-1.6": {**_D2MAE, "sigma_stop": 1.6},
-    # Table 3b: no blur embedding / the sinusoid added to every patch embedding.
-    "embed-none": {**_D2MAE, "blur_embed": "none"},
-    "embed-add": {**_D2MAE, "blur_embed": "add"},
-    # Table 2's other self-supervised rows on ultrasound: MoCo v3 (weight decay 0.1 as its ViT recipe) and DiffMAE.
-    "moco-v3": dict(objective="moco-v3", blur=False, blur_embed="none", loss_on="all", weight_decay=0.1),
-    "diffmae": dict(objective="diffmae", blur=False, blur_embed="none", loss_on="masked"),
-}
-
-MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
-
-
-@dataclass
-class PretrainConfig(ModelConfig):
-    """Every option of ``d2mae pretrain``: the model (all of :class:`ModelConfig`'s fields) and the run.
-
-    Each field is a YAML key and a flag (``batch_size`` ↔ ``--batch-size``), with its domain in its metadata
-    (:mod:`d2mae.runtime.options`); ``volatile`` fields may change when a stopped run is resumed. Precedence, lowest
-    first: defaults < ``preset`` (:data:`PRESETS`) < the YAML file (``config``) < flags. Learning rate as MAE:
-    ``lr = blr × effective batch / 256`` with effective batch = batch_size × accum_iter × number of processes.
-    """
-
-    data: list[str] = field(default_factory=list, metadata={
-        "help": "image folders, image files or .csv/.txt lists of images (required)", "metavar": "PATH",
-        "volatile": True})
-    out: str = field(default="", metadata={
-        "help": "output folder; it becomes the pre-trained model folder (required)", "metavar": "DIR",
-        "volatile": True})
-    preset: str = field(default="d2mae", metadata={
-        "help": "method: d2mae (the paper), mae, deblurrmae, moco-v3, diffmae, or the ablations range-0.6, "
-                "range-1.6, embed-none, embed-add", "choices": list(PRESETS)})
-    config: str | None = field(default=None, metadata={
-        "help": "YAML file of options (keys as the flags, with _ or -); flags given here override it",
-        "metavar": "FILE.yaml", "volatile": True})
-    init_from: str | None = field(default=None, metadata={
-        "help": "start from these weights instead of a random initialisation: an official MAE .pth "
-                "(mae_pretrain_vit_base.pth), timm's vit_*_patch16_224.mae model.safetensors, or a d2mae model "
-                "folder; converted to this model (blur token added, 3→1 channel, other image size; see "
-                "docs/import.md) and reported in OUT/init_report.json", "metavar": "FILE|DIR"})
-    epochs: int = field(default=400, metadata={"help": "epochs over the data (paper: 6000-16000)", "min": 1})
-    batch_size: int = field(default=64, metadata={"help": "images per process per step", "min": 1})
-    accum_iter: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step",
-                                                 "min": 1})
-    blr: float = field(default=1.5e-4, metadata={"help": "base learning rate: lr = blr × effective batch / 256",
-                                                 "above": 0.0})
-    lr: float | None = field(default=None, metadata={"help": "absolute learning rate (overrides --blr)",
-                                                     "above": 0.0})
-    min_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the cosine decay",
-                                                 "min": 0.0})
-    warmup_epochs: float = field(default=40.0, metadata={"help": "linear warm-up length in epochs", "min": 0.0})
-    weight_decay: float = field(default=0.05, metadata={
-        "help": "AdamW weight decay (not on norms, biases, tokens)", "min": 0.0})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same result on CPU",
-                                           "min": 0})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N",
-                                                  "volatile": True})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32",
-        "choices": ["auto", "bf16", "fp32"], "volatile": True})
-    num_workers: int | None = field(default=None, metadata={
-        "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)", "min": 0, "volatile": True})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
-                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
-    skip_bad: bool = field(default=False, metadata={
-        "help": "leave out unreadable images (listed in OUT/bad_images.txt) instead of stopping", "volatile": True})
-    resume: str | None = field(default=None, metadata={
-        "help": "continue a run: auto (OUT/resume.pt if present) or a resume.pt file / run folder",
-        "volatile": True})
-    save_every_epochs: int = field(default=1, metadata={
-        "help": "write the model and resume.pt every N epochs (and at the end)", "min": 1, "volatile": True})
-    checkpoint_every_seconds: float = field(default=30.0, metadata={
-        "help": "at those epoch ends, write only when this many seconds passed since the last write (0: always); "
-                "the end of the run and a stop signal always write", "min": 0.0, "volatile": True})
-    checkpoint_every_steps: int = field(default=500, metadata={
-        "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)", "min": 0,
-        "volatile": True})
-    log_every_steps: int = field(default=20, metadata={"help": "write a metrics.jsonl record every N steps",
-                                                       "min": 1, "volatile": True})
-    tensorboard: str = field(default="auto", metadata={"help": TENSORBOARD_HELP,
-                                                        "choices": list(TENSORBOARD_CHOICES), "volatile": True})
-    max_steps: int | None = field(default=None, metadata={
-        "help": "stop after this many optimizer steps (the lr schedule is fitted to the shorter run)", "min": 1})
-    data_path: str = field(default="auto", metadata={
-        "help": "memory: decode every image once into a cache on the device and crop batches there; loader: "
-                "decode each epoch in DataLoader workers; auto: memory when the cache fits, else loader (both give "
-                "the same sharp crops; docs/views.md)", "choices": ["auto", "memory", "loader"], "volatile": True})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (faster on recent GPUs)",
-                                                   "volatile": True})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # every field's domain, and the model's rules
-        if not self.data:
-            raise D2maeError("is required: give one or more image folders, files or .csv/.txt lists", option="data")
-        if not str(self.out).strip():
-            raise D2maeError("is required: the folder to write the pre-trained model to", option="out")
-        if self.objective != "moco-v3" and int(self.num_patches * (1 - self.mask_ratio)) < 1:
-            raise D2maeError(f"{self.mask_ratio} masks every one of the {self.num_patches} patches of a "
-                             f"{self.img_size}-pixel image; lower it or use a larger image", option="mask_ratio")
-
-    def model_config(self) -> ModelConfig:
-        """The :class:`ModelConfig` part (what ``config.json`` of the pre-trained folder stores)."""
-        return ModelConfig(**{k: getattr(self, k) for k in MODEL_FIELDS})
-
-    def effective_batch(self, world_size: int = 1) -> int:
-        """Images per optimizer step over all processes."""
-        return self.batch_size * self.accum_iter * world_size
-
-    def resolved_lr(self, world_size: int = 1) -> float:
-        """``lr``, or MAE's linear scaling rule ``blr × effective batch / 256``."""
-        return self.lr if self.lr is not None else self.blr * self.effective_batch(world_size) / 256
-
-
-def preset_overrides(name: str) -> dict[str, Any]:
-    """The ModelConfig overrides of a preset (a copy); unknown names are a clear error."""
-    if name not in PRESETS:
-        raise D2maeError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}", option="preset")
-    return dict(PRESETS[name])
-
-
-def make_config(preset: str | None = None, **options: Any) -> PretrainConfig:
-    """Build a :class:`PretrainConfig` in Python with the command line's precedence: defaults < preset < options."""
-    name = preset or "d2mae"
-    return build_config(PretrainConfig, ({**preset_overrides(name), "preset": name}, f"preset '{name}'"),
-                        (options, "the arguments"))
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT arrived; a resume checkpoint was written. ``exit_code`` is 128 + the signal number."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum = signum
-        self.exit_code = 128 + signum
-        self.step = step
-        self.checkpoint = checkpoint
-        name = signal.Signals(signum).name
-        where = f"; checkpoint {checkpoint}, continue with --resume" if checkpoint else ""
-        super().__init__(f"stopped by {name} after step {step}{where}")
-
-
-class NonFiniteLossError(D2maeError):
-    """The loss became NaN or infinite; the weights of that step were not applied."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------------------------
-
-def _default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
-def _available_memory(device: torch.device) -> int:
-    """Bytes free for a data cache on ``device`` (GPU: free device memory; CPU: available RAM)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def choose_data_path(cfg: PretrainConfig, refs: list[str], device: torch.device, ctx: DistContext,
-                     own_share: bool = False) -> tuple[str, str]:
-    """``memory`` or ``loader``, with the reason. The cache of ``refs`` (native resolution,
-    :func:`d2mae.data.cache.cache_bytes`) may use a quarter of the free memory, shared by the processes of a node on
-    the CPU — unless each process caches only its own share (``own_share``: shards)."""
-    if cfg.data_path == "loader":
-        return "loader", "data path loader (asked for)"
-    need = cache_bytes(refs, cfg.img_size, cfg.in_chans)
-    share = 1 if device.type == "cuda" or own_share else max(1, int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                                  ctx.world_size)))
-    budget = _available_memory(device) // 4 // share
-    if need <= budget:
-        whose = ", each process its own share of the shards" if own_share and ctx.world_size > 1 else ""
-        return "memory", f"decoded-image cache {need / 2**20:.0f} MiB on {device}{whose}"
-    reason = f"the decoded-image cache ({need / 2**20:.0f} MiB) exceeds a quarter of the free memory on {device}"
-    if cfg.data_path == "memory":
-        say(ctx, f"note: data path memory: {reason}; using the DataLoader instead")
-    return "loader", reason
-
-
-def step_randomness(model: Any, seed: int, epoch: int, micro_step: int, global_batch: int, rank: int,
-                    batch_size: int) -> dict[str, torch.Tensor]:
-    """This rank's share of one micro-step's randomness (``model.draw``: t [B] and mask noise [B, N] for the masked
-    autoencoder), as CPU tensors.
-
-    Drawn for the whole global batch [B·W] from a generator seeded by ``(seed, epoch, micro_step)`` and then
-    sliced, so sample j of the global batch gets the same draw whichever rank processes it: a W-process run
-    equals one process with batch B·W.
-    """
-    g = torch.Generator().manual_seed(derive_seed(seed, epoch, micro_step, STREAM_STEP))
-    drawn = model.draw(g, global_batch)  # each [B·W, ...]
-    lo = rank * batch_size
-    return {k: v[lo:lo + batch_size] for k, v in drawn.items()}
-
-
-class MemoryBatches:
-    """Micro-batches cropped on the device from a :class:`d2mae.data.cache.DecodedCache` (no DataLoader).
-
-    The crop boxes and flips are drawn for the whole global batch [B·W] from a generator seeded by
-    ``(seed, epoch, micro-step)`` and sliced per rank, like the objective's randomness. The crops are PIL's
-    antialiased bicubic resampling of the cached native-resolution images (:func:`d2mae.data.resample.crop_resize`),
-    as sharp as the loader path's. ``views`` independent crops per image (MoCo v3: 2) come as [B, V, C, S, S].
-    """
-
-    def __init__(self, cache: Any, sampler: EpochBatchSampler, device: torch.device, views: int = 1,
-                 scale: tuple[float, float] = CROP_SCALE) -> None:
-        self.cache = cache.to(device)
-        self.sampler = sampler
-        self.views = views
-        self.scale = tuple(scale)
-        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation)
-
-    def plan(self, epoch: int, micro_step: int) -> tuple[torch.Tensor, list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]]:
-        """This rank's images [B] and, per view, its crop boxes (cx, cy, w, h) [B] each and flips [B]."""
-        s = self.sampler
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, s.permutation(epoch))
-        gidx = self._order[1][micro_step * s.global_batch:(micro_step + 1) * s.global_batch]  # [B·W]
-        g = torch.Generator().manual_seed(derive_seed(s.seed, epoch, micro_step, STREAM_CROP))
-        mine = slice(s.rank * s.batch_size, (s.rank + 1) * s.batch_size)
-        views = []
-        for _ in range(self.views):
-            boxes = crop_boxes(self.cache.aspect[gidx], self.scale, CROP_RATIO, g)  # 4 × [B·W]
-            flip = torch.rand(s.global_batch, generator=g) < 0.5  # [B·W]
-            views.append((tuple(b[mine] for b in boxes), flip[mine]))
-        return gidx[mine], views
-
-    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        for m in range(start, self.sampler.micro_steps):
-            idx, views = self.plan(epoch, m)
-            crops = [self.cache.crops(idx, boxes, flip) for boxes, flip in views]  # V × [B, C, S, S]
-            yield crops[0] if self.views == 1 else torch.stack(crops, dim=1)  # [B, C, S, S] or [B, V, C, S, S]
-
-
-class LoaderBatches:
-    """Micro-batches from a DataLoader over :class:`d2mae.data.dataset.SeededDataset` with the sampler as its batch
-    sampler."""
-
-    def __init__(self, dataset: Any, sampler: EpochBatchSampler, num_workers: int, pin: bool) -> None:
-        self.sampler = sampler
-        self.loader = torch.utils.data.DataLoader(
-            SeededDataset(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
-            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
-
-    def epoch(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        self.sampler.set_epoch(epoch, start)
-        for x, _, _ in self.loader:  # images [B, C, S, S], labels, indices
-            yield x
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -411,7 +150,23 @@ class Pretrainer:
         resume_path = dist_utils.on_main(ctx, find_resume)
         if cfg.resume is not None and resume_path is None:
             say(ctx, f"no resume checkpoint in {out}; starting a new run")
+        digest = self._setup_images(resume_path)
+        state, model_cfg = self._setup_config(resume_path, digest)
+        self._setup_model(state, model_cfg)
+        if state is not None:
+            self._restore(state, resume_path)
+        if self.step >= self.total_steps:
+            say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
+            return False
+        self._setup_data(state)
+        if ctx.is_main:
+            self._prepare_out()
+        return True
 
+    def _setup_images(self, resume_path: Path | None) -> str:
+        """The image list (checked, or a shard set's), its hashes for the leak guard, this rank's sampler and the
+        step counts; returns the list's digest."""
+        cfg, ctx, out = self.cfg, self.ctx, self.out
         def images() -> tuple[list[str], list[str] | None, int]:
             shards = open_shards(cfg.data)
             if shards is not None:  # checked and hashed when the shards were written (d2mae shards)
@@ -444,7 +199,11 @@ class Pretrainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.lr = cfg.resolved_lr(ctx.world_size)
         self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * self.steps_per_epoch)))
+        return digest
 
+    def _setup_config(self, resume_path: Path | None, digest: str) -> tuple[dict[str, Any] | None, ModelConfig]:
+        """The resume state (checked against this run) and the model config, with the data set's mean/std."""
+        cfg, ctx = self.cfg, self.ctx
         state: dict[str, Any] | None = None
         if resume_path is not None:
             state = load_checkpoint(resume_path)
@@ -458,7 +217,11 @@ class Pretrainer:
         self.model_cfg = model_cfg
         # the config written beside the outputs: resolved, with the data set's statistics
         self.cfg = dataclasses.replace(cfg, mean=model_cfg.mean, std=model_cfg.std)
+        return state, model_cfg
 
+    def _setup_model(self, state: dict[str, Any] | None, model_cfg: ModelConfig) -> None:
+        """The objective's model (initialised from ``init_from`` on a new run), AdamW and the lr schedule."""
+        cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.seed)
         self.model = build_objective(model_cfg).to(self.device)  # DeblurMAE, MoCoV3 or DiffMAE
         if ctx.enabled and self.device.type == "cuda":  # MoCo v3's BatchNorms normalise over the global batch
@@ -471,20 +234,23 @@ class Pretrainer:
         self.epoch, self.micro, self.step, self.elapsed = 0, 0, 0, 0.0
         self.saved_step: int | None = None
         self.saved_at = time.perf_counter()  # epoch-end writes wait checkpoint_every_seconds after the last one
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            restore_rng_state(state["rng"])
-            self.epoch, self.micro = int(state["epoch"]), int(state["micro_step"])
-            self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
-            self.saved_step = self.step
-            say(ctx, f"resuming from {resume_path}: epoch {self.epoch + 1}, step {self.step}")
-        if self.step >= self.total_steps:
-            say(ctx, f"{out}: this run is already complete ({self.step} steps); nothing to do")
-            return False
 
-        self.data_path, why = choose_data_path(cfg, self.train_refs, self.device, ctx, own_share=self.sharded)
+    def _restore(self, state: dict[str, Any], resume_path: Path) -> None:
+        """Weights, optimizer, schedule, random generators and the position in the run, from a resume state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        self.epoch, self.micro = int(state["epoch"]), int(state["micro_step"])
+        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        self.saved_step = self.step
+        say(self.ctx, f"resuming from {resume_path}: epoch {self.epoch + 1}, step {self.step}")
+
+    def _setup_data(self, state: dict[str, Any] | None) -> None:
+        """The data path (memory cache or DataLoader) and the model as trained (DDP, compiled)."""
+        cfg, ctx = self.cfg, self.ctx
+        self.data_path, self.data_why = choose_data_path(cfg, self.train_refs, self.device, ctx,
+                                                         own_share=self.sharded)
         if state is not None and state.get("data_path_used") not in (None, self.data_path):
             say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
@@ -495,35 +261,36 @@ class Pretrainer:
         else:
             dataset = ImageDataset(self.train_refs, cfg.img_size, cfg.in_chans, augment="mae",
                                    views=self.model.views, crop_scale=self.model.crop_scale)
-            workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
+            workers = default_workers() if cfg.num_workers is None else cfg.num_workers
             self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
 
         self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
 
-        if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in out.glob(".*.tmp"):  # half-written files of a killed run (atomic writes' temp files)
-                if any(stale.name.startswith(f".{name}.") for name in (RESUME, WEIGHTS, METRICS, RUN_CONFIG,
-                                                                        "config.json")):
-                    stale.unlink(missing_ok=True)
-            save_config(self.cfg, out / RUN_CONFIG)
-            self.metrics = MetricsLog(out / METRICS, "step", cfg.tensorboard, out / "tensorboard",
-                                      resume_at=self.step, tag="pretrain")
-            if self.warmup_steps >= self.total_steps and self.total_steps > 1:
-                say(ctx, f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
-                         "reaches its peak (lower warmup_epochs)")
-            say(ctx, f"pre-training {cfg.preset} ({cfg.model}, {cfg.img_size} px, T = "
-                     f"{model_cfg.schedule.num_levels}) on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch "
-                     f"× {cfg.epochs} epochs, effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, "
-                     f"{self.device}{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: "
-                     f"{why}")
-        return True
+    def _prepare_out(self) -> None:
+        """Rank 0: the output folder, without half-written files of a killed run; the config; the metrics log."""
+        cfg, ctx, out, model_cfg = self.cfg, self.ctx, self.out, self.model_cfg
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # half-written files of a killed run (atomic writes' temp files)
+            if any(stale.name.startswith(f".{name}.") for name in (RESUME, WEIGHTS, METRICS, RUN_CONFIG,
+                                                                    "config.json")):
+                stale.unlink(missing_ok=True)
+        save_config(self.cfg, out / RUN_CONFIG)
+        self.metrics = MetricsLog(out / METRICS, "step", cfg.tensorboard, out / "tensorboard",
+                                  resume_at=self.step, tag="pretrain")
+        if self.warmup_steps >= self.total_steps and self.total_steps > 1:
+            say(ctx, f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
+                     "reaches its peak (lower warmup_epochs)")
+        say(ctx, f"pre-training {cfg.preset} ({cfg.model}, {cfg.img_size} px, T = "
+                 f"{model_cfg.schedule.num_levels}) on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch "
+                 f"× {cfg.epochs} epochs, effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, "
+                 f"{self.device}{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: "
+                 f"{self.data_why}")
+
 
     def _init_from(self, path: str) -> None:
         """Load ImageNet MAE (or other) weights into the new model; every rank converts the same file."""
-        from d2mae.io.imports import init_from_checkpoint
 
         if self.model_cfg.objective != "mae":
             raise D2maeError(f"starts a masked-autoencoder pre-training only (mae, deblurrmae, d2mae presets), not "
@@ -686,7 +453,6 @@ def _progress(ctx: DistContext, total: int, initial: int, epoch: int, epochs: in
     """A tqdm bar on a terminal (rank 0 only); ``None`` otherwise (one line per epoch is printed instead)."""
     if not (ctx.is_main and _tty()):
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
                 file=sys.stderr, leave=True)

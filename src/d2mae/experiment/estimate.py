@@ -1,0 +1,245 @@
+"""Time estimates for ``d2mae experiment --plan``: a few steps of each method's model timed at the configured batch on this
+machine, scaled to every stage of the plan."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from d2mae.data.dataset import ImageDataset
+from d2mae.data.labels import load_labeled
+from d2mae.data.phantom import generate_phantoms
+from d2mae.experiment.config import LABEL_OPTIONS
+from d2mae.experiment.methods import method_for
+from d2mae.experiment.plan import DatasetPlan, Plan
+from d2mae.io.imports import encoder_architecture
+from d2mae.method.backbones import BackboneConfig, TimmClassifier
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurClassifier, DeblurMAE
+from d2mae.method.objectives import build_objective
+from d2mae.method.presets import PRESETS
+from d2mae.runtime.device import resolve_device
+from d2mae.runtime.options import build_config
+from d2mae.train.optim import adamw
+
+
+def _time_steps(step: Callable[[], None], max_steps: int = 3, max_seconds: float = 4.0) -> float:
+    """Seconds per call of ``step``: one warm-up call, then up to ``max_steps`` timed calls."""
+    step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_steps and (not times or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+
+        torch.cuda.synchronize(device)
+
+
+def _time_objective(model: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a pre-training step (forward, backward, AdamW) of any objective on batch x [B, C, S, S]
+    (repeated into its views), and for the masked autoencoder of one OBS level."""
+
+
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as training's
+    b = x.shape[0]
+    views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
+    drawn = {k: v.to(x.device) for k, v in model.draw(torch.Generator().manual_seed(0), b).items()}
+    progress = model.progress_inputs(0.5)
+
+    def pre_step() -> None:
+        loss, _, _ = model(views, **drawn, **progress)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(x.device)
+
+    out = {"pretrain_step": _time_steps(pre_step) / b}
+    if hasattr(model, "deblur_loss"):
+        t = torch.ones(b, device=x.device)  # [B]
+
+        def obs_step() -> None:
+            with torch.no_grad():
+                model.deblur_loss(x, t)
+            _sync(x.device)
+
+        out["obs_level"] = _time_steps(obs_step) / b
+    return out
+
+
+def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
+
+
+    opt = adamw(clf.parameters(), lr=1e-4)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
+    t = torch.ones(len(x), device=x.device)  # [B]
+
+    def ft_step() -> None:
+        loss = torch.nn.functional.cross_entropy(clf(x, t), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(x.device)
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            clf.eval()
+            clf(x, t)
+            clf.train()
+        _sync(x.device)
+
+    return {"finetune_step": _time_steps(ft_step) / len(x), "eval": _time_steps(eval_step) / len(x)}
+
+
+def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
+                  num_classes: int, sample_refs: Sequence[str], augment: str = "finetune") -> dict[str, float]:
+    """Seconds per image of each kind of work, timed here on the configured model (not a guess).
+
+    Times one pre-training step (forward, backward, AdamW) of the D²MAE model, one fine-tuning step of the
+    classifier, inference, one OBS forward pass per level, and decoding/augmenting a few of the dataset's images.
+    Steps run at the configured batch sizes when that is cheap (per-image cost falls with the batch on a CPU), and
+    at fewer images for big models, so that a ViT-B at 224 px takes seconds, not minutes, to time.
+    """
+
+
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, float] = {}
+    # per-image work of one encoder pass ~ width² × tokens × blocks; ~1.1e9 ≈ a batch of 64 ViT-Tiny images at 96 px
+    work = model_cfg.dim ** 2 * (model_cfg.num_patches + 2) * model_cfg.blocks
+    cap = max(4, int(1.1e9 // max(1, work)))
+    bp = max(1, min(pretrain_batch, cap))
+    bf = max(1, min(finetune_batch, cap))
+    c, s = model_cfg.in_chans, model_cfg.img_size
+    torch.manual_seed(0)
+    x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
+    out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x))
+    xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
+    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev), xf))
+    refs = list(sample_refs)[:6]
+    out["decode"] = out["augment"] = 0.0
+    if refs:
+        for name, mode in (("decode", "none"), ("augment", augment)):
+            ds = ImageDataset(refs, s, c, augment=mode)
+            t0 = time.perf_counter()
+            for i in range(len(refs)):
+                ds[i]
+            out[name] = (time.perf_counter() - t0) / len(refs)
+    out["device"] = str(dev)  # type: ignore[assignment]
+    return out
+
+
+def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, num_classes: int) -> None:
+    """Time the pre-training objectives other than the masked autoencoder, and the classifiers that are not the
+    experiment's ViT (timm backbones, imported checkpoints' architectures), once each, into ``speed``."""
+
+
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(0)
+    for s in plan.of("pretrain", name):
+        mc = s.payload.model_config()
+        key = f"pretrain_step:{mc.objective}"
+        if mc.objective != "mae" and key not in speed:
+            x = torch.rand(min(s.payload.batch_size, 16), mc.in_chans, mc.img_size, mc.img_size, generator=gen)
+            speed[key] = _time_objective(build_objective(mc).to(dev), x.to(dev))["pretrain_step"]
+    for s in plan.of("finetune", name):
+        fc = s.payload
+        imported = method_for(str(s.method)).source == "checkpoint"
+        if not (fc.backbone or imported) or f"finetune_step:{s.method}" in speed:
+            continue
+        c = fc.in_chans
+        if fc.backbone:
+            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, [0.5] * c, [0.25] * c), num_classes)
+        else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
+            found = os.path.exists(fc.pretrained)
+            arch = encoder_architecture(fc.pretrained) if found else {"model": "vit_base_patch16"}
+            clf = DeblurClassifier(ModelConfig(**arch, img_size=fc.img_size, in_chans=c, blur=False,
+                                               blur_embed="none"), num_classes)
+        x = torch.rand(min(fc.batch_size, 8), c, fc.img_size, fc.img_size, generator=gen).to(dev)
+        timed = _time_classifier(clf.to(dev), x)
+        speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
+
+
+def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], levels: int) -> float:
+    """Seconds of one fine-tuning run: OBS once, then per fold every epoch (train + validation), then predictions."""
+    total = 0.0
+    used = sum(tr + va + te for _, tr, va, te in dp.folds[:1]) if dp.folds else dp.n_labeled
+    if fcfg.mode != "scratch" and fcfg.obs == "search":
+        total += used * (levels * speed["obs_level"] + speed["decode"])
+    infer = speed["eval"] + speed["decode"]
+    for _, n_train, n_val, n_test in dp.folds:
+        total += fcfg.epochs * (n_train * (speed["finetune_step"] + speed["augment"]) + n_val * infer)
+        total += (n_val + n_test) * infer + 3.0  # best model's predictions, saving the fold
+    return total + 8.0  # labels, content hashes, evaluation (bootstrap CIs, figures)
+
+
+def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
+    """Fill ``estimate_s`` of every stage from :func:`measure_speed` on this machine (timed per dataset)."""
+
+    cfg = plan.config
+    stages = {s.id: s for s in plan.stages}
+    for name, dp in plan.datasets.items():
+        refs = list((sample_refs or {}).get(name, []))
+        tmp = None
+        phantom_s = 0.0
+        try:
+            if dp.spec.phantoms is not None:
+
+                tmp = tempfile.mkdtemp(prefix="d2mae-plan-")
+                size = int(dp.spec.phantoms["size"])
+                t0 = time.perf_counter()
+                labels = generate_phantoms(tmp, n=4, size=size, seed=0)
+                phantom_s = (time.perf_counter() - t0) / 4
+                refs = [str(Path(tmp) / r["path"]) for r in csv.DictReader(open(labels, encoding="utf-8"))]
+            elif not refs:
+
+                refs = load_labeled(dp.labels, **{k: getattr(dp.spec, k) for k in LABEL_OPTIONS}).refs[:6]
+            model_cfg = build_config(ModelConfig, (PRESETS["d2mae"], "preset d2mae"),
+                                     (cfg.model, f"{cfg.source}, section model"))
+            fine = [s.payload for s in plan.of("finetune", name)]
+            augment = fine[0].resolved_augment() if fine else "finetune"
+            speed = measure_speed(model_cfg, cfg.device, cfg.budget.pretrain_batch_size,
+                                  cfg.budget.finetune_batch_size, dp.num_classes, refs, augment)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        speed["phantom"] = phantom_s
+        _method_speeds(plan, name, speed, cfg.device, dp.num_classes)
+        plan.speed[name] = speed
+        for s in plan.stages:
+            if s.dataset != name:
+                continue
+            if s.kind == "data":
+                s.estimate_s = (phantom_s * int(s.payload.get("n", 0)) + 0.5) if "n" in s.payload else 1.0
+            elif s.kind == "arch":
+                s.estimate_s = min(dp.n_pretrain, 512) * speed["decode"] + 2.0
+            elif s.kind == "pretrain":
+                p = s.payload
+                eff = p.batch_size * p.accum_iter
+                steps = p.epochs * (dp.n_pretrain // eff)
+                if p.max_steps is not None:
+                    steps = min(steps, p.max_steps)
+                per_image = speed.get(f"pretrain_step:{p.objective}", speed["pretrain_step"])
+                s.estimate_s = steps * eff * per_image + dp.n_pretrain * speed["decode"] + 2.0
+            elif s.kind == "finetune":
+                base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
+                levels = (len(s.payload.spec.levels(base.payload.schedule))
+                          if base is not None and base.kind == "pretrain" else 0)
+                own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
+                s.estimate_s = _finetune_estimate(s.payload, dp, {**speed, **own}, levels)
+    plan.estimated = True
+    return plan
