@@ -73,3 +73,34 @@ def test_old_pretrained_folder_fine_tunes_and_exports(old: Path, tmp_path: Path)
     assert (tmp_path / "ft" / "predictions.csv").is_file()
     assert main(["export", "--model", str(old / "pt"), "--out", str(tmp_path / "timm")]) == 0
     assert any((tmp_path / "timm").iterdir())
+
+
+def test_an_old_pretrain_yaml_still_builds_its_config(old: Path) -> None:
+    """``num_workers`` (0.2.0's name of ``workers``) is accepted from a saved pretrain.yaml and as a flag."""
+    from d2mae.commands.main import build_parser
+    from d2mae.runtime.options import build_config, load_yaml
+    from d2mae.train.pretrain_config import PretrainConfig
+
+    saved = load_yaml(old / "pt" / "pretrain.yaml")
+    assert "num_workers" in saved
+    cfg = build_config(PretrainConfig, ({**saved, "num_workers": 3}, "pretrain.yaml"))
+    assert cfg.workers == 3 and cfg.epochs == 1 and cfg.embed_dim == 16
+    args = build_parser("pretrain").parse_args(["--data", "x", "--out", "y", "--num-workers", "1"])
+    assert args.workers == "1"
+
+
+def test_a_d2mae_config_carries_no_other_objectives_settings(old: Path) -> None:
+    """config.json keeps MoCo v3's settings for a MoCo v3 model only (and DiffMAE's for DiffMAE); an old D²MAE
+    config.json that lists them all still loads, and saving it again drops them."""
+    import json
+
+    from d2mae.method.model_config import OBJECTIVE_FIELDS, ModelConfig
+
+    old_d2mae = json.loads((old / "pt" / "config.json").read_text())["model"]
+    assert "moco_dim" in old_d2mae and "diffusion_steps" in old_d2mae
+    again = ModelConfig.from_dict(old_d2mae).to_dict()
+    assert not set(again) & set(OBJECTIVE_FIELDS)
+    moco = ModelConfig.from_dict(json.loads((old / "pt-moco" / "config.json").read_text())["model"]).to_dict()
+    assert {k for k in moco if k in OBJECTIVE_FIELDS} == {"moco_dim", "moco_mlp_dim", "moco_temperature",
+                                                           "moco_momentum"}
+    assert moco["moco_dim"] == 8

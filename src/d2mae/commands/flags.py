@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from typing import Any, Mapping
 
-from d2mae.runtime.options import _describe, build_config, field_types, load_yaml
+from d2mae.runtime.options import RuntimeOptions, _describe, build_config, field_types, load_yaml
 
 
 def flag(option: str) -> str:
@@ -16,11 +16,13 @@ def flag(option: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
     """Add one flag per field of the dataclass ``cls``; unset flags stay out of the parsed namespace."""
-    for f in dataclasses.fields(cls):
+    runtime = {f.name for f in dataclasses.fields(RuntimeOptions)}
+    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name in runtime)  # where/how it runs: listed last
+    for f in ordered:
         if f.name in exclude:
             continue
         container, inner, optional = _describe(field_types(cls)[f.name])
-        name = flag(f.name)
+        names = [flag(f.name)] + [flag(a) for a in f.metadata.get("aliases", ())]  # e.g. --workers, --num-workers
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -28,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
             help_text = f"{help_text} (default: {default})".strip()
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text.replace("%", "%%"), "dest": f.name}
         if inner is bool and container is None:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if container is list:
             kwargs["nargs"] = "+"
         if "choices" in f.metadata:
             kwargs["choices"] = [str(c) for c in f.metadata["choices"]]  # flags are text; the config coerces them
         kwargs["metavar"] = f.metadata.get("metavar", inner.__name__.upper() if isinstance(inner, type) else "VALUE")
-        parser.add_argument(name, type=str, **kwargs)
+        parser.add_argument(*names, type=str, **kwargs)
 
 
 def add_with_positional(parser: argparse.ArgumentParser, cls: type, positional: str, help: str) -> None:

@@ -21,7 +21,7 @@ _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
       "max_steps")),
     ("model, blur schedule and normalisation (saved in config.json; a preset sets the blur options)", MODEL_FIELDS),
     ("hardware, data loading and bookkeeping",
-     ("device", "precision", "threads", "num_workers", "data_path", "compile", "save_every_epochs",
+     ("device", "precision", "threads", "workers", "progress", "data_path", "compile", "save_every_epochs",
       "checkpoint_every_seconds", "checkpoint_every_steps", "log_every_steps", "tensorboard")),
 )
 _GROUPED = {name for _, names in _GROUPS for name in names}

@@ -1,8 +1,9 @@
-"""Labeled images and evaluation protocols for fine-tuning (Section 3.1, "Data").
+"""Labeled images for fine-tuning (Section 3.1, "Data"): a labels CSV or a class-per-folder tree as a
+:class:`LabeledSet` (paths, classes, patient groups, split and fold columns), every row checked.
 
-The paper evaluates with three protocols: a 3:1:1 train/validation/test split (GE4K), stratified five-fold
-cross-validation (LEPset) and a data set's own split (MMOTU). This module reads labeled images and turns a protocol
-string into a list of :class:`Fold` objects:
+The protocols that cut it into folds are :mod:`d2mae.data.folds`. The paper evaluates with three: a 3:1:1
+train/validation/test split (GE4K), stratified five-fold cross-validation (LEPset) and a data set's own split
+(MMOTU). A protocol string becomes a list of folds:
 
 * ``split:3:1:1`` — one stratified, seeded split in those proportions; patient-grouped when a group column exists
   (then the proportions are met to within one patient group's size, through :class:`StratifiedGroupKFold`).

@@ -28,7 +28,6 @@ def _member_bytes(ref: str) -> tuple[bytes, str, str]:
     """What to store for one image: the source file's bytes, its extension and their SHA-256 (the content hash of
     :func:`d2mae.data.decode.content_hash`); a DICOM frame as a 16-bit PNG, with the frame's own content hash."""
 
-
     member = split_member(ref)
     if member is not None:  # an image of another shard set
         data = read_member(ref)

@@ -92,7 +92,6 @@ def roc_figure(curves: Mapping[str, tuple[Any, Any]], path: str | Path, classes:
     macro-average curve. Folds or classes on which AUROC is undefined are named in the legend, not drawn.
     """
 
-
     if not curves:
         raise D2maeError("roc_figure: no predictions given")
     data = {name: as_arrays(y, p) for name, (y, p) in curves.items()}
@@ -386,7 +385,6 @@ def training_curves(source: str | Path | Sequence[Mapping[str, Any]], path: str 
 def roc_methods_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """ROC curves of several methods on one dataset (test predictions pooled over folds): binary, or the
     macro-average of one-vs-rest curves for more classes; the legend gives each pooled AUROC."""
-
 
     fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)

@@ -1,14 +1,16 @@
-"""Classification metrics, confidence intervals and significance tests (paper Section 3.1, Tables 2-3, Figure 2).
+"""Classification metrics (paper Section 3.1, Tables 2-3, Figure 2); their confidence intervals and significance
+tests are :mod:`d2mae.eval.statistics`.
 
 The paper reports accuracy (ACC), macro-averaged F1 and AUROC, with 95% confidence intervals as error bars and
-significance "assessed via two-sided t-tests" (best vs. runner-up, Table 2). This module provides those numbers as
-pure functions on arrays:
+significance "assessed via two-sided t-tests" (best vs. runner-up, Table 2). This module and
+:mod:`d2mae.eval.statistics` provide those numbers as pure functions on arrays:
 
 * :func:`classification_metrics` -- every metric of one set of predictions, computed with scikit-learn.
-* :func:`bootstrap` / :func:`bootstrap_ci` -- a seeded percentile bootstrap over images (one run, one test set).
-* :func:`mean_ci` -- mean and t-distribution 95% CI over folds or seeds (the "±" of Table 2).
-* :func:`paired_ttest` -- the paper's two-sided paired t-test over folds/seeds (``scipy.stats.ttest_rel``).
-* :func:`paired_bootstrap` -- difference of two methods on the same images, with CI and p-value.
+* ``statistics.bootstrap`` / ``statistics.bootstrap_ci`` -- a seeded percentile bootstrap over images (one run,
+  one test set).
+* ``statistics.mean_ci`` -- mean and t-distribution 95% CI over folds or seeds (the "±" of Table 2).
+* ``statistics.paired_ttest`` -- the paper's two-sided paired t-test over folds/seeds (``scipy.stats.ttest_rel``).
+* ``statistics.paired_bootstrap`` -- difference of two methods on the same images, with CI and p-value.
 
 Conventions: ``y_true`` is an int array ``[N]`` of class indices ``0..K-1``; ``probs`` is ``[N, K]`` class
 probabilities (a ``[N]`` array is read as the positive-class probability of a binary task); ``y_pred`` defaults to

@@ -44,7 +44,7 @@ from d2mae.runtime.distributed import (
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
-from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.options import RuntimeOptions, check_fields, save_config
 from d2mae.runtime.threads import configure_threads
 
 
@@ -222,7 +222,7 @@ def write_summary(table: ObsTable, groups: Sequence[str] | None, group_name: str
 
 
 @dataclass
-class ObsConfig:
+class ObsConfig(RuntimeOptions):
     """What ``d2mae obs`` takes: every field is a YAML key and a flag (``search_step`` ↔ ``--search-step``)."""
 
     model: str = field(default="", metadata={"help": "pre-trained D²MAE folder (model.safetensors + config.json)",
@@ -238,14 +238,6 @@ class ObsConfig:
                                                   "min": 1, "volatile": True})
     max_rows: int = field(default=256, metadata={"help": "most (image, level) pairs per forward pass", "min": 1,
                                                  "volatile": True})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N", "volatile": True})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32",
-                                                     "choices": ["auto", "bf16", "fp32"]})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers for decoding", "min": 0,
-                                              "volatile": True})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
-                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
     labels: str | None = field(default=None, metadata={
         "help": "labels CSV or class-per-folder tree instead of --data (then --group-by can name any column)"})
     path_column: str = field(default="path", metadata={"help": "labels CSV column with the image path or ID"})
@@ -255,7 +247,6 @@ class ObsConfig:
     group_by: str | None = field(default=None, metadata={
         "help": "labels CSV column to summarise σ* by (e.g. Device); default: the class"})
     strips: int = field(default=3, metadata={"help": "images in the OBS strip figure (0: none)", "min": 0})
-    skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images (listed in bad_images.txt)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -291,7 +282,7 @@ def search_dataset(cfg: ObsConfig) -> Path:
             save_config(cfg, out / "obs.yaml")
         table = run_obs(model, good, spec=cfg.spec, batch_size=cfg.batch_size, device=device,
                         precision=cfg.precision, workers=cfg.workers, max_rows=cfg.max_rows,
-                        model_hash=model_sha256(cfg.model), ctx=ctx)
+                        model_hash=model_sha256(cfg.model), progress=cfg.progress, ctx=ctx)
         table.meta["model_dir"] = str(Path(cfg.model).absolute())
         if ctx.is_main:
             table.save(out)

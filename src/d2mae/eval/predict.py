@@ -34,16 +34,17 @@ from d2mae.eval.infer import class_probabilities
 from d2mae.eval.obs import run_obs
 from d2mae.io.artifacts import load_classifier, load_pretrained, model_sha256
 from d2mae.io.obs_table import sigmas_of
+from d2mae.io.predictions import RUN_JSON
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import DistContext, on_main
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import csv_text
-from d2mae.runtime.options import check_fields
+from d2mae.runtime.options import RuntimeOptions, check_fields
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(RuntimeOptions):
     """What ``d2mae predict`` takes: every field is a flag and a YAML key; images are positional arguments."""
 
     model: str = field(default="", metadata={"help": "fine-tuned model folder (fold_k/model) or a finetune run "
@@ -54,16 +55,7 @@ class PredictConfig:
                                                     "metavar": "CSV"})
     fold: str | None = field(default=None, metadata={"help": "with a run folder: use only this fold's model"})
     batch_size: int = field(default=32, metadata={"help": "images per batch", "min": 1})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32",
-                                                     "choices": ["auto", "bf16", "fp32"]})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers", "min": 0})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
-                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
-    skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images instead of stopping"})
     show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)", "min": 0})
-    progress: bool = field(default=True, metadata={"help": "progress bars on large folders"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -79,7 +71,7 @@ def model_folders(path: str | Path, fold: str | None = None) -> list[Path]:
         if fold is not None:
             raise D2maeError("needs --model to be a run folder (with fold_k/model inside)", option="fold")
         return [path]
-    run = path / "run.json"
+    run = path / RUN_JSON
     if run.is_file():
         try:
             folds = [str(f) for f in json.loads(run.read_text(encoding="utf-8")).get("folds", [])]

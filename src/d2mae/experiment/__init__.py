@@ -28,7 +28,7 @@ size, from the config's ``budget:`` section — a method cannot override it), th
 folds (same labels, protocol, fold seed). :func:`check_equal_budget` enforces this on the planned configs before
 anything runs, and the report checks afterwards that every method was tested on the same images of each fold.
 
-**Caching and resume.** Each stage writes its outputs, then a ``DONE.json`` marker (atomically) holding the hash of
+**Caching and resume.** Each stage writes its outputs, then a ``stage_done.json`` marker (atomically) holding the hash of
 its resolved config. A stage whose marker is present with the same hash is skipped, so an interrupted experiment
 continues where it stopped (``--resume``), and pre-trained models are reused across fine-tunings: their folder is
 keyed by dataset + preset + budget + seed + model config hash (``OUT/pretrained/<dataset>/<preset>-seed<k>-<hash>``,

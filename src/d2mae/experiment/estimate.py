@@ -22,7 +22,7 @@ from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import DatasetPlan, Plan
 from d2mae.io.imports import encoder_architecture
 from d2mae.method.backbones import BackboneConfig, TimmClassifier
-from d2mae.method.model_config import ModelConfig
+from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.method.models import DeblurClassifier, DeblurMAE
 from d2mae.method.objectives import build_objective
 from d2mae.method.presets import PRESETS
@@ -53,7 +53,6 @@ def _time_objective(model: Any, x: Any) -> dict[str, float]:
     """Seconds per image of a pre-training step (forward, backward, AdamW) of any objective on batch x [B, C, S, S]
     (repeated into its views), and for the masked autoencoder of one OBS level."""
 
-
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as training's
     b = x.shape[0]
     views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
@@ -82,7 +81,6 @@ def _time_objective(model: Any, x: Any) -> dict[str, float]:
 
 def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
     """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
-
 
     opt = adamw(clf.parameters(), lr=1e-4)
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
@@ -115,7 +113,6 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     at fewer images for big models, so that a ViT-B at 224 px takes seconds, not minutes, to time.
     """
 
-
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     out: dict[str, float] = {}
@@ -129,7 +126,7 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
     out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x))
     xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
-    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes, drop_path_rate=0.1).to(dev), xf))
+    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes).to(dev), xf))
     refs = list(sample_refs)[:6]
     out["decode"] = out["augment"] = 0.0
     if refs:
@@ -147,7 +144,6 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
     """Time the pre-training objectives other than the masked autoencoder, and the classifiers that are not the
     experiment's ViT (timm backbones, imported checkpoints' architectures), once each, into ``speed``."""
 
-
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     for s in plan.of("pretrain", name):
@@ -163,7 +159,7 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
             continue
         c = fc.in_chans
         if fc.backbone:
-            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, [0.5] * c, [0.25] * c), num_classes)
+            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, *default_stats(c)), num_classes)
         else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
             found = os.path.exists(fc.pretrained)
             arch = encoder_architecture(fc.pretrained) if found else {"model": "vit_base_patch16"}

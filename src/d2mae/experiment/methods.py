@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from d2mae.method.obs import DEFAULT_SEARCH_STEP
-from d2mae.method.presets import DEBLURRMAE_SIGMA
+from d2mae.method.presets import DEBLURRMAE_SIGMA, describe_preset
 from d2mae.runtime.errors import D2maeError
 
 
@@ -45,7 +45,7 @@ class Method:
 
     def describe(self) -> str:
         if self.preset is not None:
-            pre = f"pre-training preset {self.preset}"
+            pre = f"pre-training {describe_preset(self.preset)}"
         elif self.source == "checkpoint":
             pre = "a released checkpoint (weights:), imported"
         elif self.source == "backbone":

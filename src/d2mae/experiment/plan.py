@@ -1,5 +1,5 @@
-"""The plan of an experiment: every stage with its folder and cache key, the equal-budget check, and time estimates
-measured on this machine. Part of :mod:`d2mae.experiment`."""
+"""The plan of an experiment: every stage with its folder and cache key, and the equal-budget check (the time
+estimates are :mod:`d2mae.experiment.estimate`). Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from d2mae.runtime.options import build_config, result_fields, to_dict
 from d2mae.train.finetune_config import FinetuneConfig
 from d2mae.train.pretrain_config import PretrainConfig
 
-DONE = "DONE.json"
+DONE = "stage_done.json"  # a finished stage (fine-tuning's fold_<k>/done.json is a fold's)
+LEGACY_DONE = "DONE.json"  # the same marker as d2mae 0.2.0 named it
 #: pre-training options that are the budget: every method's must agree, whatever its preset says
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "accum_iter", "data", "img_size")
 EXPERIMENT_CONFIG = "experiment.yaml"
@@ -81,6 +82,8 @@ class Stage:
     def done_info(self) -> dict[str, Any] | None:
         """The DONE marker's content when this stage finished with the same config, else ``None``."""
         path = self.folder / DONE
+        if not path.is_file():
+            path = self.folder / LEGACY_DONE
         if not path.is_file():
             return None
         try:
@@ -359,7 +362,8 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
         if any(m.preset is None and m.source == "scratch" for m in runs):
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
                                     (cfg.model, f"{cfg.source}, section model"))
-            arch_key = config_hash({"data": dp.data_key, "model": arch_cfg.to_dict(), "stats_seed": 0})
+            # every field, as before config.json dropped the other objectives' settings: the same keys
+            arch_key = config_hash({"data": dp.data_key, "model": to_dict(arch_cfg), "stats_seed": 0})
             arch_stage = Stage("arch", name, f"untrained ViT for the supervised floor ({name})",
                                cache / name / f"scratch-vit-{arch_key[:12]}", arch_key,
                                {"model": arch_cfg, "data": dp.pretrain_data})

@@ -1,4 +1,6 @@
-"""Results, Table-2/3-style tables, figures and the report of an experiment. Part of :mod:`d2mae.experiment`."""
+"""The report of an experiment: its Table-2/3-style tables (:mod:`~d2mae.experiment.results`), figures
+(:mod:`~d2mae.experiment.report_figures`), setup, machine and times, as report.md and report.html, with
+metrics.csv/json beside them. Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from d2mae.experiment.results import RunResult, fold_metric_values, table2_metho
 from d2mae.io.artifacts import load_pretrained
 from d2mae.io.obs_table import ObsTable
 from d2mae.io.predictions import load_predictions
-from d2mae.method.blur import gaussian_blur
 from d2mae.method.obs import ObsSpec
+from d2mae.method.reconstruct import masked_reconstruction
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.logs import read_jsonl
 
@@ -53,7 +53,6 @@ def reconstruction_arrays(folder: Path, refs: Sequence[str], seed: int = 0) -> d
     """Original, blurred (σ at the schedule's middle level), masked input (masked patches NaN) and reconstruction
     of a pre-trained model on ``refs`` (Eq. 1-3; the model's own mask ratio, a seeded mask)."""
 
-
     model = load_pretrained(folder, "cpu")
     cfg = model.config
     ds = ImageDataset(list(refs), cfg.img_size, cfg.in_chans, augment="none")
@@ -63,25 +62,13 @@ def reconstruction_arrays(folder: Path, refs: Sequence[str], seed: int = 0) -> d
     level = (levels + 1) // 2 if levels > 1 else levels  # D²MAE: t = 6 (σ 0.6); DeblurrMAE: σ 1.1; MAE: none
     t = torch.full((b,), float(level))
     noise = torch.rand(b, cfg.num_patches, generator=torch.Generator().manual_seed(seed))  # [B, N]
-    enc = model.encoder
-    with torch.no_grad():
-        latent, mask, ids_restore = enc(x, t, cfg.mask_ratio, noise=noise)
-        recon = model.to_image(model.forward_decoder(latent, ids_restore), x)  # [B, C, S, S] in [0, 1]
-        blurred = gaussian_blur(x, model.schedule.sigma(t)).clamp(0, 1)  # [B, C, S, S]
-    grid, p = cfg.img_size // cfg.patch, cfg.patch
-    pix = mask.reshape(b, 1, grid, grid).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [B, 1, S, S]
-    hidden = pix.expand_as(blurred) > 0  # [B, C, S, S] True where a patch was masked
-    masked = blurred.clone()
-    masked[hidden] = float("nan")
-    pasted = torch.where(hidden, recon, blurred)  # MAE's view: the visible input, masked patches filled in
+    views = masked_reconstruction(model, x, t, noise)
     sigma = float(model.schedule.sigma(t[:1])[0])
-    return {"original": x, "blurred": blurred, "masked": masked, "reconstruction": recon, "pasted": pasted,
-            "sigma": sigma, "mask_ratio": cfg.mask_ratio}
+    return {"original": x, **views, "sigma": sigma, "mask_ratio": cfg.mask_ratio}
 
 
 class FigureWriter:
     """Draws figures into OUT/figures, turning a failure into a visible note in the report (never a silent skip)."""
-
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.notes: list[str] = []
@@ -93,6 +80,7 @@ class FigureWriter:
         except (D2maeError, ValueError, RuntimeError, OSError) as exc:
             self.notes.append(f"figure {path.name} could not be drawn: {exc}")
             return None
+
         return path if path.is_file() else None
 
 
@@ -105,25 +93,25 @@ def _first_seed_stage(plan: Plan, kind: str, dataset: str, **match: Any) -> Stag
 
 
 def _labeled_for(plan: Plan, dataset: str) -> Any:
-
     spec = plan.config.datasets[dataset]
     return load_labeled(plan.datasets[dataset].labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
 
 
 class _ReportFigures:
     """The report's figures of one experiment, one method per kind; ``figs`` collects ``{section: [(png, caption)]}``."""
-
     def __init__(self, plan: Plan, results: Sequence[RunResult], draw: FigureWriter) -> None:
         self.plan, self.results, self.draw = plan, results, draw
         self.cfg = plan.config
         self.figs: dict[str, list[tuple[Path, str]]] = {}
         self.sigma_all: list[float] = []
+
         self.sigma_groups: list[str] = []
         self.search_step = METHODS["d2mae"].search_step  # the OBS step of the d2mae rows (titles say it)
         self._labeled: dict[str, Any] = {}
 
     def add(self, section: str, path: Path | None, caption: str) -> None:
         if path is not None:
+
             self.figs.setdefault(section, []).append((path, caption))
 
     def labeled(self, ds: str) -> Any:

@@ -14,6 +14,8 @@ from d2mae.eval.tables import ablation_table, comparison_table, format_p_stateme
 from d2mae.experiment.config import ExperimentConfig
 from d2mae.experiment.methods import ABLATIONS, Method, method_for, table2_order
 from d2mae.experiment.plan import Plan, Stage
+from d2mae.io.predictions import PREDICTIONS, RUN_JSON
+from d2mae.method.presets import describe_preset
 
 SIGNIFICANCE = 0.05
 
@@ -23,8 +25,8 @@ METRIC_COLUMNS: tuple[tuple[str, str], ...] = (("accuracy", "ACC"), ("macro_f1",
 
 @dataclass
 class RunResult:
-    """One finished fine-tuning run: its stage and D's ``metrics.json`` (per-fold metrics)."""
 
+    """One finished fine-tuning run: its stage and D's ``metrics.json`` (per-fold metrics)."""
     stage: Stage
     metrics: dict[str, Any]
 
@@ -68,8 +70,7 @@ def table2_methods(cfg: ExperimentConfig, results: Sequence[RunResult], dataset:
 
 def method_info(m: Method, weights: Mapping[str, str]) -> dict[str, str]:
     if m.preset is not None:
-        pre = {"mae": "MAE (no blur)", "deblurrmae": "DeblurrMAE (σ = 1.1)", "d2mae": "D²MAE (σ 0.1→1.1)",
-               "moco-v3": "MoCo v3", "diffmae": "DiffMAE"}.get(m.preset, m.preset)
+        pre = describe_preset(m.preset)
     elif m.source == "checkpoint" or m.name in weights:
         pre = f"released weights ({Path(weights[m.name]).name})"
     else:
@@ -172,7 +173,7 @@ def check_same_folds(plan: Plan) -> list[str]:
         for seed in plan.config.seeds:
             ref: tuple[str, set] | None = None
             for s in plan.of("finetune", ds):
-                path = s.folder / "predictions.csv"
+                path = s.folder / PREDICTIONS
                 if s.seed != seed or not path.is_file():
                     continue
                 with path.open(newline="", encoding="utf-8") as fh:
@@ -198,7 +199,7 @@ def stage_times(plan: Plan) -> list[dict[str, Any]]:
 def actual_folds(plan: Plan, dataset: str) -> list[tuple[str, int, int, int]]:
     """(fold, n_train, n_val, n_test) as the first finished fine-tuning of ``dataset`` recorded them."""
     for s in plan.of("finetune", dataset):
-        path = s.folder / "run.json"
+        path = s.folder / RUN_JSON
         if s.done_info() is not None and path.is_file():
             details = json.loads(path.read_text(encoding="utf-8")).get("fold_details") or []
             return [(str(d["fold"]), int(d["n_train"]), int(d["n_val"]), int(d["n_test"])) for d in details]

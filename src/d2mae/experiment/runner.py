@@ -1,5 +1,5 @@
-"""Running the stages of a plan (data, architecture, pre-training, fine-tuning + evaluation), each once, with a DONE
-marker. Part of :mod:`d2mae.experiment`."""
+"""Running the stages of a plan (data, architecture, pre-training, fine-tuning + evaluation), each once, with a
+``stage_done.json`` marker. Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ def _run_data(stage: Stage, plan: Plan) -> None:
 def _run_arch(stage: Stage, plan: Plan) -> None:
     """The supervised floor's ViT: an untrained model folder with the experiment's architecture and the
     pre-training images' mean/std (fine-tuning ``--mode scratch`` reads only its config, not its weights)."""
-
 
     mc: ModelConfig = stage.payload["model"]
     if mc.mean is None or mc.std is None:

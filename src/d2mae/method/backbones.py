@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from d2mae.method.blur import BlurSchedule
+from d2mae.method.model_config import DEFAULT_MEAN, DEFAULT_STD, DROP_PATH
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import check_fields
 
@@ -27,8 +28,8 @@ PREFIX = "timm:"
 
 
 def timm_name(backbone: str) -> str:
-    """``timm:NAME`` → ``NAME``, checked against timm's registry (close names suggested)."""
 
+    """``timm:NAME`` → ``NAME``, checked against timm's registry (close names suggested)."""
     if not backbone.startswith(PREFIX) or len(backbone) == len(PREFIX):
         raise D2maeError(f"{backbone!r} is not a timm backbone; write timm:NAME (e.g. timm:vit_base_patch16_224)",
                          option="backbone")
@@ -42,13 +43,13 @@ def timm_name(backbone: str) -> str:
 
 @dataclass
 class BackboneConfig:
-    """What fixes a :class:`TimmClassifier`: the timm model, its input, and the data set's normalisation."""
 
+    """What fixes a :class:`TimmClassifier`: the timm model, its input, and the data set's normalisation."""
     backbone: str = field(default="", metadata={"help": "timm:NAME"})
     img_size: int = field(default=224, metadata={"help": "input size in pixels", "min": 1})
     in_chans: int = field(default=1, metadata={"help": "input channels", "choices": [1, 3]})
-    mean: list[float] = field(default_factory=lambda: [0.5], metadata={"min": 0.0, "max": 1.0})
-    std: list[float] = field(default_factory=lambda: [0.25], metadata={"above": 0.0, "max": 1.0})
+    mean: list[float] = field(default_factory=lambda: [DEFAULT_MEAN], metadata={"min": 0.0, "max": 1.0})
+    std: list[float] = field(default_factory=lambda: [DEFAULT_STD], metadata={"above": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -67,8 +68,8 @@ class BackboneConfig:
 
 def _create(config: BackboneConfig, num_classes: int, drop_path: float, state_dict: dict | None) -> nn.Module:
     """``timm.create_model`` at the configured size and channels; ``state_dict`` goes through timm's own loading
-    (``pretrained_cfg_overlay``: its checkpoint filter, input-conv adaptation, classifier reset)."""
 
+    (``pretrained_cfg_overlay``: its checkpoint filter, input-conv adaptation, classifier reset)."""
     options: dict[str, Any] = {"num_classes": num_classes, "in_chans": config.in_chans}
     if drop_path:
         options["drop_path_rate"] = drop_path
@@ -84,8 +85,7 @@ def _create(config: BackboneConfig, num_classes: int, drop_path: float, state_di
 
 class TimmClassifier(nn.Module):
     """A timm classifier with the data set's normalisation inside; ``forward(x, t)`` ignores t (no blur)."""
-
-    def __init__(self, config: BackboneConfig, num_classes: int, drop_path: float = 0.1,
+    def __init__(self, config: BackboneConfig, num_classes: int, drop_path: float = DROP_PATH,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.config = config

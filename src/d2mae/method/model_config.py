@@ -5,18 +5,38 @@ other rows with its own settings."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 from d2mae.method.blur import BlurSchedule
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import check_fields
 
-# name: (patch, embed_dim, depth, num_heads). Decoder defaults follow MAE: 512 wide, 8 blocks, 16 heads.
-ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
-    "vit_tiny_patch16": (16, 192, 12, 3),
-    "vit_small_patch16": (16, 384, 12, 6),
-    "vit_base_patch16": (16, 768, 12, 12),
-    "vit_large_patch16": (16, 1024, 24, 16),
+
+class ArchSpec(NamedTuple):
+    """A ViT encoder's shape (timm's names: ``vit_<size>_patch16``)."""
+    patch: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+# Decoder defaults follow MAE: 512 wide, 8 blocks, 16 heads (ModelConfig's decoder_* fields).
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "vit_tiny_patch16": ArchSpec(patch=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": ArchSpec(patch=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": ArchSpec(patch=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": ArchSpec(patch=16, embed_dim=1024, depth=24, num_heads=16),
 }
+#: The input normalisation of a model whose data set statistics are unknown (mean and std per channel, in [0, 1]).
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
+#: Stochastic depth of fine-tuning (MAE's ViT-B recipe), the default of every classifier.
+DROP_PATH = 0.1
+
+
+def default_stats(in_chans: int) -> tuple[list[float], list[float]]:
+    """:data:`DEFAULT_MEAN` and :data:`DEFAULT_STD` for each of ``in_chans`` channels."""
+    return [DEFAULT_MEAN] * in_chans, [DEFAULT_STD] * in_chans
+
 
 
 BLUR_EMBEDDINGS = ("token", "add", "none")
@@ -31,11 +51,42 @@ DIFFUSION_SCHEDULES = ("cosine", "linear")
 
 
 @dataclass
-class ModelConfig:
+class MoCoOptions:
+    """MoCo v3's own settings (its ViT recipe: Chen et al. 2021), used only by ``objective: moco-v3``."""
+
+    moco_dim: int = field(default=256, metadata={"help": "MoCo v3: projector and predictor output width", "min": 1})
+    moco_mlp_dim: int = field(default=4096, metadata={"help": "MoCo v3: hidden width of its MLPs (ViT: 4096)",
+                                                      "min": 1})
+    moco_temperature: float = field(default=0.2, metadata={"help": "MoCo v3: InfoNCE temperature (ViT: 0.2)",
+                                                           "above": 0.0})
+    moco_momentum: float = field(default=0.99, metadata={
+        "help": "MoCo v3: momentum of the key encoder at the start; a half-cosine takes it to 1 (ViT: 0.99)",
+        "min": 0.0, "max": 1.0})
+
+
+@dataclass
+class DiffMAEOptions:
+    """DiffMAE's own settings (Wei et al. 2023), used only by ``objective: diffmae``."""
+
+    diffusion_steps: int = field(default=1000, metadata={"help": "DiffMAE: diffusion steps T", "min": 1})
+    diffusion_schedule: str = field(default="cosine", metadata={
+        "help": "DiffMAE: noise schedule, cosine (improved DDPM) or linear (DDPM)",
+        "choices": list(DIFFUSION_SCHEDULES)})
+
+
+#: The settings each of Table 2's other objectives adds; a saved config holds only its own objective's.
+OBJECTIVE_OPTIONS: dict[str, type] = {"moco-v3": MoCoOptions, "diffmae": DiffMAEOptions}
+OBJECTIVE_FIELDS: tuple[str, ...] = tuple(f.name for options in OBJECTIVE_OPTIONS.values() for f in fields(options))
+_OBJECTIVE_FIELDS = set(OBJECTIVE_FIELDS)
+
+
+@dataclass
+class ModelConfig(MoCoOptions, DiffMAEOptions):
     """Everything that fixes a DeblurMAE's architecture, its blur schedule and its input normalisation.
 
     Each field's domain is in its metadata (:mod:`d2mae.runtime.options`); ``__post_init__`` checks them and the
-    rules between fields, so a config from flags, YAML, Python or a saved ``config.json`` is checked alike.
+    rules between fields, so a config from flags, YAML, Python or a saved ``config.json`` is checked alike. The
+    settings of Table 2's other objectives come from :class:`MoCoOptions` and :class:`DiffMAEOptions`.
     """
 
     model: str = field(default="vit_base_patch16", metadata={
@@ -74,19 +125,6 @@ class ModelConfig:
     objective: str = field(default="mae", metadata={
         "help": "pre-training objective: mae (masked autoencoder: MAE, DeblurrMAE, D²MAE), moco-v3 or diffmae "
                 "(set by --preset)", "choices": list(OBJECTIVES)})
-    moco_dim: int = field(default=256, metadata={"help": "MoCo v3: projector and predictor output width", "min": 1})
-    moco_mlp_dim: int = field(default=4096, metadata={"help": "MoCo v3: hidden width of its MLPs (ViT: 4096)",
-                                                      "min": 1})
-    moco_temperature: float = field(default=0.2, metadata={"help": "MoCo v3: InfoNCE temperature (ViT: 0.2)",
-                                                           "above": 0.0})
-    moco_momentum: float = field(default=0.99, metadata={
-        "help": "MoCo v3: momentum of the key encoder at the start; a half-cosine takes it to 1 (ViT: 0.99)",
-        "min": 0.0, "max": 1.0})
-    diffusion_steps: int = field(default=1000, metadata={"help": "DiffMAE: diffusion steps T", "min": 1})
-    diffusion_schedule: str = field(default="cosine", metadata={
-        "help": "DiffMAE: noise schedule, cosine (improved DDPM) or linear (DDPM)",
-        "choices": list(DIFFUSION_SCHEDULES)})
-
     def __post_init__(self) -> None:
         check_fields(self)
         if self.img_size < self.patch or self.img_size % self.patch:
@@ -115,19 +153,19 @@ class ModelConfig:
 
     @property
     def patch(self) -> int:
-        return self.patch_size or ARCHITECTURES[self.model][0]
+        return self.patch_size or ARCHITECTURES[self.model].patch
 
     @property
     def dim(self) -> int:
-        return self.embed_dim or ARCHITECTURES[self.model][1]
+        return self.embed_dim or ARCHITECTURES[self.model].embed_dim
 
     @property
     def blocks(self) -> int:
-        return self.depth or ARCHITECTURES[self.model][2]
+        return self.depth or ARCHITECTURES[self.model].depth
 
     @property
     def heads(self) -> int:
-        return self.num_heads or ARCHITECTURES[self.model][3]
+        return self.num_heads or ARCHITECTURES[self.model].num_heads
 
     @property
     def num_patches(self) -> int:
@@ -145,7 +183,13 @@ class ModelConfig:
         return BlurSchedule(self.sigma_start, self.sigma_stop, self.sigma_step, enabled=self.blur)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored form (``config.json``): the masked autoencoder's fields, then only this objective's own
+        settings (a D²MAE config carries no MoCo v3 or DiffMAE field; :meth:`from_dict` reads either form)."""
+        data = asdict(self)
+        options = OBJECTIVE_OPTIONS.get(self.objective)
+        own = {f.name for f in fields(options)} if options else set()
+        core = {k: v for k, v in data.items() if k not in _OBJECTIVE_FIELDS}
+        return {**core, **{k: data[k] for k in data if k in own}}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":

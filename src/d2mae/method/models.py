@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from d2mae.method.blur import BlurSchedule, gaussian_blur, sinusoidal_embedding
-from d2mae.method.model_config import ModelConfig
+from d2mae.method.model_config import DROP_PATH, ModelConfig, default_stats
 from d2mae.method.objective import Objective
 from d2mae.runtime.errors import D2maeError
 
@@ -100,8 +100,9 @@ class DeblurEncoder(nn.Module):
             Block(dim, config.heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM, drop_path=dpr[i])
             for i in range(config.blocks))
         self.norm = LAYER_NORM(dim) if final_norm else nn.Identity()
-        mean = config.mean if config.mean is not None else [0.5] * config.in_chans
-        std = config.std if config.std is not None else [0.25] * config.in_chans
+        default_mean, default_std = default_stats(config.in_chans)
+        mean = config.mean if config.mean is not None else default_mean
+        std = config.std if config.std is not None else default_std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self._init()
@@ -183,8 +184,8 @@ class DeblurEncoder(nn.Module):
 
 
 class DeblurMAE(Objective):
-    """The D²MAE pre-training model: :class:`DeblurEncoder` + MAE decoder that predicts the un-blurred image."""
 
+    """The D²MAE pre-training model: :class:`DeblurEncoder` + MAE decoder that predicts the un-blurred image."""
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -301,8 +302,7 @@ class DeblurClassifier(nn.Module):
     pre-trained weights are not loaded). Layer-wise lr decay (timm ``param_groups_layer_decay``) puts CLS, BLU,
     position and patch embeddings in the stem.
     """
-
-    def __init__(self, config: ModelConfig, num_classes: int, drop_path_rate: float = 0.1) -> None:
+    def __init__(self, config: ModelConfig, num_classes: int, drop_path_rate: float = DROP_PATH) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
@@ -378,7 +378,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return F.batch_norm(xf, mean, var, self.weight, self.bias, False, 0.0, self.eps).to(x.dtype)
 
 
-def build_classifier(config: ModelConfig, num_classes: int, mode: str = "full", drop_path: float = 0.1
+def build_classifier(config: ModelConfig, num_classes: int, mode: str = "full", drop_path: float = DROP_PATH
                      ) -> DeblurClassifier:
     """The classifier of a fine-tuning mode (weights not loaded). ``linear`` puts a BatchNorm without affine
     parameters before the head and freezes everything but the head (MAE linear probing)."""

@@ -41,3 +41,21 @@ def preset_overrides(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise D2maeError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}", option="preset")
     return dict(PRESETS[name])
+
+
+#: The name of each Table 2 method in reports; the ablations are named by their preset.
+PRESET_TITLES = {"mae": "MAE", "deblurrmae": "DeblurrMAE", "d2mae": "D²MAE", "moco-v3": "MoCo v3", "diffmae": "DiffMAE"}
+
+
+def describe_preset(name: str) -> str:
+    """A preset in words, from its settings: ``MAE (no blur)``, ``DeblurrMAE (σ = 1.1)``, ``D²MAE (σ 0.1→1.1)``."""
+    p = preset_overrides(name)
+    title = PRESET_TITLES.get(name, name)
+    if p.get("objective", "mae") != "mae":
+        return title
+    if not p["blur"]:
+        return f"{title} (no blur)"
+    if p["sigma_start"] == p["sigma_stop"]:
+        return f"{title} (σ = {p['sigma_start']:g})"
+    embed = {"none": ", no blur embedding", "add": ", blur embedding added"}.get(p.get("blur_embed", "token"), "")
+    return f"{title} (σ {p['sigma_start']:g}→{p['sigma_stop']:g}{embed})"

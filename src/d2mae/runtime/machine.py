@@ -19,7 +19,6 @@ import d2mae
 def machine_info() -> dict[str, Any]:
     """Platform, CPU, cores, memory, GPU and the versions of the software that matter."""
 
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():

@@ -147,16 +147,47 @@ def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> An
     own value checks (ranges, choices) and raises :class:`D2maeError`.
     """
     types_ = field_types(cls)
+    aliases = field_aliases(cls)
     merged: dict[str, Any] = {}
     for mapping, source in layers:
         for raw_key, value in (mapping or {}).items():
             key = str(raw_key).replace("-", "_")
+            key = aliases.get(key, key)
             if key not in types_:
                 close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; known options: {', '.join(types_)}"
                 raise D2maeError(f"unknown option '{raw_key}' in {source}{hint}")
             merged[key] = coerce(value, types_[key], key, source)
     return cls(**merged)
+
+
+def field_aliases(cls: type) -> dict[str, str]:
+    """Other names a field answers to (its metadata's ``aliases``, e.g. an older spelling) → the field's name."""
+    return {alias: f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
+
+
+THREADS_HELP = ("CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
+                "among torchrun's processes on the node; docs/threads.md)")
+
+
+@dataclasses.dataclass
+class RuntimeOptions:
+    """Where and how a command runs, declared once for every command that computes (pretrain, obs, finetune,
+    predict). None of them changes what a run computes (``volatile``: a resumed run may change them, and
+    experiment cache keys leave them out); a command may give a field another default."""
+
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "auto (CUDA when available), cpu, cuda or cuda:N", "volatile": True})
+    precision: str = dataclasses.field(default="auto", metadata={
+        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32",
+        "choices": ["auto", "bf16", "fp32"], "volatile": True})
+    workers: int | None = dataclasses.field(default=2, metadata={
+        "help": "DataLoader worker processes that decode images", "min": 0, "volatile": True})
+    threads: int | None = dataclasses.field(default=None, metadata={"help": THREADS_HELP, "min": 1, "volatile": True})
+    skip_bad: bool = dataclasses.field(default=False, metadata={
+        "help": "leave out unreadable images (listed in bad_images.txt in the output folder) instead of stopping",
+        "volatile": True})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "show progress bars", "volatile": True})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from d2mae.method.backbones import timm_name
+from d2mae.method.model_config import DROP_PATH
 from d2mae.method.obs import DEFAULT_SEARCH_STEP, ObsSpec
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP
-from d2mae.runtime.options import check_fields
+from d2mae.runtime.options import RuntimeOptions, check_fields
 
 MODES = ("full", "linear", "scratch")
 
@@ -18,13 +19,13 @@ BALANCE = ("none", "loss", "sampler")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RuntimeOptions):
     """What ``d2mae finetune`` takes: every field is a YAML key and a flag (``batch_size`` ↔ ``--batch-size``).
 
     Each field's domain is in its metadata (:mod:`d2mae.runtime.options`); ``volatile`` fields may change when a
     stopped run is resumed.
-    """
 
+    """
     pretrained: str | None = field(default=None, metadata={
         "help": "pre-trained folder (model.safetensors + config.json), or a released checkpoint file to import "
                 "(official MAE .pth, timm MAE .safetensors, MoCo v3 .pth.tar; docs/import.md); optional for "
@@ -80,7 +81,7 @@ class FinetuneConfig:
     layer_decay: float = field(default=0.65, metadata={"help": "layer-wise lr decay (MAE ViT-B: 0.65)",
                                                        "above": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay", "min": 0.0})
-    drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate", "min": 0.0, "below": 1.0})
+    drop_path: float = field(default=DROP_PATH, metadata={"help": "stochastic depth rate", "min": 0.0, "below": 1.0})
     smoothing: float = field(default=0.1, metadata={"help": "label smoothing", "min": 0.0, "below": 1.0})
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off; MAE ViT-B: 0.8)", "min": 0.0})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off; MAE ViT-B: 1.0)", "min": 0.0})
@@ -98,13 +99,6 @@ class FinetuneConfig:
                                                             "above": 0.0})
     seed: int = field(default=0, metadata={"help": "seed of the folds, the initialisation and every epoch",
                                            "min": 0})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N", "volatile": True})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on capable GPUs), bf16 or fp32",
-                                                     "choices": ["auto", "bf16", "fp32"], "volatile": True})
-    workers: int = field(default=2, metadata={"help": "DataLoader workers", "min": 0, "volatile": True})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
-                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
     checkpoint_every_seconds: float = field(default=30.0, metadata={
         "help": "write a fold's resume state (resume.pt, best.safetensors) after an epoch only when this many seconds "
                 "passed since the last write (0: after every epoch); a stop signal always writes", "min": 0.0,
@@ -112,12 +106,9 @@ class FinetuneConfig:
     obs_batch_size: int = field(default=32, metadata={"help": "images per OBS batch", "min": 1, "volatile": True})
     strict: bool = field(default=False, metadata={
         "help": "refuse test images that were in the pre-training data or duplicated across splits"})
-    skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images (bad_images.txt)",
-                                                    "volatile": True})
     resume: bool = field(default=False, metadata={"help": "continue a stopped run in --out", "volatile": True})
     method: str | None = field(default=None, metadata={"help": "method name in run.json (default: derived)",
                                                        "volatile": True})
-    progress: bool = field(default=True, metadata={"help": "show progress bars", "volatile": True})
     tensorboard: str = field(default="auto", metadata={"help": TENSORBOARD_HELP, "choices": list(TENSORBOARD_CHOICES),
                                                        "volatile": True})
 

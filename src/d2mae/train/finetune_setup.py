@@ -20,7 +20,7 @@ from d2mae.io.obs_table import TABLE_NAME, ObsTable
 from d2mae.io.predictions import saved_run
 from d2mae.method.backbones import BackboneConfig
 from d2mae.method.blur import BlurSchedule
-from d2mae.method.model_config import ModelConfig
+from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered_objects, on_main
 from d2mae.runtime.errors import D2maeError
@@ -69,7 +69,7 @@ class FinetuneSetup:
                 raise D2maeError(f"{cfg.backbone_weights} does not exist", option="backbone_weights")
             c = cfg.in_chans
             self.backbone_state, notes = backbone_state(
-                cfg.backbone_weights, BackboneConfig(cfg.backbone, cfg.img_size, c, [0.5] * c, [0.25] * c))
+                cfg.backbone_weights, BackboneConfig(cfg.backbone, cfg.img_size, c, *default_stats(c)))
             self.say(f"{cfg.backbone} from {cfg.backbone_weights}" + (f" ({'; '.join(notes)})" if notes else ""))
         elif not cfg.backbone and cfg.mode != "scratch" and self.pretrained is None:
             raise D2maeError(f"is required for mode {cfg.mode} (only scratch trains without a pre-trained model)",

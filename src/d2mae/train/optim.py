@@ -70,7 +70,6 @@ def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, 
     group's ``lr`` when the scheduler is made. Its ``state_dict()`` holds plain values only.
     """
 
-
     warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
     timm_log = logging.getLogger("timm.scheduler.cosine_lr")
     level = timm_log.level

@@ -169,7 +169,8 @@ class Pretrainer:
         cfg, ctx, out = self.cfg, self.ctx, self.out
         def images() -> tuple[list[str], list[str] | None, int]:
             shards = open_shards(cfg.data)
-            if shards is not None:  # checked and hashed when the shards were written (d2mae shards)
+            if shards is not None:  # checked when written (d2mae shards); every member's bytes checked here
+                shards.verify(content_hashes(shards.refs))
                 return shards.refs, shards.hashes, max(shards.shard_sizes)
             refs = find_images(cfg.data)
             return check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
@@ -206,7 +207,7 @@ class Pretrainer:
         cfg, ctx = self.cfg, self.ctx
         state: dict[str, Any] | None = None
         if resume_path is not None:
-            state = load_checkpoint(resume_path)
+            state = load_checkpoint(resume_path, given=resume_path != self.out / RESUME)
             _check_resume_matches(state, cfg, digest, len(self.refs), ctx.world_size, resume_path)
             model_cfg = ModelConfig.from_dict(state["model_config"], source=str(resume_path))
         else:
@@ -255,13 +256,13 @@ class Pretrainer:
             say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
         if self.data_path == "memory":
-            cache = DecodedCache(self.train_refs, cfg.img_size, cfg.in_chans, progress=ctx.is_main and _tty())
+            cache = DecodedCache(self.train_refs, cfg.img_size, cfg.in_chans, progress=cfg.progress and ctx.is_main and _tty())
             self.batches: Any = MemoryBatches(cache, self.sampler, self.device, views=self.model.views,
                                               scale=self.model.crop_scale)
         else:
             dataset = ImageDataset(self.train_refs, cfg.img_size, cfg.in_chans, augment="mae",
                                    views=self.model.views, crop_scale=self.model.crop_scale)
-            workers = default_workers() if cfg.num_workers is None else cfg.num_workers
+            workers = default_workers() if cfg.workers is None else cfg.workers
             self.batches = LoaderBatches(dataset, self.sampler, workers, pin=self.device.type == "cuda")
 
         self.train_model: torch.nn.Module = dist_utils.wrap_ddp(self.model, self.device, ctx)
@@ -387,7 +388,7 @@ class Pretrainer:
         with StopSignals() as stop:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
                 epoch = self.epoch
-                bar = _progress(ctx, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
+                bar = _progress(ctx, cfg.progress, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
                 epoch_loss, epoch_steps, epoch_time = 0.0, 0, 0.0
                 log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
                 batches = self.batches.epoch(epoch, self.micro)
@@ -449,9 +450,9 @@ def _tty() -> bool:
     return sys.stderr.isatty()
 
 
-def _progress(ctx: DistContext, total: int, initial: int, epoch: int, epochs: int) -> Any:
+def _progress(ctx: DistContext, show: bool, total: int, initial: int, epoch: int, epochs: int) -> Any:
     """A tqdm bar on a terminal (rank 0 only); ``None`` otherwise (one line per epoch is printed instead)."""
-    if not (ctx.is_main and _tty()):
+    if not (show and ctx.is_main and _tty()):
         return None
 
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,

@@ -6,17 +6,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from d2mae.method.model_config import ModelConfig
+from d2mae.method.model_config import OBJECTIVE_FIELDS, ModelConfig
 from d2mae.method.presets import PRESETS, preset_overrides
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP
-from d2mae.runtime.options import build_config
+from d2mae.runtime.options import RuntimeOptions, build_config
 
-MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ModelConfig))
+# the masked autoencoder's fields first, then the other objectives' own settings (as config.json stores them)
+MODEL_FIELDS: tuple[str, ...] = tuple(sorted((f.name for f in fields(ModelConfig)),
+                                             key=lambda name: name in OBJECTIVE_FIELDS))
 
 
 @dataclass
-class PretrainConfig(ModelConfig):
+class PretrainConfig(ModelConfig, RuntimeOptions):
     """Every option of ``d2mae pretrain``: the model (all of :class:`ModelConfig`'s fields) and the run.
 
     Each field is a YAML key and a flag (``batch_size`` ↔ ``--batch-size``), with its domain in its metadata
@@ -57,18 +59,6 @@ class PretrainConfig(ModelConfig):
         "help": "AdamW weight decay (not on norms, biases, tokens)", "min": 0.0})
     seed: int = field(default=0, metadata={"help": "seed of every random choice; same seed, same result on CPU",
                                            "min": 0})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda or cuda:N",
-                                                  "volatile": True})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA GPUs that support it, else fp32), bf16 or fp32",
-        "choices": ["auto", "bf16", "fp32"], "volatile": True})
-    num_workers: int | None = field(default=None, metadata={
-        "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)", "min": 0, "volatile": True})
-    threads: int | None = field(default=None, metadata={
-        "help": "CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
-                "among torchrun's processes on the node; docs/threads.md)", "min": 1, "volatile": True})
-    skip_bad: bool = field(default=False, metadata={
-        "help": "leave out unreadable images (listed in OUT/bad_images.txt) instead of stopping", "volatile": True})
     resume: str | None = field(default=None, metadata={
         "help": "continue a run: auto (OUT/resume.pt if present) or a resume.pt file / run folder",
         "volatile": True})
@@ -86,6 +76,9 @@ class PretrainConfig(ModelConfig):
                                                         "choices": list(TENSORBOARD_CHOICES), "volatile": True})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many optimizer steps (the lr schedule is fitted to the shorter run)", "min": 1})
+    workers: int | None = field(default=None, metadata={
+        "help": "DataLoader worker processes (default: CPU cores - 1, at most 8)", "min": 0, "volatile": True,
+        "aliases": ["num_workers"]})
     data_path: str = field(default="auto", metadata={
         "help": "memory: decode every image once into a cache on the device and crop batches there; loader: "
                 "decode each epoch in DataLoader workers; auto: memory when the cache fits, else loader (both give "

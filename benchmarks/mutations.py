@@ -1,0 +1,212 @@
+"""Plant each break of a paper or baseline property into a copy of the package and check that a test catches it.
+
+    python benchmarks/mutations.py            # every break: one line each, CAUGHT or SURVIVED; exit 1 if any survived
+    python benchmarks/mutations.py --list     # the breaks and the tests that should catch them
+    python benchmarks/mutations.py blu-index  # only these
+
+Each break replaces one exact snippet of ``src/d2mae`` (the run stops if a snippet is no longer in the code: update
+the list with the code) in a fresh copy of the repository, then runs the tests named for it there. A break is
+CAUGHT when those tests fail. Add a break here for every new property a test guards (docs/paper-map.md says which
+test guards which property).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+BLUR_05 = "__import__('d2mae.method.blur', fromlist=['x']).gaussian_blur"
+
+
+@dataclass(frozen=True)
+class Break:
+    name: str
+    property: str
+    file: str  # under src/d2mae
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+PB = "tests/test_planted_breaks.py"
+BREAKS: tuple[Break, ...] = (
+    Break("blu-index", "BLU(t) sits right after CLS (Eq. 2)", "method/models.py",
+          "z = torch.cat(head + [tokens], dim=1)", "z = torch.cat(head[::-1] + [tokens], dim=1)",
+          ("tests/test_models.py::test_blur_token_sits_after_cls_and_changes_the_output",)),
+    Break("sigma-off-by-one", "σ_t = σ_1 + (t − 1)·step (Section 2.2)", "method/blur.py",
+          "self.start + (t - 1) * self.step, torch.zeros_like(t)", "self.start + t * self.step, torch.zeros_like(t)",
+          ("tests/test_blur.py", "tests/test_models.py::test_encoder_sees_the_image_blurred_at_sigma_t")),
+    Break("loss-against-blurred", "the loss is against the original, sharp image (Eq. 3)", "method/models.py",
+          "loss = self.loss_per_sample(x, pred, mask if masked_only else None).mean()",
+          "loss = self.loss_per_sample(gaussian_blur(x, self.schedule.sigma(t)), pred, "
+          "mask if masked_only else None).mean()",
+          ("tests/test_models.py::test_loss_target_is_the_unblurred_image",
+           "tests/test_models.py::test_pretraining_loss_is_against_the_original_image")),
+    Break("obs-argmax", "OBS takes the argmin of the deblurring loss (Eq. 5)", "method/obs.py",
+          "np.argmin(arr[:, order], axis=1)", "np.argmax(arr[:, order], axis=1)", ("tests/test_obs.py",)),
+    Break("obs-ignores-step", "OBS visits t = 1, 1+s, … (Algorithm 1 line 4)", "method/blur.py",
+          "range(1, self.num_levels + 1, search_step)", "range(1, self.num_levels + 1)",
+          ("tests/test_obs.py", "tests/test_blur.py")),
+    Break("t-fixed-at-1", "t ~ U{1..T} per sample (Section 2.2)", "method/blur.py",
+          "t = torch.randint(1, self.num_levels + 1, (batch,), generator=generator)",
+          "t = torch.ones(batch, dtype=torch.long)", ("tests/test_blur.py",)),
+    Break("blur-after-masking", "the whole image is blurred, then patches are masked (Eq. 1, then 75% masking)",
+          "method/models.py",
+          "        tokens = self.patch_embed(self.blur(x, t))  # [B, N, D]",
+          "        if mask_ratio > 0 and noise is not None:\n"
+          "            g, p = self.config.img_size // self.config.patch, self.config.patch\n"
+          "            keep = int(g * g * (1 - mask_ratio))\n"
+          "            m = (torch.argsort(torch.argsort(noise, 1), 1) >= keep).float().view(-1, 1, g, g)\n"
+          "            x = x * (1 - m.repeat_interleave(p, 2).repeat_interleave(p, 3))\n"
+          "        tokens = self.patch_embed(self.blur(x, t))  # [B, N, D]",
+          (f"{PB}::test_the_image_is_blurred_whole_before_patches_are_masked",)),
+    Break("one-sigma-per-batch", "each sample is blurred at its own σ_t", "method/models.py",
+          "gaussian_blur(x, self.schedule.sigma(t), max_sigma=self.schedule.sigmas[-1])",
+          "gaussian_blur(x, self.schedule.sigma(t[:1].expand_as(t)), max_sigma=self.schedule.sigmas[-1])",
+          ("tests/test_models.py::test_encoder_sees_the_image_blurred_at_sigma_t",
+           f"{PB}::test_the_classifier_encoder_sees_the_image_blurred_at_sigma_t_star")),
+    Break("moco-no-momentum", "MoCo v3's key encoder follows the query encoder by EMA", "method/moco.py",
+          "            self.update_momentum(momentum)\n", "            pass\n",
+          (f"{PB}::test_moco_momentum_encoder_follows_the_ema_formula_over_k_loss_steps",)),
+    Break("moco-m-zero", "MoCo v3's EMA keeps m of the key encoder", "method/moco.py",
+          "pt.mul_(m).add_(po.detach(), alpha=1 - m)", "pt.copy_(po.detach())",
+          (f"{PB}::test_moco_momentum_encoder_follows_the_ema_formula_over_k_loss_steps",)),
+    Break("moco-no-predictor", "MoCo v3's queries of both views go through the predictor", "method/moco.py",
+          "q1 = self.predictor(self.projector(self._features(self.encoder, x1)))",
+          "q1 = (self.projector(self._features(self.encoder, x1)))",
+          (f"{PB}::test_moco_predictor_gets_gradients_and_shapes_the_loss",)),
+    Break("moco-predictor-identity", "MoCo v3 has a predictor MLP on the query side", "method/moco.py",
+          "self.predictor = mlp(2, config.moco_dim, config.moco_mlp_dim, config.moco_dim, last_bn=False)",
+          "self.predictor = nn.Identity()",
+          (f"{PB}::test_moco_predictor_gets_gradients_and_shapes_the_loss",)),
+    Break("moco-asymmetric", "MoCo v3's loss is symmetrised over the two views", "method/moco.py",
+          "return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)",
+          "return 2 * self.contrastive_loss(q1, k2)",
+          ("tests/test_table2.py::test_moco_loss_is_symmetric_in_the_two_views",)),
+    Break("diffmae-target-xt", "DiffMAE predicts the clean masked patches x₀", "method/diffmae.py",
+          "return F.mse_loss(pred.float(), x0), pred, mask", "return F.mse_loss(pred.float(), xt), pred, mask",
+          (f"{PB}::test_diffmae_target_is_the_clean_masked_patches",)),
+    Break("diffmae-target-eps", "DiffMAE predicts x₀, not the noise ε", "method/diffmae.py",
+          "return F.mse_loss(pred.float(), x0), pred, mask", "return F.mse_loss(pred.float(), eps), pred, mask",
+          (f"{PB}::test_diffmae_target_is_the_clean_masked_patches",)),
+    Break("classifier-blur-at-T", "the classifier sees the image blurred at σ_t* (Algorithm 1 line 11)",
+          "method/models.py",
+          "        z, _, _ = self.encoder(x, t, 0.0)  # [B, prefix + N, D]",
+          "        e = self.encoder\n"
+          "        e.blur = lambda x, t, e=e: type(e).blur(e, x, torch.full_like(t, float(e.schedule.num_levels)))\n"
+          "        z, _, _ = e(x, t, 0.0)",
+          (f"{PB}::test_the_classifier_encoder_sees_the_image_blurred_at_sigma_t_star",)),
+    Break("classifier-no-blur", "the classifier sees the image blurred at σ_t* (Algorithm 1 line 11)",
+          "method/models.py",
+          "        z, _, _ = self.encoder(x, t, 0.0)  # [B, prefix + N, D]",
+          "        e = self.encoder\n"
+          "        e.blur = lambda x, t, e=e: e.normalize(x.float())\n"
+          "        z, _, _ = e(x, t, 0.0)",
+          (f"{PB}::test_the_classifier_encoder_sees_the_image_blurred_at_sigma_t_star",)),
+    Break("micro-f1", "F1 is the macro average of class-wise F1 (Section 3.1)", "eval/metrics.py",
+          'average="macro", zero_division=0))', 'average="micro", zero_division=0))',
+          ("tests/test_metrics.py",)),
+    Break("weighted-f1", "F1 is the macro average of class-wise F1 (Section 3.1)", "eval/metrics.py",
+          'average="macro", zero_division=0))', 'average="weighted", zero_division=0))',
+          ("tests/test_metrics.py",)),
+    Break("auroc-hard-labels", "AUROC ranks the probabilities, not the predicted labels", "eval/metrics.py",
+          "return float(roc_auc_score(y, p[:, 1]))", "return float(roc_auc_score(y, (p[:, 1] > 0.5).astype(float)))",
+          ("tests/test_metrics.py",)),
+    Break("kernel-not-normalised", "the Gaussian kernel sums to 1 (G_σ of Eq. 1)", "method/blur.py",
+          "taps = (taps / taps.sum(dim=1, keepdim=True)).float()", "taps = taps.float()", ("tests/test_blur.py",)),
+    Break("kernel-truncated", "the kernel reaches 4σ, as scipy's gaussian_filter", "method/blur.py",
+          "own_radius = torch.floor(TRUNCATE * sig + 0.5)", "own_radius = torch.floor(2.0 * sig + 0.5)",
+          ("tests/test_blur.py",)),
+    Break("blur-memory-path", "pre-training crops are sharp: the memory cache's path", "data/cache.py",
+          "return crop_resize(images, sizes, local, self.img_size, flip)",
+          f"out = crop_resize(images, sizes, local, self.img_size, flip)\n"
+          f"        return {BLUR_05}(out, torch.full((out.shape[0],), 0.5))",
+          (f"{PB}::test_sharp_views_of_an_image_at_the_model_size_are_its_pixels",)),
+    Break("blur-loader-path", "pre-training crops are sharp: the DataLoader's path", "data/dataset.py",
+          "crops.append(torch.from_numpy(resize_box(arr, (j, i, j + w, i + h), s, flip=flip)))",
+          "crops.append(torch.from_numpy(__import__('scipy.ndimage', fromlist=['x']).gaussian_filter("
+          "resize_box(arr, (j, i, j + w, i + h), s, flip=flip), (0, 0.5, 0.5))))",
+          (f"{PB}::test_sharp_views_of_an_image_at_the_model_size_are_its_pixels",)),
+    Break("blur-eval-view", "the OBS and fine-tuning views are sharp", "data/dataset.py",
+          "return torch.from_numpy(resize_box(arr, center_box(arr.shape[0], arr.shape[1]), s))",
+          "return torch.from_numpy(__import__('scipy.ndimage', fromlist=['x']).gaussian_filter("
+          "resize_box(arr, center_box(arr.shape[0], arr.shape[1]), s), (0, 0.5, 0.5)))",
+          (f"{PB}::test_sharp_views_of_an_image_at_the_model_size_are_its_pixels",)),
+    Break("blur-reference-view", "the reference view itself is sharp (every path is measured against it)",
+          "data/dataset.py",
+          "    return np.clip(out, 0.0, 1.0, out=out)",
+          "    out = __import__('scipy.ndimage', fromlist=['x']).gaussian_filter(out, (0, 0.5, 0.5))\n"
+          "    return np.clip(out, 0.0, 1.0, out=out)",
+          (f"{PB}::test_sharp_views_of_an_image_at_the_model_size_are_its_pixels",)),
+)
+
+
+def _copy_repo(dest: Path) -> None:
+    for name in ("src", "tests", "pyproject.toml"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+
+
+def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
+    """Apply ``b`` to a fresh copy, run its tests; returns (verdict, seconds, the tests' last line). The verdict is
+    CAUGHT when a test failed (pytest's status 1), SURVIVED when all passed, and BROKEN when the tests could not run
+    (the planted code does not import, or no test was collected): a plant to mend, not a catch."""
+    copy = workdir / b.name
+    _copy_repo(copy)
+    path = copy / "src" / "d2mae" / b.file
+    text = path.read_text(encoding="utf-8")
+    if text.count(b.old) != 1:
+        raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in src/d2mae/{b.file} "
+                         "(expected once); update benchmarks/mutations.py with the code")
+    path.write_text(text.replace(b.old, b.new), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *b.tests],
+                          cwd=copy, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    shutil.rmtree(copy, ignore_errors=True)
+    verdict = {0: "SURVIVED", 1: "CAUGHT"}.get(proc.returncode, "BROKEN")
+    return verdict, seconds, lines[-1] if lines else proc.stderr.strip()[-200:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="only these breaks (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breaks and their tests, run nothing")
+    args = parser.parse_args(argv)
+    chosen = [b for b in BREAKS if not args.names or b.name in args.names]
+    unknown = set(args.names) - {b.name for b in BREAKS}
+    if unknown:
+        parser.error(f"unknown break(s) {sorted(unknown)}; see --list")
+    if args.list:
+        for b in chosen:
+            print(f"{b.name:<24} {b.property}\n{'':<24} src/d2mae/{b.file}; tests: {', '.join(b.tests)}")
+        return 0
+    survived = []
+    total = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="d2mae-mutations-") as tmp:
+        for b in chosen:
+            verdict, seconds, last = run_break(b, Path(tmp))
+            print(f"{verdict:<9} {b.name:<24} {seconds:5.1f} s  {last[:90]}", flush=True)
+            if verdict != "CAUGHT":
+                survived.append(f"{b.name} ({verdict})")
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} breaks caught in {time.perf_counter() - total:.0f} s"
+          + (f"; not caught: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
