@@ -74,11 +74,13 @@ def test_a_shard_set_is_not_overwritten_and_a_truncated_shard_is_one_line(corpus
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     tar = copy / "shard-00001.tar"
-    tar.write_bytes(tar.read_bytes()[:700])
     ref = ShardSet.open(copy).refs[10]
-    with pytest.raises(D2maeError, match="truncated"):
+    tar.write_bytes(tar.read_bytes()[:700])
+    with pytest.raises(D2maeError, match="truncated"):  # cut while a run reads it
         load_image(ref)
     assert split_member(ref)[0] == str(tar)
+    with pytest.raises(D2maeError, match=r"shards\[1\]\.samples\[0\].*does not lie inside shard-00001.tar"):
+        ShardSet.open(copy)  # cut before: refused when the set is opened
 
 
 def test_every_image_once_per_epoch_across_ranks_and_reads_stay_in_a_shard(corpus):

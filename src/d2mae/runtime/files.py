@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -108,19 +109,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, fh)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a resume state with ``torch.load(weights_only=True)`` onto the CPU; unreadable files are clear errors."""
+def load_checkpoint(path: str | Path, given: bool = False) -> dict[str, Any]:
+    """Load a resume state with ``torch.load(weights_only=True)`` onto the CPU; unreadable files are clear errors in
+    d2mae's words (never torch's advice to load it unsafely). ``given``: the user named the file (``--resume FILE``),
+    so the advice is to name another, not to delete it."""
     path = Path(path)
     if not path.is_file():
         raise D2maeError(f"resume checkpoint {path} does not exist; check the path or drop --resume")
+    todo = ("give the resume.pt of a d2mae run, or drop --resume" if given else
+            "delete it to start this run over (or put back the file the run wrote)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise D2maeError(f"resume checkpoint {path} cannot be read ({first[:200]}); "
-                         "delete it to start over") from None
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # not a pickle of allowed types: damaged, not unsafe
+            raise D2maeError(f"resume checkpoint {path} cannot be read: it is damaged or not a checkpoint; {todo}"
+                             ) from None
+        raise D2maeError(f"resume checkpoint {path} cannot be read safely: it holds Python objects other than "
+                         f"tensors and plain values, so it was not written by d2mae or was changed since; d2mae never "
+                         f"loads such a file; {todo}") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise D2maeError(f"resume checkpoint {path} cannot be read: it is damaged or not a checkpoint; {todo}"
+                         ) from None
     if not isinstance(state, dict):
-        raise D2maeError(f"resume checkpoint {path} does not hold a d2mae resume state")
+        raise D2maeError(f"resume checkpoint {path} does not hold a d2mae resume state; {todo}")
     return state
 
 
