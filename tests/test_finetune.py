@@ -217,6 +217,39 @@ def test_a_stop_signal_writes_the_resume_state_whatever_the_checkpoint_interval(
     assert torch.load(out / "fold_1" / "resume.pt", weights_only=True)["epoch"] == 2
 
 
+def test_a_stop_signal_mid_epoch_keeps_the_last_finished_epoch(data, tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM in the middle of epoch 3, with no checkpoint written since the start (interval 3600 s): resume.pt
+    holds epoch 2's state (kept in memory until then), and resuming ends with the weights of an uninterrupted run."""
+    pre, labels = data
+    base = ["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "split:3:1:1", *FAST,
+            "--obs", "none", "--epochs", "4", "--checkpoint-every-seconds", "3600"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    real_validate, real_step = ft.FoldTrainer.validate, ft.FoldTrainer.train_step
+    validated, stepped_after = [], []
+
+    def validate(self, *args, **kwargs):  # noqa: ANN001
+        validated.append(1)
+        return real_validate(self, *args, **kwargs)
+
+    def step(self, *args, **kwargs):  # noqa: ANN001
+        if len(validated) == 2:
+            stepped_after.append(1)
+            if len(stepped_after) == 1:  # epoch 3's first step: the signal arrives mid-epoch
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ft.FoldTrainer, "validate", validate)
+    monkeypatch.setattr(ft.FoldTrainer, "train_step", step)
+    assert main(base + ["--out", str(tmp_path / "b")]) == 143
+    assert torch.load(tmp_path / "b" / "fold_1" / "resume.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(ft.FoldTrainer, "validate", real_validate)
+    monkeypatch.setattr(ft.FoldTrainer, "train_step", real_step)
+    assert main(base + ["--out", str(tmp_path / "b"), "--resume"]) == 0
+    wa = load_weights(tmp_path / "a" / "fold_1" / "model" / "classifier.safetensors")
+    wb = load_weights(tmp_path / "b" / "fold_1" / "model" / "classifier.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("mode,extra", [("linear", []), ("scratch", ["--obs", "none"]),
                                         ("full", ["--mixup", "0.8", "--cutmix", "1.0", "--balance", "sampler"]),
                                         ("full", ["--balance", "loss", "--obs", "none"])])

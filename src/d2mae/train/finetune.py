@@ -66,7 +66,7 @@ from d2mae.io.predictions import DONE, PREDICTIONS, RUN_JSON, finished_fold, pre
 from d2mae.method.backbones import BackboneConfig, backbone_classifier
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import build_classifier
-from d2mae.runtime.distributed import barrier, distributed_run, on_main
+from d2mae.runtime.distributed import DistContext, barrier, distributed_run, on_main
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import (
     atomic_write_json,
@@ -109,6 +109,57 @@ class FoldState:
                 "bad_epochs": self.bad_epochs}
 
 
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of a state dict (nested dicts and lists of tensors) on the CPU, detached from the live tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class FoldCheckpoint:
+    """A fold's resume state: written at an epoch end at most every ``checkpoint_every_seconds``; in between, the
+    last finished epoch's state is kept in memory, so that a stop signal in the middle of an epoch still writes it
+    (the resumed fold then redoes only the interrupted epoch). Only rank 0 writes."""
+
+    def __init__(self, fold_dir: Path, fold: str, ctx: DistContext, saved_epoch: int) -> None:
+        self.path, self.best_path = fold_dir / RESUME, fold_dir / "best.safetensors"
+        self.fold, self.ctx = fold, ctx
+        self.saved_epoch = saved_epoch  # the epoch whose state resume.pt holds
+        self.saved_at = time.perf_counter()
+        self.best_saved = True  # the best weights on disk are the best so far
+        self.pending: dict[str, Any] | None = None  # a finished epoch's state not yet on disk
+
+    def age(self) -> float:
+        return time.perf_counter() - self.saved_at
+
+    def epoch_done(self, state: FoldState, trainer: FoldTrainer, best: dict[str, torch.Tensor] | None,
+                   due: bool) -> None:
+        """After an epoch's validation: write its state now when ``due``, else keep a copy to write on a stop."""
+        snapshot = {"format": "d2mae-finetune-resume", "fold": self.fold, **state.to_dict(),
+                    "world_size": self.ctx.world_size, "model": trainer.model.state_dict(),
+                    "optimizer": trainer.optimizer.state_dict()}
+        if due:
+            self._write(snapshot, best)
+        elif self.ctx.is_main:
+            self.pending = _cpu_copy(snapshot)
+
+    def write_pending(self, best: dict[str, torch.Tensor] | None) -> None:
+        if self.pending is not None:
+            self._write(self.pending, best)
+
+    def _write(self, snapshot: dict[str, Any], best: dict[str, torch.Tensor] | None) -> None:
+        if self.ctx.is_main:
+            if not self.best_saved and best is not None:
+                save_weights(best, self.best_path)
+            save_checkpoint(snapshot, self.path)
+        self.saved_at, self.best_saved, self.saved_epoch = time.perf_counter(), True, int(snapshot["epoch"])
+        self.pending = None
+
+
 class FinetuneRun(FinetuneSetup):
     """One fine-tuning run on this process (of one or more): the set-up of :class:`FinetuneSetup`, then one
     training per fold."""
@@ -145,20 +196,8 @@ class FinetuneRun(FinetuneSetup):
         state, best = self._resume_fold(fold, trainer)
         t_train = torch.as_tensor(self.t_star[fold.train], dtype=torch.float32)  # [n_train], by dataset index
         val = [self.labeled.refs[i] for i in fold.val]
-        started = saved_at = time.perf_counter()
-        best_saved = True  # the best weights on disk are the best so far
-        saved_epoch = state.epoch  # the epoch whose state resume.pt holds
-
-        def save_state() -> None:
-            nonlocal saved_at, best_saved, saved_epoch
-            if ctx.is_main:
-                if not best_saved and best is not None:
-                    save_weights(best, fold_dir / "best.safetensors")
-                save_checkpoint({"format": "d2mae-finetune-resume", "fold": fold.name, **state.to_dict(),
-                                 "world_size": ctx.world_size, "model": trainer.model.state_dict(),
-                                 "optimizer": trainer.optimizer.state_dict()}, fold_dir / RESUME)
-            saved_at, best_saved, saved_epoch = time.perf_counter(), True, state.epoch
-
+        started = time.perf_counter()
+        ckpt = FoldCheckpoint(fold_dir, fold.name, ctx, state.epoch)
         with StopSignals() as stop, self._log(fold, state.epoch) as log:
             for epoch in range(state.epoch, cfg.epochs):
                 if state.bad_epochs >= cfg.patience > 0:
@@ -167,7 +206,7 @@ class FinetuneRun(FinetuneSetup):
                 loss, seen, early = trainer.train_epoch(loader, sampler, t_train, epoch, (cfg.seed, fold.number),
                                                         stop, f"fold {fold.name} epoch {epoch + 1}/{cfg.epochs}"
                                                         if cfg.progress else None)
-                self._stop_early(fold, epoch, saved_epoch, early, stop.signum)
+                self._stop_early(fold, epoch, ckpt, best, early, stop.signum)
                 train_seconds = time.perf_counter() - t0
                 v = trainer.validate(val, self.t_star[fold.val], self.labeled.labels[fold.val],
                                      batch_size=cfg.eval_batch_size, workers=cfg.workers)
@@ -175,7 +214,7 @@ class FinetuneRun(FinetuneSetup):
                 if v.macro_f1 > state.best_f1:
                     state.best_f1, state.best_epoch, state.bad_epochs = v.macro_f1, epoch + 1, 0
                     best = {k: p.detach().to("cpu", copy=True) for k, p in trainer.model.state_dict().items()}
-                    best_saved = False
+                    ckpt.best_saved = False
                 else:
                     state.bad_epochs += 1
                 record = {"epoch": epoch + 1, "train_loss": round(loss, 6), "val_loss": round(v.loss, 6),
@@ -186,8 +225,7 @@ class FinetuneRun(FinetuneSetup):
                 if ctx.is_main:
                     log.write(record)
                 stopping = trainer.any_rank(stop.signum is not None)
-                if stopping or time.perf_counter() - saved_at >= cfg.checkpoint_every_seconds:
-                    save_state()  # rank 0 writes
+                ckpt.epoch_done(state, trainer, best, due=stopping or ckpt.age() >= cfg.checkpoint_every_seconds)
                 self.say(f"fold {fold.name} epoch {epoch + 1}/{cfg.epochs}: train loss {loss:.4f}, val macro-F1 "
                          f"{v.macro_f1:.4f} (best {state.best_f1:.4f} @ {state.best_epoch}), lr {record['lr']:.2e}, "
                          f"{record['seconds']:.1f} s")
@@ -303,16 +341,18 @@ class FinetuneRun(FinetuneSetup):
         self.say(f"fold {fold.name}: resuming after epoch {state.epoch}")
         return state, (load_weights(best_path) if state.best_epoch else None)
 
-    def _stop_early(self, fold: Fold, epoch: int, saved_epoch: int, early: Any, signum: int | None) -> None:
-        """Raise for an epoch that ended early: a non-finite loss (no update applied) or a stop signal."""
+    def _stop_early(self, fold: Fold, epoch: int, ckpt: FoldCheckpoint, best: dict[str, torch.Tensor] | None,
+                    early: Any, signum: int | None) -> None:
+        """Raise for an epoch that ended early: a non-finite loss (no update applied) or a stop signal, which first
+        writes the last finished epoch's state (kept in memory when it was not yet written)."""
         if early is None:
             return
-        fold_dir = self.out / f"fold_{fold.name}"
         if not early.finite:
             raise D2maeError(f"fold {fold.name} epoch {epoch + 1}: the loss became {early.loss}; lower the learning "
                              "rate", option="blr")
-        note = (f"state after epoch {saved_epoch} is in {fold_dir / RESUME}" if saved_epoch
-                else "no epoch had been saved; a resumed fold starts over")
+        ckpt.write_pending(best)
+        note = (f"state after epoch {ckpt.saved_epoch} is in {ckpt.path}" if ckpt.saved_epoch
+                else "no epoch had finished; a resumed fold starts over")
         raise Interrupted(int(signum or signal.SIGTERM), f"in fold {fold.name}, epoch {epoch + 1} ({note})")
 
     def _log(self, fold: Fold, resume_at: int) -> Any:
