@@ -90,3 +90,47 @@ def test_an_unreadable_resume_state_is_explained_in_d2maes_words(tmp_path) -> No
         load_checkpoint(unsafe)
     with pytest.raises(D2maeError, match="damaged or not a checkpoint"):
         load_checkpoint(damaged)
+
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-0.2.0"
+FT = ["--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "0", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture
+def labeled(tmp_path) -> Path:
+    """The 24 fixture phantoms and their labels, copied (the tests change them)."""
+    shutil.copytree(FIXTURE / "ph", tmp_path / "ph")
+    shutil.copytree(FIXTURE / "pt", tmp_path / "pt")
+    return tmp_path
+
+
+def test_paths_outside_the_image_root_are_refused_unless_allowed(labeled, capsys) -> None:
+    csv = labeled / "ph" / "labels.csv"
+    rows = csv.read_text().splitlines()
+    (labeled / "elsewhere.png").write_bytes((labeled / "ph" / "images" / "phantom_00.png").read_bytes())
+    rows[1] = rows[1].replace("images/phantom_00.png", "../elsewhere.png")
+    csv.write_text("\n".join(rows) + "\n")
+    args = ["finetune", "--pretrained", str(labeled / "pt"), "--labels", str(csv), "--image-root", str(labeled / "ph"),
+            *FT]
+    assert main(args + ["--out", str(labeled / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert "lead outside" in err and "../elsewhere.png" in err and "--allow-outside-root" in err
+    assert main(args + ["--out", str(labeled / "ft2"), "--allow-outside-root"]) == 0
+
+
+def test_resume_refuses_an_image_whose_content_changed(labeled, capsys) -> None:
+    csv = labeled / "ph" / "labels.csv"
+    args = ["finetune", "--pretrained", str(labeled / "pt"), "--labels", str(csv), "--out", str(labeled / "ft"), *FT]
+    assert main(args) == 0
+    image = labeled / "ph" / "images" / "phantom_05.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32), 7).save(image)  # same path, other pixels
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "phantom_05.png" in err and "changed since this run started" in err
+    pt = ["pretrain", "--data", str(labeled / "ph" / "images"), "--out", str(labeled / "pt2"), *TINY_FLAGS]
+    assert main(pt) == 0
+    Image.new("L", (32, 32), 9).save(image)
+    assert main(pt + ["--resume"]) == 2
+    assert "phantom_05.png" in capsys.readouterr().err

@@ -190,7 +190,8 @@ def _complete(values: list[str], ids: list[str], labels: Path, what: str) -> lis
 
 
 def _csv_images(labels: Path, path_column: str, label_column: str, image_root: str | Path | None, image_ext: str,
-                check_files: bool) -> tuple[list[str], list[str], list[str], list[str], list[dict[str, str]]]:
+                check_files: bool, allow_outside_root: bool = False
+                ) -> tuple[list[str], list[str], list[str], list[str], list[dict[str, str]]]:
     """A labels CSV's image references (resolved and checked), IDs, class names, header and rows."""
     header, rows = read_table_csv(labels)
     _need_column(header, path_column, labels, "--path-column")
@@ -209,6 +210,14 @@ def _csv_images(labels: Path, path_column: str, label_column: str, image_root: s
         raise D2maeError(f"{labels}: {len(missing)} image(s) have no value in label column '{label_column}' "
                          f"({first_few(missing)}); fill the labels or remove those rows")
     refs = [_resolve(v, root, image_ext) for v in ids]
+    if image_root and not allow_outside_root:
+        base = os.path.realpath(root)
+        outside = [ids[i] for i, r in enumerate(refs)
+                   if os.path.commonpath([base, os.path.realpath(r.split("#")[0])]) != base]
+        if outside:
+            raise D2maeError(f"{labels}: {len(outside)} image path(s) in column '{path_column}' lead outside {root} "
+                             f"(absolute, ../ or a link: {first_few(outside)}); fix the paths, or allow it with "
+                             "--allow-outside-root", option="image_root")
     _refuse_duplicates(refs, ids, names, labels, path_column)
     if check_files:
         absent = [ids[i] for i, r in enumerate(refs) if not os.path.isfile(r.split("#")[0])]
@@ -222,7 +231,8 @@ def _csv_images(labels: Path, path_column: str, label_column: str, image_root: s
 def load_labeled(labels: str | Path, *, path_column: str = "path", label_column: str = "label",
                  group_column: str | None = None, split_column: str | None = None, fold_column: str | None = None,
                  image_root: str | Path | None = None, image_ext: str = "", folds_csv: str | Path | None = None,
-                 classes: Sequence[str] | None = None, check_files: bool = True) -> LabeledSet:
+                 classes: Sequence[str] | None = None, check_files: bool = True,
+                 allow_outside_root: bool = False) -> LabeledSet:
     """Read labeled images from a class-per-folder tree or a CSV.
 
     Args:
@@ -237,6 +247,7 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
         folds_csv: a second CSV joined on ``path_column`` that adds fold/split columns (BUS-BRA's ``5-fold-cv.csv``).
         classes: class order (default: sorted class names).
         check_files: refuse paths that do not exist.
+        allow_outside_root: follow CSV paths that lead outside ``image_root`` (refused by default).
 
     Raises:
         D2maeError: unknown paths (count and first few), missing labels, one class only, bad fold columns.
@@ -251,7 +262,7 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
         refs, ids, names = _folder_labels(labels)
     else:
         refs, ids, names, header, rows = _csv_images(labels, path_column, label_column, image_root, image_ext,
-                                                     check_files)
+                                                     check_files, allow_outside_root)
         columns = {h: [r.get(h, "") for r in rows] for h in header}
         if folds_csv:
             _join_folds_csv(Path(folds_csv), ids, columns, path_column, label_column, names)

@@ -244,6 +244,9 @@ class ObsConfig(RuntimeOptions):
     label_column: str = field(default="label", metadata={"help": "labels CSV column with the class"})
     image_root: str | None = field(default=None, metadata={"help": "folder the labels CSV paths are relative to"})
     image_ext: str = field(default="", metadata={"help": "extension added to path values that lack it (e.g. .png)"})
+    allow_outside_root: bool = field(default=False, metadata={
+        "help": "follow labels CSV paths that lead outside --image-root (absolute, ../, links); refused by default",
+        "volatile": True})
     group_by: str | None = field(default=None, metadata={
         "help": "labels CSV column to summarise σ* by (e.g. Device); default: the class"})
     strips: int = field(default=3, metadata={"help": "images in the OBS strip figure (0: none)", "min": 0})
@@ -300,7 +303,8 @@ def _images(cfg: ObsConfig) -> tuple[list[str], list[str] | None, str]:
             raise D2maeError("needs labels (a CSV with that column)", option="group_by")
         return find_images(cfg.data), None, "group"
     labeled = load_labeled(cfg.labels, path_column=cfg.path_column, label_column=cfg.label_column,
-                           image_root=cfg.image_root, image_ext=cfg.image_ext)
+                           image_root=cfg.image_root, image_ext=cfg.image_ext,
+                           allow_outside_root=cfg.allow_outside_root)
     if not cfg.group_by:
         return labeled.refs, [labeled.classes[i] for i in labeled.labels], "class"
     if cfg.group_by not in labeled.columns:

@@ -30,7 +30,7 @@ from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 #: ModelConfig fields each method's pre-training preset decides (they may not be set in ``model:``).
 PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on", "objective")
 LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
-                  "image_ext", "folds_csv", "classes")
+                 "image_ext", "allow_outside_root", "folds_csv", "classes")
 _PATH_OPTIONS = ("labels", "image_root", "folds_csv")
 
 
@@ -55,6 +55,7 @@ class DatasetSpec:
     fold_column: str | None = None
     image_root: str | None = None
     image_ext: str = ""
+    allow_outside_root: bool = False
     folds_csv: str | None = None
     classes: list[str] | None = None
     protocol: str = field(default="kfold:5", metadata={"help": "split:3:1:1, kfold:5, csv or holdout:FILE"})

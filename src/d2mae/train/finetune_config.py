@@ -47,6 +47,9 @@ class FinetuneConfig(RuntimeOptions):
         "help": "each image's test fold (default: 'fold' or 'kFold')"})
     image_root: str | None = field(default=None, metadata={"help": "folder the CSV paths are relative to"})
     image_ext: str = field(default="", metadata={"help": "extension added to path values that lack it (.png)"})
+    allow_outside_root: bool = field(default=False, metadata={
+        "help": "follow labels CSV paths that lead outside --image-root (absolute, ../, links); refused by default",
+        "volatile": True})
     folds_csv: str | None = field(default=None, metadata={
         "help": "CSV joined on --path-column with fold columns (BUS-BRA 5-fold-cv.csv: kFold, valid_k)"})
     classes: list[str] | None = field(default=None, metadata={"help": "class order (default: sorted names)"})

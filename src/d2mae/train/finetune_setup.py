@@ -24,13 +24,14 @@ from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import DistContext, eval_indices, gather_ordered_objects, on_main
 from d2mae.runtime.errors import D2maeError
-from d2mae.runtime.files import file_sha256
+from d2mae.runtime.files import atomic_write_text, file_sha256
 from d2mae.runtime.logs import say
 from d2mae.runtime.options import load_yaml
 from d2mae.train.finetune_config import FinetuneConfig
 from d2mae.train.leaks import leak_check
-from d2mae.train.resume import check_resumable, settings_diff
+from d2mae.train.resume import check_resumable, check_same_images, settings_diff
 
+IMAGE_HASHES = "image_hashes.txt"  # sha256 and path of every labeled image
 RUN_CONFIG = "finetune.yaml"  # the resolved config: from here on the folder holds a run
 
 
@@ -103,6 +104,7 @@ class FinetuneSetup:
         labeled = load_labeled(cfg.labels, path_column=cfg.path_column, label_column=cfg.label_column,
                                group_column=cfg.group_column, split_column=cfg.split_column,
                                fold_column=cfg.fold_column, image_root=cfg.image_root, image_ext=cfg.image_ext,
+                               allow_outside_root=cfg.allow_outside_root,
                                folds_csv=cfg.folds_csv, classes=cfg.classes)
         for col in cfg.keep_columns or []:
             if col not in labeled.columns:
@@ -132,8 +134,17 @@ class FinetuneSetup:
         n = len(labeled)
         mine = eval_indices(n, ctx)  # each rank hashes its block of the images
         self.hashes = gather_ordered_objects(content_hashes([labeled.refs[i] for i in mine]), n, ctx)
+        on_main(ctx, self._record_hashes)
         self.leaks = on_main(ctx, lambda: leak_check(labeled, self.folds, self.hashes, self.pretrained, self.out,
                                                      cfg.strict))
+
+    def _record_hashes(self) -> None:
+        """``image_hashes.txt``: every labeled image's sha256, written when the run starts and checked on resume."""
+        path = self.out / IMAGE_HASHES
+        if self.cfg.resume and path.is_file():
+            check_same_images(path, self.labeled.refs, self.hashes)
+        else:
+            atomic_write_text(path, "".join(f"{h}  {r}\n" for h, r in zip(self.hashes, self.labeled.refs)))
 
     def _import_checkpoint(self, path: Path) -> Path:
         """A released checkpoint file as a pre-trained folder ``OUT/imported`` (made once; reused while the file's
@@ -151,6 +162,7 @@ class FinetuneSetup:
                 return
             labeled = load_labeled(cfg.labels, path_column=cfg.path_column, label_column=cfg.label_column,
                                    image_root=cfg.image_root, image_ext=cfg.image_ext, folds_csv=cfg.folds_csv,
+                                   allow_outside_root=cfg.allow_outside_root,
                                    classes=cfg.classes)
             mean, std = compute_stats(labeled.refs, cfg.in_chans, seed=cfg.seed)
             import_pretrained(path, folder, img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std,

@@ -78,9 +78,10 @@ from d2mae.train.batches import LoaderBatches, MemoryBatches, choose_data_path, 
 from d2mae.train.interrupts import NonFiniteLossError, TrainingInterrupted
 from d2mae.train.optim import build_optimizer, warmup_cosine_scheduler
 from d2mae.train.pretrain_config import PretrainConfig
-from d2mae.train.resume import check_resumable, resume_file, settings_diff
+from d2mae.train.resume import check_resumable, check_same_images, resume_file, settings_diff
 
 RESUME = "resume.pt"
+HASHES = "pretrain_hashes.txt"  # sha256 and path of every pre-training image
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "pretrain.yaml"
 RESUME_FORMAT = "d2mae-pretrain-resume"
@@ -177,10 +178,12 @@ class Pretrainer:
                                 min_size=cfg.patch), None, 0
 
         self.refs, hashes, shard_size = dist_utils.on_main(ctx, images)
-        if ctx.is_main and resume_path is None:  # for the data-leak guard of d2mae finetune
+        if ctx.is_main:  # for the data-leak guard of d2mae finetune; a resumed run must see the same images
             hashes = hashes or content_hashes(self.refs)
-            atomic_write_text(out / "pretrain_hashes.txt",
-                              "".join(f"{h}  {r}\n" for h, r in zip(hashes, self.refs)))
+            if resume_path is None:
+                atomic_write_text(out / HASHES, "".join(f"{h}  {r}\n" for h, r in zip(hashes, self.refs)))
+            else:
+                check_same_images(out / HASHES, self.refs, hashes)
         digest = _refs_digest(self.refs)
         self.sharded = bool(shard_size)
         if self.sharded:  # each process trains on its own contiguous share of the shards (d2mae.data.shards)

@@ -9,7 +9,7 @@ intervals, output folder) — may change. The process count must stay the same, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import result_fields
@@ -51,3 +51,26 @@ def resume_file(resume: str | None, out: Path, name: str) -> Path | None:
     if not path.is_file():
         raise D2maeError(f"{path} does not exist; give a {name} file, a run folder, or auto", option="resume")
     return path
+
+
+def read_image_hashes(path: Path) -> dict[str, str]:
+    """``{image: sha256}`` of a hash list (``sha256  image`` per line, as ``pretrain_hashes.txt``)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        digest, _, ref = line.partition("  ")
+        if ref:
+            out[ref] = digest
+    return out
+
+
+def check_same_images(path: Path, refs: Sequence[str], hashes: Sequence[str]) -> None:
+    """Refuse to resume when an image's content changed since the run started (its sha256 in ``path`` differs):
+    the resumed run would mix two versions of it, and the recorded hash would no longer be the image's."""
+    if not path.is_file():
+        return
+    recorded = read_image_hashes(path)
+    changed = [r for r, h in zip(refs, hashes) if r in recorded and recorded[r] != h]
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise D2maeError(f"cannot resume: {changed[0]}{more} changed since this run started (sha256 differs from "
+                         f"{path}); put the original back, or start a new run in another folder", option="resume")
