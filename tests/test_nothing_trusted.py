@@ -134,3 +134,71 @@ def test_resume_refuses_an_image_whose_content_changed(labeled, capsys) -> None:
     Image.new("L", (32, 32), 9).save(image)
     assert main(pt + ["--resume"]) == 2
     assert "phantom_05.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, words", [("pickle", "holds pickled Python objects"), ("bytes", "not a readable PyTorch weights file"),
+                                         ("architecture", "knows")])
+def test_an_experiment_checks_every_methods_weights_before_any_stage(tmp_path, capsys, kind, words) -> None:
+    """mae-imagenet comes after d2mae in run order; its bad weights file stops the experiment before d2mae is
+    pre-trained (no stage folder is made)."""
+    import timm
+    import yaml
+
+    from tests.test_experiment import MICRO
+
+    weights = tmp_path / "mae.pth"
+    if kind == "pickle":
+        torch.save({"model": {}, "x": _RunsCode()}, weights)
+    elif kind == "bytes":
+        weights.write_bytes(b"\x00\x13 random bytes" * 50)
+    else:  # a ViT 64 wide with 3 blocks: no architecture d2mae knows
+        vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, embed_dim=64, depth=3, num_heads=2)
+        torch.save({"model": vit.state_dict()}, weights)
+    data = dict(MICRO, methods=["d2mae", "mae-imagenet"], weights={"mae-imagenet": str(weights)})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["experiment", str(tmp_path / "c.yaml"), "--out", str(out), "--no-estimate"]) == 2
+    err = capsys.readouterr().err
+    assert "mae-imagenet" in err and str(weights) in err and words in err and "nothing was trained" in err
+    assert not (out / "pretrained").exists() and not (out / "runs").exists()
+
+
+@pytest.mark.parametrize("value, words", [("big", "'img_size' must be an integer, got 'big'"),
+                                          ("32", "'img_size' must be an integer, got '32'"),
+                                          (None, "'img_size' must be an integer, got null")])
+def test_a_saved_config_with_a_wrong_type_names_the_file_and_the_key(labeled, capsys, value, words) -> None:
+    config = labeled / "pt" / "config.json"
+    data = json.loads(config.read_text())
+    data["model"]["img_size"] = value
+    config.write_text(json.dumps(data))
+    assert main(["obs", "--model", str(labeled / "pt"), "--data", str(labeled / "ph" / "images"), "--out",
+                 str(labeled / "obs"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and words in err and "Traceback" not in err
+
+
+def test_each_missing_file_of_a_fine_tuned_run_is_named(tmp_path, capsys) -> None:
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    run, image = tmp_path / "old" / "ft", str(tmp_path / "old" / "ph" / "images" / "phantom_00.png")
+    (run / "fold_1" / "model" / "pretrained" / "model.safetensors").unlink()
+    assert main(["predict", "--model", str(run), image, "--device", "cpu", "--workers", "0"]) == 2
+    assert "is missing" in (err := capsys.readouterr().err) and "pretrained/model.safetensors" in err
+    (run / "fold_1" / "model" / "config.json").unlink()
+    assert main(["predict", "--model", str(run), image, "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "fold_1/model/config.json is missing" in err and "finish the run" not in err
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch) -> None:
+    from d2mae.runtime import files
+    from d2mae.runtime.errors import os_error_message
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    target = tmp_path / "out" / "metrics.json"
+    with pytest.raises(OSError) as exc:
+        files.atomic_write_text(target, "{}")
+    assert str(target) in os_error_message(exc.value) and "No space left on device" in os_error_message(exc.value)
+    assert not list((tmp_path / "out").iterdir())  # no temp file left behind

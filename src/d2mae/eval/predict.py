@@ -34,7 +34,7 @@ from d2mae.eval.infer import class_probabilities
 from d2mae.eval.obs import run_obs
 from d2mae.io.artifacts import load_classifier, load_pretrained, model_sha256
 from d2mae.io.obs_table import sigmas_of
-from d2mae.io.predictions import RUN_JSON
+from d2mae.io.predictions import DONE, RUN_JSON
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import DistContext, on_main
@@ -81,7 +81,13 @@ def model_folders(path: str | Path, fold: str | None = None) -> list[Path]:
             if str(fold) not in folds:
                 raise D2maeError(f"{path} has no fold {fold}; its folds are {', '.join(folds)}", option="fold")
             folds = [str(fold)]
-        found = [path / f"fold_{f}" / "model" for f in folds if (path / f"fold_{f}" / "model" / "config.json").is_file()]
+        found = [path / f"fold_{f}" / "model" for f in folds
+                 if (path / f"fold_{f}" / "model" / "config.json").is_file()]
+        incomplete = [path / f"fold_{f}" / "model" for f in folds
+                      if (path / f"fold_{f}" / DONE).is_file() and path / f"fold_{f}" / "model" not in found]
+        if incomplete:  # a finished fold whose model folder lost a file
+            raise D2maeError(f"{incomplete[0] / 'config.json'} is missing: the fold finished, but its model folder is "
+                             "incomplete; put the file back, or fine-tune that fold again", option="model")
         if not found:
             raise D2maeError(f"run folder {path} holds no finished fold model (fold_k/model); "
                              "finish the run (d2mae finetune --resume) first", option="model")
@@ -169,9 +175,11 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
     expected = first.get("pretrained_sha256")
     if spec.mode == "search":
         pre_dir = folders[0] / "pretrained"
-        if not (pre_dir / "model.safetensors").is_file():
-            raise D2maeError(f"{folders[0]} has no pretrained/ folder; OBS on new images needs the pre-trained "
-                             "model — copy it there or re-run d2mae finetune")
+        lost = [pre_dir / name for name in ("config.json", "model.safetensors") if not (pre_dir / name).is_file()]
+        if lost:
+            what = f"has no {pre_dir.name}/ folder" if not pre_dir.is_dir() else f"is missing {lost[0]}"
+            raise D2maeError(f"{folders[0]} {what}; OBS on new images needs the pre-trained model it was "
+                             "fine-tuned from — copy it there or re-run d2mae finetune")
         if expected and model_sha256(pre_dir) != expected:
             raise D2maeError(f"{pre_dir / 'model.safetensors'} is not the pre-trained model this classifier was "
                              f"fine-tuned from (sha256 differs from {expected[:12]}…)")

@@ -20,6 +20,7 @@ from d2mae.data.sources import find_images
 from d2mae.eval.evaluate import evaluate_run
 from d2mae.experiment.config import LABEL_OPTIONS, ExperimentConfig
 from d2mae.experiment.estimate import estimate_plan
+from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import (
     DONE,
     EXPERIMENT_CONFIG,
@@ -32,7 +33,9 @@ from d2mae.experiment.plan import (
 )
 from d2mae.experiment.report import write_report
 from d2mae.io.artifacts import save_pretrained
-from d2mae.method.model_config import ModelConfig
+from d2mae.io.imports import backbone_state, check_importable
+from d2mae.method.backbones import BackboneConfig, backbone_classifier
+from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
@@ -146,6 +149,30 @@ def prepare_out(plan: Plan, resume: bool) -> None:
          "estimate_s": None if not math.isfinite(s.estimate_s) else round(s.estimate_s, 1)} for s in plan.stages]})
 
 
+def check_weights(plan: Plan) -> None:
+    """Read every method's weights file (``weights:``) the way its fine-tuning will, before the first stage: a file
+    that cannot be read safely, holds no fitting ViT or does not fit its timm model stops the experiment now, not
+    after hours of training the methods before it."""
+    seen: set[tuple[str, str]] = set()
+    for stage in plan.of("finetune"):
+        fc = stage.payload
+        weights = fc.backbone_weights if fc.backbone else (fc.pretrained if method_for(stage.method).source ==
+                                                           "checkpoint" else None)
+        if not weights or (stage.method, weights) in seen:
+            continue
+        seen.add((stage.method, weights))
+        try:
+            if fc.backbone:
+                config = BackboneConfig(fc.backbone, fc.img_size, fc.in_chans, *default_stats(fc.in_chans))
+                state, _ = backbone_state(weights, config)
+                backbone_classifier(config, plan.datasets[stage.dataset].num_classes, 0.0, state, weights)
+            else:
+                check_importable(weights, fc.img_size, fc.in_chans)
+        except D2maeError as exc:
+            raise D2maeError(f"method {stage.method} cannot start: {exc.message}; nothing was trained — fix its "
+                             "weights: entry or leave the method out") from None
+
+
 def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False, estimate: bool = True) -> Path:
     """Run every stage of the experiment (skipping finished ones) and write the report; returns report.md.
 
@@ -162,6 +189,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
         raise D2maeError(f"weights file {w} of method {m} does not exist ({len(missing)} missing in all: "
                          f"{', '.join(missing)}); put the files there, fix weights: in {cfg.source}, or leave those "
                          "methods out")
+    check_weights(plan)
     with output_lock(plan.out, "experiment"):
         prepare_out(plan, resume)
         if estimate and any(s.done_info() is None for s in plan.stages):

@@ -36,6 +36,7 @@ from d2mae.method.objectives import build_objective
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_json, file_sha256
+from d2mae.runtime.options import check_saved_types
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -162,6 +163,7 @@ def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> t
     saved = meta.get("model", {})
     model: torch.nn.Module
     if isinstance(saved, dict) and "backbone" in saved:  # a timm classifier (d2mae finetune --backbone)
+        check_saved_types(BackboneConfig, saved, str(folder / "config.json"))
         try:
             backbone = BackboneConfig(**saved)
         except (TypeError, D2maeError) as exc:

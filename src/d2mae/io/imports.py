@@ -40,9 +40,9 @@ import torch
 from d2mae.io.artifacts import check_finite, load_weights, save_pretrained
 from d2mae.io.convert import convert_decoder_pred, convert_patch_weight, convert_pos_embed
 from d2mae.method.backbones import TimmClassifier
-from d2mae.method.model_config import ARCHITECTURES, ModelConfig
+from d2mae.method.model_config import ARCHITECTURES, ModelConfig, default_stats
 from d2mae.method.models import DeblurClassifier, DeblurMAE
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, reason
 from d2mae.runtime.files import file_sha256
 
 # target-model keys that no MAE or timm checkpoint can provide: kept as the model initialised / configured them
@@ -124,13 +124,15 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if "unsupported global" not in str(exc).lower():  # not a pickle of allowed types: damaged
+                raise D2maeError(f"checkpoint {path} is not a readable PyTorch weights file (damaged, or not "
+                                 "weights)") from None
             raise D2maeError(
                 f"checkpoint {path} holds pickled Python objects, which could run code when loaded, so d2mae refuses "
-                f"it ({first[:160]}); save only its tensors (a plain state dict or safetensors) from a trusted "
-                "session and import that") from None
+                "it; save only its tensors (a plain state dict or safetensors) from a trusted session and import "
+                "that") from None
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-            raise D2maeError(f"checkpoint {path} is not a readable PyTorch weights file ({exc})") from None
+            raise D2maeError(f"checkpoint {path} is not a readable PyTorch weights file ({reason(exc)})") from None
     state = _unwrap(obj, path)
     check_finite(state, path)
     out: dict[str, torch.Tensor] = {}
@@ -363,6 +365,21 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
     return report
 
 
+def _imported_model(path: str | Path, img_size: int, in_chans: int, mean: list[float], std: list[float]
+                    ) -> tuple[DeblurMAE, ImportReport]:
+    """The MAE-preset DeblurMAE of a released checkpoint's encoder architecture, its weights converted in."""
+    config = ModelConfig(**encoder_architecture(path), img_size=img_size, in_chans=in_chans, blur=False,
+                         blur_embed="none", loss_on="masked", mean=list(mean), std=list(std))
+    model = DeblurMAE(config)
+    return model, init_from_checkpoint(model, path)
+
+
+def check_importable(path: str | Path, img_size: int, in_chans: int) -> None:
+    """Raise what :func:`import_pretrained` would raise for this file (unsafe or damaged, no ViT, an encoder that
+    does not fit), without writing anything: an experiment checks every method's weights before its first stage."""
+    _imported_model(path, img_size, in_chans, *default_stats(in_chans))
+
+
 def import_pretrained(path: str | Path, folder: str | Path, *, img_size: int, in_chans: int, mean: list[float],
                       std: list[float], seed: int = 0) -> Path:
     """A pre-trained folder from a released checkpoint (MAE, timm MAE, MoCo v3), for fine-tuning from it.
@@ -373,12 +390,8 @@ def import_pretrained(path: str | Path, folder: str | Path, *, img_size: int, in
     seeded initialisation. ``config.json`` records the source file, its sha256 and the import report.
     """
 
-    arch = encoder_architecture(path)
-    config = ModelConfig(**arch, img_size=img_size, in_chans=in_chans, blur=False, blur_embed="none",
-                         loss_on="masked", mean=list(mean), std=list(std))
     torch.manual_seed(seed)
-    model = DeblurMAE(config)
-    report = init_from_checkpoint(model, path)
+    model, report = _imported_model(path, img_size, in_chans, mean, std)
     return save_pretrained(model, folder, extra={
         "pretrain": {"preset": "imported", "images": 0, "seed": seed},
         "imported": {"source": str(Path(path).absolute()), "source_sha256": file_sha256(path),

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from d2mae.method.blur import BlurSchedule
 from d2mae.runtime.errors import D2maeError
-from d2mae.runtime.options import check_fields
+from d2mae.runtime.options import check_fields, check_saved_types
 
 
 class ArchSpec(NamedTuple):
@@ -197,6 +197,7 @@ class ModelConfig(MoCoOptions, DiffMAEOptions):
         unknown = sorted(set(data) - known)
         if unknown:
             raise D2maeError(f"{source}: unknown model option(s) {', '.join(unknown)}; was it written by a newer d2mae?")
+        check_saved_types(cls, data, source)
         try:
             return cls(**data)
         except D2maeError as exc:

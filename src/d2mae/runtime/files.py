@@ -46,6 +46,12 @@ def atomic_writer(path: str | Path) -> Iterator[Any]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk: name the file being written, not its temp file or none
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if exc.filename in (None, tmp):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

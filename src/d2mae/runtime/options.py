@@ -161,6 +161,35 @@ def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> An
     return cls(**merged)
 
 
+def check_saved_types(cls: type, data: Mapping[str, Any], source: str) -> None:
+    """Every value of a saved artefact (``config.json``, ``run.json``) that is a field of ``cls`` has that field's
+    JSON type: no coercion of text as the command line does (``"32"`` is not an integer here), so a damaged or
+    hand-edited file is one error naming the file and the key."""
+    types_ = field_types(cls)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    plural = {int: "a list of integers", float: "a list of numbers", str: "a list of strings",
+              bool: "a list of true/false"}
+    for key, value in data.items():
+        if key not in types_:
+            continue
+        container, inner, optional = _describe(types_[key])
+        if value is None:
+            if optional:
+                continue
+            raise D2maeError(f"{source}: '{key}' must be {names.get(inner, str(inner))}, got null")
+        items = value if container is list else [value]
+        if container is list and not isinstance(value, list):
+            raise D2maeError(f"{source}: '{key}' must be a list, got {shown(value)}")
+        for item in items:
+            ok = (isinstance(item, bool) if inner is bool else
+                  isinstance(item, int) and not isinstance(item, bool) if inner is int else
+                  isinstance(item, (int, float)) and not isinstance(item, bool) if inner is float else
+                  isinstance(item, str) if inner is str else True)
+            if not ok:
+                what = plural[inner] if container is list else names.get(inner, str(inner))
+                raise D2maeError(f"{source}: '{key}' must be {what}, got {shown(value)}")
+
+
 def field_aliases(cls: type) -> dict[str, str]:
     """Other names a field answers to (its metadata's ``aliases``, e.g. an older spelling) → the field's name."""
     return {alias: f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
