@@ -212,10 +212,12 @@ def test_export_refuses_a_folder_of_other_files_unless_forced(pretrained, tmp_pa
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"the user's own weights")
     assert cli.main(["export", "--model", str(pretrained), "--out", str(out)]) == 2
-    one_error_line(capsys, "--out", "not a d2mae export", "--force")
+    one_error_line(capsys, "--out", "files d2mae did not write", "--force")
     assert (out / "model.safetensors").read_bytes() == b"the user's own weights"
     assert cli.main(["export", "--model", str(pretrained), "--out", str(out), "--force"]) == 0
-    assert cli.main(["export", "--model", str(pretrained), "--out", str(out)]) == 0  # an earlier export: replaced
+    assert cli.main(["export", "--model", str(pretrained), "--out", str(out)]) == 2  # an earlier export: kept
+    one_error_line(capsys, "--out", "earlier output of d2mae export", "--force")
+    assert cli.main(["export", "--model", str(pretrained), "--out", str(out), "--force"]) == 0  # replaced
 
 
 # ------------------------------------------------------------------------------------------- 4. option domains

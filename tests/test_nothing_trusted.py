@@ -107,14 +107,15 @@ def labeled(tmp_path) -> Path:
 def test_paths_outside_the_image_root_are_refused_unless_allowed(labeled, capsys) -> None:
     csv = labeled / "ph" / "labels.csv"
     rows = csv.read_text().splitlines()
-    (labeled / "elsewhere.png").write_bytes((labeled / "ph" / "images" / "phantom_00.png").read_bytes())
-    rows[1] = rows[1].replace("images/phantom_00.png", "../elsewhere.png")
+    (labeled / "other").mkdir()
+    (labeled / "other" / "elsewhere.png").write_bytes((labeled / "ph" / "images" / "phantom_00.png").read_bytes())
+    rows[1] = rows[1].replace("images/phantom_00.png", "../other/elsewhere.png")
     csv.write_text("\n".join(rows) + "\n")
     args = ["finetune", "--pretrained", str(labeled / "pt"), "--labels", str(csv), "--image-root", str(labeled / "ph"),
             *FT]
     assert main(args + ["--out", str(labeled / "ft")]) == 2
     err = capsys.readouterr().err
-    assert "lead outside" in err and "../elsewhere.png" in err and "--allow-outside-root" in err
+    assert "lead outside" in err and "../other/elsewhere.png" in err and "--allow-outside-root" in err
     assert main(args + ["--out", str(labeled / "ft2"), "--allow-outside-root"]) == 0
 
 
@@ -202,3 +203,30 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch) -> None
         files.atomic_write_text(target, "{}")
     assert str(target) in os_error_message(exc.value) and "No space left on device" in os_error_message(exc.value)
     assert not list((tmp_path / "out").iterdir())  # no temp file left behind
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["obs_json"].update(search_step="two"), r"obs.json: 'search_step' must be an integer, got 'two'"),
+    (lambda d: d["obs_json"].update(model_sha256=7), r"obs.json: 'model_sha256' must be a string"),
+    (lambda d: d["run_json"].update(folds=3), r"run.json: 'folds' must be a list of folds, got 3"),
+    (lambda d: d["run_json"].update(seed="0"), r"run.json: 'seed' must be an integer"),
+    (lambda d: d.update(obs_csv_t_star="abc"), r"obs.csv, line 2: column 't_star' must be a number, got 'abc'"),
+])
+def test_a_saved_run_json_or_obs_table_with_a_wrong_type_names_the_key(tmp_path, edit, words) -> None:
+    from d2mae.io.obs_table import ObsTable
+    from d2mae.io.predictions import load_predictions
+
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    o = tmp_path / "old"
+    docs = {"obs_json": json.loads((o / "obs" / "obs.json").read_text()),
+            "run_json": json.loads((o / "ft" / "run.json").read_text())}
+    edit(docs)
+    (o / "obs" / "obs.json").write_text(json.dumps(docs["obs_json"]))
+    (o / "ft" / "run.json").write_text(json.dumps(docs["run_json"]))
+    if "obs_csv_t_star" in docs:
+        lines = (o / "obs" / "obs.csv").read_text().splitlines()
+        cells = lines[1].split(",")
+        cells[2] = docs["obs_csv_t_star"]
+        (o / "obs" / "obs.csv").write_text("\n".join([lines[0], ",".join(cells), *lines[2:]]) + "\n")
+    with pytest.raises(D2maeError, match=words):
+        ObsTable.load(o / "obs") if "obs" in words else load_predictions(o / "ft")

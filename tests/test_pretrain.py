@@ -113,7 +113,8 @@ def test_short_run_lowers_the_loss_and_writes_a_pretrained_folder(images, tmp_pa
     losses = [r["loss"] for r in _metrics(out)]
     assert len(losses) == 20 * 6
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6])
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "pretrain.yaml", "pretrain_hashes.txt",
+    assert {p.name for p in out.iterdir()} == {".d2mae-output", "model.safetensors", "config.json", "pretrain.yaml",
+                                              "pretrain_hashes.txt",
                                               "metrics.jsonl", "resume.pt", "tensorboard"}
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the test extra
     record = _metrics(out)[-1]

@@ -10,7 +10,7 @@ from d2mae.eval.predict import PredictConfig, predict
 from d2mae.runtime.distributed import distributed_run
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_text
-from d2mae.runtime.locks import check_output_file
+from d2mae.runtime.outputs import check_output_path
 from d2mae.runtime.threads import configure_threads
 
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.inputs:
         raise D2maeError("no images given: pass image files, folders or .csv/.txt lists after the options")
     if cfg.out:
-        check_output_file(cfg.out)  # before any image is classified
+        check_output_path(cfg.out, [cfg.model, *cfg.inputs], force=cfg.force)  # before any image is classified
     with distributed_run(cfg.device) as (ctx, device):
         configure_threads(cfg.threads)
         result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,

@@ -228,6 +228,24 @@ def _csv_images(labels: Path, path_column: str, label_column: str, image_root: s
     return refs, ids, names, header, rows
 
 
+def labels_inputs(labels: str | Path | None, path_column: str = "path", image_root: str | Path | None = None,
+                  image_ext: str = "") -> list[str]:
+    """What a labels source brings as a command's inputs (outputs may not go into them): the CSV and every folder
+    holding one of its images, or the class-per-folder tree. Unreadable rows are left to :func:`load_labeled`."""
+    if not labels:
+        return []
+    path = Path(labels)
+    if not path.is_file():
+        return [str(path)]
+    try:
+        _, rows = read_table_csv(path)
+    except D2maeError:
+        return [str(path)]
+    root = Path(image_root) if image_root else path.parent
+    values = [r.get(path_column, "") for r in rows if not _is_missing(r.get(path_column, ""))]
+    return [str(path), *sorted({os.path.dirname(_resolve(v, root, image_ext)) for v in values})]
+
+
 def load_labeled(labels: str | Path, *, path_column: str = "path", label_column: str = "label",
                  group_column: str | None = None, split_column: str | None = None, fold_column: str | None = None,
                  image_root: str | Path | None = None, image_ext: str = "", folds_csv: str | Path | None = None,

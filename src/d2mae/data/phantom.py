@@ -44,6 +44,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.outputs import claim_folder
 
 CLASSES = ("benign", "malignant")
 AXIAL_OVERSAMPLE = 3     # RF samples per output pixel along the beam (room for the carrier)
@@ -96,6 +97,7 @@ class PhantomConfig:
     scanner_weights: list[float] | None = field(default=None, metadata={
         "help": "relative share of each scanner, in the order of --scanners; unset: equal shares", "min": 0.0})
     max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many", "min": 1})
+    force: bool = field(default=False, metadata={"help": "replace an earlier output of this command in --out (or write beside other files there)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -400,7 +402,8 @@ def render_phantoms(cfg: PhantomConfig, chunk: int = 32) -> tuple[np.ndarray, li
 
 def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: int = 0,
                       malignant_fraction: float = 0.4, scanners: Sequence[str] | None = None,
-                      scanner_weights: Sequence[float] | None = None, max_views: int = 2) -> Path:
+                      scanner_weights: Sequence[float] | None = None, max_views: int = 2,
+                      force: bool = False) -> Path:
     """Write ``n`` phantom PNGs (8-bit grayscale) under ``out_dir/images`` and ``out_dir/labels.csv``.
 
     Args:
@@ -412,6 +415,7 @@ def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: i
         scanners: simulated scanners to draw from (default: all of :data:`SCANNERS`).
         scanner_weights: relative share of each scanner (default: equal).
         max_views: each patient has 1 to ``max_views`` images (same label, scanner and lesion).
+        force: replace an earlier set of phantoms in ``out_dir``.
 
     Returns:
         The path of ``labels.csv`` (columns ``path,label,scanner,group``; ``path`` relative to ``out_dir``).
@@ -420,12 +424,13 @@ def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: i
     cfg = PhantomConfig(out=str(out_dir), n=n, size=size, seed=seed, malignant_fraction=malignant_fraction,
                         scanners=list(scanners) if scanners is not None else list(SCANNERS),
                         scanner_weights=list(scanner_weights) if scanner_weights is not None else None,
-                        max_views=max_views)
+                        max_views=max_views, force=force)
     return write_phantoms(cfg)
 
 
 def write_phantoms(cfg: PhantomConfig) -> Path:
     """:func:`generate_phantoms` from a :class:`PhantomConfig`."""
+    claim_folder(cfg.out, "phantoms", force=cfg.force)
     with output_lock(cfg.out, "phantoms"):
         return _write_phantoms(cfg)
 

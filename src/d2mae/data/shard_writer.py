@@ -22,6 +22,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_writer
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.outputs import claim_folder
 
 
 def _member_bytes(ref: str) -> tuple[bytes, str, str]:
@@ -103,6 +104,7 @@ def make_shards(cfg: ShardsConfig) -> Path:
     out = Path(cfg.out)
     if (out / INDEX).exists():
         raise D2maeError(f"{out} already holds a shard set ({out / INDEX}); choose another folder", option="out")
+    claim_folder(out, "shards", list(cfg.sources), resumable=True, forceable=False)
     with output_lock(out, "shards"):
         refs = check_images(find_images(cfg.sources), 1, skip_bad=cfg.skip_bad, out_dir=out)
         save_config(cfg, out / "shards_config.yaml")

@@ -44,6 +44,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.outputs import claim_folder
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -62,6 +63,8 @@ class EvaluateConfig:
         "help": "extra predictions.csv columns (e.g. Device, BUS-BRA's scanner column) for per-group metrics and σ* histograms",
         "metavar": "COLUMN"})
     figures: bool = dataclasses.field(default=True, metadata={"help": "write the PNG figures"})
+    force: bool = dataclasses.field(default=False, metadata={
+        "help": "replace an earlier output of this command in --out (or write beside other files there)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -79,6 +82,8 @@ class CompareConfig:
     confidence: float = dataclasses.field(default=0.95, metadata={"help": "confidence level of the intervals",
                                                                   "above": 0.0, "below": 1.0})
     split: str = dataclasses.field(default="test", metadata={"help": "rows of predictions.csv to compare"})
+    force: bool = dataclasses.field(default=False, metadata={
+        "help": "replace an earlier output of this command in --out (or write beside other files there)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -230,7 +235,7 @@ def _metrics_report(result: dict[str, Any], out: Path, figures: dict[str, Path])
 
 def evaluate_run(run_dir: str | Path, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
                  split: str = "test", group_by: Sequence[str] = (), out_dir: str | Path | None = None,
-                 figures: bool = True) -> dict[str, Any]:
+                 figures: bool = True, force: bool = False) -> dict[str, Any]:
     """Evaluate a fine-tuning run folder and write metrics.json, metrics.md/.html and figures.
 
     Args:
@@ -244,6 +249,8 @@ def evaluate_run(run_dir: str | Path, n_bootstrap: int = 1000, seed: int = 0, co
     """
     if not Path(run_dir).is_dir():  # before the lock, which would create the folder
         raise D2maeError(f"run folder {run_dir} does not exist; pass the --out folder of `d2mae finetune`")
+    if out_dir is not None:  # without it, the evaluation files of the run are refreshed in the run folder
+        claim_folder(out_dir, "evaluate", [run_dir], force=force)
     with output_lock(out_dir if out_dir is not None else run_dir, "evaluate"):
         return _evaluate_run(run_dir, n_bootstrap, seed, confidence, split, group_by, out_dir, figures)
 
@@ -309,8 +316,11 @@ def _align(a: RunPredictions, b: RunPredictions) -> np.ndarray:
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, n_bootstrap: int = 1000, seed: int = 0,
-                 confidence: float = 0.95, split: str = "test", out_dir: str | Path | None = None) -> dict[str, Any]:
+                 confidence: float = 0.95, split: str = "test", out_dir: str | Path | None = None,
+                 force: bool = False) -> dict[str, Any]:
     """:func:`_compare_runs`, with ``out_dir`` (when given) locked while it is written."""
+    if out_dir is not None:
+        claim_folder(out_dir, "compare", [run_a, run_b], force=force)
     lock = output_lock(out_dir, "compare") if out_dir is not None else contextlib.nullcontext()
     with lock:
         return _compare_runs(run_a, run_b, n_bootstrap, seed, confidence, split, out_dir)

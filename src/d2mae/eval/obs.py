@@ -22,7 +22,7 @@ import torch
 
 from d2mae.data.dataset import ImageDataset
 from d2mae.data.decode import check_images, content_hashes
-from d2mae.data.labels import load_labeled
+from d2mae.data.labels import labels_inputs, load_labeled
 from d2mae.data.sources import find_images
 from d2mae.eval.figures import sigma_histogram
 from d2mae.eval.image_figures import obs_strip
@@ -45,6 +45,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import RuntimeOptions, check_fields, save_config
+from d2mae.runtime.outputs import claim_folder
 from d2mae.runtime.threads import configure_threads
 
 
@@ -249,6 +250,8 @@ class ObsConfig(RuntimeOptions):
         "volatile": True})
     group_by: str | None = field(default=None, metadata={
         "help": "labels CSV column to summarise σ* by (e.g. Device); default: the class"})
+    force: bool = field(default=False, metadata={
+        "help": "replace an earlier output of this command in --out (or write beside other files there)"})
     strips: int = field(default=3, metadata={"help": "images in the OBS strip figure (0: none)", "min": 0})
 
     def __post_init__(self) -> None:
@@ -272,7 +275,16 @@ def search_dataset(cfg: ObsConfig) -> Path:
     if bool(cfg.data) == bool(cfg.labels):
         raise D2maeError("give the images either as data (folders, files, lists) or as labels (a labels CSV)",
                          option="data")
-    with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "obs", ctx):
+    with distributed_run(cfg.device) as (ctx, device):
+        inputs = [cfg.model, *(cfg.data or []), *labels_inputs(cfg.labels, cfg.path_column, cfg.image_root,
+                                                                     cfg.image_ext)]
+        on_main(ctx, lambda: claim_folder(cfg.out, "obs", inputs, force=cfg.force))
+        return _obs_command(cfg, ctx, device)
+
+
+def _obs_command(cfg: ObsConfig, ctx: DistContext, device: torch.device) -> Path:
+    """``d2mae obs`` in its claimed output folder (see :func:`search_dataset`)."""
+    with output_lock(cfg.out, "obs", ctx):
         configure_threads(cfg.threads)
         model = load_pretrained(cfg.model, device)
         refs, groups, group_name = _images(cfg)

@@ -56,6 +56,7 @@ class PredictConfig(RuntimeOptions):
     fold: str | None = field(default=None, metadata={"help": "with a run folder: use only this fold's model"})
     batch_size: int = field(default=32, metadata={"help": "images per batch", "min": 1})
     show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)", "min": 0})
+    force: bool = field(default=False, metadata={"help": "replace the --out file if it exists"})
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -397,6 +397,7 @@ def _check_phantoms(value: dict[str, Any], where: str, source: str) -> dict[str,
     cfg = _build(PhantomConfig, where, source, (value, f"{source}, section {where}"))
     out = to_dict(cfg)
     out.pop("out")
+    out.pop("force")  # how it is written, not what: the stage's cache key stays the same
     return out
 
 

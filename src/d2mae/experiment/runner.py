@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from d2mae.data.decode import compute_stats
-from d2mae.data.labels import load_labeled
+from d2mae.data.labels import labels_inputs, load_labeled
 from d2mae.data.phantom import generate_phantoms
 from d2mae.data.sources import find_images
 from d2mae.eval.evaluate import evaluate_run
@@ -42,6 +42,7 @@ from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import say
 from d2mae.runtime.options import save_config
+from d2mae.runtime.outputs import claim_folder
 from d2mae.train.finetune import finetune
 from d2mae.train.pretrain import pretrain
 
@@ -78,7 +79,7 @@ def _run_data(stage: Stage, plan: Plan) -> None:
         return
 
     _clear_stale(stage.folder, keep_partial=False)
-    generate_phantoms(stage.folder, **stage.payload)
+    generate_phantoms(stage.folder, **{**stage.payload, "force": True})  # a stopped data stage is written again
 
 
 def _run_arch(stage: Stage, plan: Plan) -> None:
@@ -190,6 +191,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
                          f"{', '.join(missing)}); put the files there, fix weights: in {cfg.source}, or leave those "
                          "methods out")
     check_weights(plan)
+    inputs: list[str | None] = [*cfg.weights.values()]
+    for spec in cfg.datasets.values():
+        inputs += [*labels_inputs(spec.labels, spec.path_column, spec.image_root, spec.image_ext), spec.folds_csv,
+                   *(spec.pretrain_data or [])]
+    claim_folder(plan.out, "experiment", inputs, resumable=True, forceable=False)
     with output_lock(plan.out, "experiment"):
         prepare_out(plan, resume)
         if estimate and any(s.done_info() is None for s in plan.stages):

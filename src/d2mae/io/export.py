@@ -43,6 +43,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.options import check_fields
+from d2mae.runtime.outputs import claim_folder
 
 EXPORT_FORMATS = ("timm", "hf")
 EXPORT_INFO = "d2mae_export.json"
@@ -366,7 +367,8 @@ def export_hf(encoder: DeblurEncoder, out_dir: Path, t: float, source: Path) -> 
 # the library function and the command
 
 
-def _check_out_dir(pretrained_dir: Path, out_dir: Path, force: bool = False) -> None:
+def _check_out_dir(pretrained_dir: Path, out_dir: Path, force: bool = False,
+                   obs_table: str | Path | None = None) -> None:
     if out_dir.resolve() == pretrained_dir.resolve():
         raise D2maeError(f"{out_dir} is the pre-trained folder itself; choose another folder", option="out")
     if out_dir.exists() and not out_dir.is_dir():
@@ -376,12 +378,7 @@ def _check_out_dir(pretrained_dir: Path, out_dir: Path, force: bool = False) -> 
         text = existing.read_text(encoding="utf-8", errors="replace")
         if '"d2mae-pretrained"' in text or '"d2mae-classifier"' in text:
             raise D2maeError(f"{out_dir} holds a d2mae model folder; export into another folder", option="out")
-    if out_dir.is_dir() and not (out_dir / EXPORT_INFO).is_file() and not force:
-        others = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
-        if others:
-            raise D2maeError(f"{out_dir} already holds files that are not a d2mae export ({', '.join(others[:3])}"
-                             f"{' …' if len(others) > 3 else ''}); choose an empty or new folder, or give --force to "
-                             "replace its model files", option="out")
+    claim_folder(out_dir, "export", [pretrained_dir, obs_table], force=force)
 
 
 def export_encoder(pretrained_dir: str | Path, out_dir: str | Path, format: str = "timm", t: float | None = None,
@@ -406,7 +403,7 @@ def export_encoder(pretrained_dir: str | Path, out_dir: str | Path, format: str 
     pretrained_dir, out_dir = Path(pretrained_dir), Path(out_dir)
     if format == "hf":
         _import_transformers()  # fail before any work
-    _check_out_dir(pretrained_dir, out_dir, force)
+    _check_out_dir(pretrained_dir, out_dir, force, obs_table)
     with output_lock(out_dir, "export"):  # a writable folder, and one writer, before any work
         model = load_pretrained(pretrained_dir)
         level = resolve_blur_level(model.config, t, sigma, obs_table)

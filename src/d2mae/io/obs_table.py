@@ -19,13 +19,40 @@ import torch
 
 from d2mae.method.blur import BlurSchedule
 from d2mae.method.obs import ObsSpec
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, shown
 from d2mae.runtime.files import atomic_write_json, atomic_write_text, csv_text
 
 OBS_FORMAT = "d2mae-obs"
 OBS_FORMAT_VERSION = 1
 TABLE_NAME = "obs.csv"
 META_NAME = "obs.json"
+
+
+#: The fields of ``obs.json`` and their JSON types (``None``: may be null).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "mode": (str,), "search_step": (int,), "sigma": (int, float, type(None)),
+    "model_sha256": (str,), "img_size": (int, type(None)), "in_chans": (int, type(None)), "schedule": (dict,),
+}
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """Each known field of ``obs.json`` has its type (a bool is not a number): else one error naming the key."""
+    for key, kinds in _META_TYPES.items():
+        value = meta.get(key)
+        if key not in meta and type(None) in kinds:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            expected = " or ".join(sorted({"null" if k is type(None) else {int: "an integer", float: "a number",
+                                           str: "a string", dict: "an object"}[k] for k in kinds}))
+            raise D2maeError(f"{path}: '{key}' must be {expected}, got {shown(value)}; rerun `d2mae obs`")
+
+
+def _number(row: dict, column: str, path: Path, line: int) -> float:
+    try:
+        return float(row[column])
+    except (TypeError, ValueError, KeyError):
+        raise D2maeError(f"OBS table {path}, line {line}: column '{column}' must be a number, got "
+                         f"{shown(row.get(column))}; rerun `d2mae obs`") from None
 
 
 @dataclass
@@ -109,7 +136,8 @@ class ObsTable:
         if not isinstance(meta, dict) or meta.get("format") != OBS_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise D2maeError(f"{meta_path} is not a d2mae OBS table description (format {found!r})")
-        if int(meta.get("format_version", 0)) > OBS_FORMAT_VERSION:
+        _check_meta(meta, meta_path)
+        if meta["format_version"] > OBS_FORMAT_VERSION:
             raise D2maeError(f"{meta_path}: OBS table version {meta.get('format_version')} is newer than this d2mae "
                              "reads; upgrade d2mae or rerun `d2mae obs`")
         if not isinstance(meta.get("schedule"), dict):
@@ -122,11 +150,9 @@ class ObsTable:
         if not need.issubset(header):
             raise D2maeError(f"OBS table {path} lacks column(s) {', '.join(sorted(need - set(header)))}")
         levels = [int(h[len("loss_t"):]) for h in header if h.startswith("loss_t")]
-        try:
-            losses = np.array([[float(r[f"loss_t{t}"]) for t in levels] for r in rows], dtype=np.float64)
-            t_star = np.array([float(r["t_star"]) for r in rows], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise D2maeError(f"OBS table {path} has a non-numeric value ({exc}); rerun `d2mae obs`") from None
+        losses = np.array([[_number(r, f"loss_t{t}", path, i) for t in levels] for i, r in enumerate(rows, 2)],
+                          dtype=np.float64)
+        t_star = np.array([_number(r, "t_star", path, i) for i, r in enumerate(rows, 2)], dtype=np.float64)
         meta.pop("levels", None)
         meta.pop("n_images", None)
         meta["table"] = str(path)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.errors import D2maeError, shown
 
 PREDICTIONS = "predictions.csv"
 RUN_JSON = "run.json"
@@ -138,6 +138,12 @@ def _read_run_json(run: Path) -> dict[str, Any]:
             raise D2maeError(f"{run_file} is not valid JSON: {exc}") from None
         if not isinstance(info, dict):
             raise D2maeError(f"{run_file} must hold a JSON object with 'classes', 'protocol', 'folds', ...")
+        for key, kind, what in (("classes", list, "a list of class names"), ("folds", list, "a list of folds"),
+                                ("protocol", str, "a string"), ("method", str, "a string"), ("seed", int, "an integer"),
+                                ("fold_details", list, "a list")):
+            value = info.get(key)
+            if key in info and value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise D2maeError(f"{run_file}: '{key}' must be {what}, got {shown(value)}")
     return info
 
 

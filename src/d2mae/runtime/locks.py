@@ -73,14 +73,6 @@ def check_writable(folder: Path, option: str = "out") -> None:
         raise D2maeError(f"{folder} cannot be written ({os_error_message(exc)})", option=option) from None
 
 
-def check_output_file(path: str | Path, option: str = "out") -> None:
-    """A file about to be written at the end of a command: not a folder, and its folder writable (probed now)."""
-    path = Path(path)
-    if path.is_dir():
-        raise D2maeError(f"{path} is a folder; give a file name, e.g. {path / 'predictions.csv'}", option=option)
-    check_writable(path.parent if str(path.parent) else Path("."), option)
-
-
 def _read(path: Path) -> dict[str, Any] | None:
     for _ in range(3):  # a lock being written right now: give its owner a moment
         try:

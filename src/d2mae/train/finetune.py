@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader
 from d2mae.data.dataset import ImageDataset, SeededDataset
 from d2mae.data.decode import compute_stats
 from d2mae.data.folds import Fold, fold_summary
+from d2mae.data.labels import labels_inputs
 from d2mae.data.sampler import EpochBatchSampler
 from d2mae.io.artifacts import load_weights, save_classifier, save_weights
 from d2mae.io.obs_table import sigmas_of
@@ -79,6 +80,7 @@ from d2mae.runtime.files import (
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import MetricsLog
 from d2mae.runtime.options import save_config
+from d2mae.runtime.outputs import claim_folder
 from d2mae.runtime.seeds import derive_seed
 from d2mae.runtime.signals import StopSignals
 from d2mae.runtime.threads import configure_threads
@@ -447,6 +449,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
     """
     if not cfg.out:
         raise D2maeError("is required: the folder for the fine-tuning run", option="out")
-    with distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "finetune", ctx):
-        configure_threads(cfg.threads)
-        return FinetuneRun(cfg, ctx, device).run()
+    inputs = [cfg.pretrained, *labels_inputs(cfg.labels, cfg.path_column, cfg.image_root, cfg.image_ext),
+              cfg.folds_csv, cfg.obs_table, cfg.backbone_weights]
+    with distributed_run(cfg.device) as (ctx, device):
+        on_main(ctx, lambda: claim_folder(cfg.out, "finetune", inputs, resumable=True, forceable=False))
+        with output_lock(cfg.out, "finetune", ctx):
+            configure_threads(cfg.threads)
+            return FinetuneRun(cfg, ctx, device).run()

@@ -71,6 +71,7 @@ from d2mae.runtime.files import atomic_write_json, atomic_write_text, load_check
 from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import MetricsLog, say
 from d2mae.runtime.options import save_config, to_dict
+from d2mae.runtime.outputs import claim_folder
 from d2mae.runtime.seeds import capture_rng_state, restore_rng_state, seed_everything
 from d2mae.runtime.signals import StopSignals
 from d2mae.runtime.threads import configure_threads
@@ -470,7 +471,15 @@ def pretrain(cfg: PretrainConfig) -> Path:
     :class:`NonFiniteLossError` when the loss diverges, :class:`TrainingInterrupted` after SIGTERM/SIGINT (a resume
     checkpoint has been written).
     """
-    with dist_utils.distributed_run(cfg.device) as (ctx, device), output_lock(cfg.out, "pretrain", ctx):
+    with dist_utils.distributed_run(cfg.device) as (ctx, device):
+        dist_utils.on_main(ctx, lambda: claim_folder(cfg.out, "pretrain", [*cfg.data, cfg.init_from], resumable=True,
+                                                     forceable=False))
+        return _pretrain(cfg, ctx, device)
+
+
+def _pretrain(cfg: PretrainConfig, ctx: DistContext, device: torch.device) -> Path:
+    """:func:`pretrain` in its claimed output folder, holding its lock."""
+    with output_lock(cfg.out, "pretrain", ctx):
         configure_threads(cfg.threads)
         run = Pretrainer(cfg, ctx, device)
         try:
