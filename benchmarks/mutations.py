@@ -126,6 +126,18 @@ BREAKS: tuple[Break, ...] = (
     Break("kernel-truncated", "the kernel reaches 4σ, as scipy's gaussian_filter", "method/blur.py",
           "own_radius = torch.floor(TRUNCATE * sig + 0.5)", "own_radius = torch.floor(2.0 * sig + 0.5)",
           ("tests/test_blur.py",)),
+    Break("cuda-without-bf16", "a CUDA device with bf16 gets bf16 autocast (the GPU path)", "runtime/device.py",
+          'elif precision == "auto" and device_type == "cuda" and bf16_supported:',
+          'elif precision == "auto" and device_type == "cuda" and bf16_supported and False:',
+          ("tests/test_gpu_path.py::test_a_cuda_device_with_bf16_gets_bf16_autocast_fused_adamw_and_sdpa",)),
+    Break("attention-not-fused", "attention runs F.scaled_dot_product_attention (the GPU's flash kernels)",
+          "method/models.py", "        self.norm = LAYER_NORM(dim) if final_norm else nn.Identity()\n",
+          "        self.norm = LAYER_NORM(dim) if final_norm else nn.Identity()\n"
+          "        for b in self.blocks:\n            b.attn.fused_attn = False\n",
+          ("tests/test_gpu_path.py::test_the_models_attention_and_optimizer_follow_the_plan",)),
+    Break("adamw-not-fused", "AdamW runs PyTorch's fused kernel on CUDA and CPU", "runtime/device.py",
+          'fused_adamw=device_type in ("cuda", "cpu")', "fused_adamw=False",
+          ("tests/test_gpu_path.py::test_the_models_attention_and_optimizer_follow_the_plan",)),
     Break("blur-memory-path", "pre-training crops are sharp: the memory cache's path", "data/cache.py",
           "return crop_resize(images, sizes, local, self.img_size, flip)",
           f"out = crop_resize(images, sizes, local, self.img_size, flip)\n"

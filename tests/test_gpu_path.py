@@ -1,0 +1,104 @@
+"""The GPU code path, exercised without a GPU: what a CUDA device would be given (bf16 autocast, fused AdamW, SDPA
+attention) asked as decisions; bf16 autocast on the CPU against fp32 for pre-training and fine-tuning losses, and a
+short bf16 run that learns; torch.compile against eager through the GPU script's own dry run (every pass of
+benchmarks/gpu.sh on the CPU at toy size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurClassifier, DeblurMAE
+from d2mae.runtime.device import amp_dtype, plan_for
+from d2mae.runtime.errors import D2maeError
+from d2mae.train.optim import adamw
+from tests.conftest import REPO, TINY
+
+
+def test_a_cuda_device_with_bf16_gets_bf16_autocast_fused_adamw_and_sdpa() -> None:
+    gpu = plan_for("cuda", "auto", bf16_supported=True)
+    assert gpu.amp is torch.bfloat16 and gpu.fused_adamw and gpu.sdpa
+    assert plan_for("cuda", "auto", bf16_supported=False).amp is None  # an older GPU: fp32
+    assert plan_for("cuda", "fp32", bf16_supported=True).amp is None
+    cpu = plan_for("cpu")
+    assert cpu.amp is None and cpu.fused_adamw  # bf16 autocast is slower on CPUs without bf16 units
+    assert plan_for("cpu", "bf16").amp is torch.bfloat16  # asked for: given
+    assert amp_dtype(torch.device("cpu")) is None
+    with pytest.raises(D2maeError, match="precision"):
+        plan_for("cuda", "fp16")
+
+
+def test_the_models_attention_and_optimizer_follow_the_plan() -> None:
+    """Every attention block of the encoder and decoder runs timm's fused path (F.scaled_dot_product_attention: the
+    flash and memory-efficient kernels on a GPU), and AdamW is the fused kernel, as the device plan says."""
+    model = DeblurMAE(ModelConfig(**TINY))
+    blocks = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(blocks) == TINY["depth"] + TINY["decoder_depth"]
+    assert all(b.fused_attn is plan_for("cuda", bf16_supported=True).sdpa is True for b in blocks)
+    optimizer = adamw([{"params": list(model.parameters())}], lr=1e-3)
+    assert optimizer.defaults["fused"] is plan_for("cpu").fused_adamw is True
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(n, 1, 32, 32, generator=g)
+    t = torch.randint(1, 12, (n,), generator=g).float()
+    noise = torch.rand(n, ModelConfig(**TINY).num_patches, generator=g)
+    return x, t, noise
+
+
+def test_bf16_and_fp32_agree_on_the_fine_tuning_loss() -> None:
+    """Cross-entropy of the classifier on one fixed batch, bf16 autocast against fp32: within 2% (8 mantissa bits)."""
+    clf = DeblurClassifier(ModelConfig(**TINY), 2).eval()
+    x, t, _ = _batch()
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        fp32 = torch.nn.functional.cross_entropy(clf(x, t), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = torch.nn.functional.cross_entropy(clf(x, t).float(), y)
+    assert torch.isfinite(bf16) and abs(float(bf16) - float(fp32)) <= 0.02 * float(fp32)
+
+
+def test_a_short_bf16_pretraining_run_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    model = DeblurMAE(ModelConfig(**TINY))
+    optimizer = adamw([{"params": list(model.parameters())}], lr=2e-3, betas=(0.9, 0.95))
+    x, t, noise = _batch()
+    losses = []
+    for _ in range(30):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = model(x, t, noise=noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    assert all(map(lambda v: v == v, losses))  # no NaN
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile on the CPU needs a C "
+                    "compiler (inductor builds its kernels); none is on this machine")
+def test_the_gpu_script_dry_run_runs_every_pass_and_compiled_matches_eager(tmp_path: Path) -> None:
+    """``bash benchmarks/gpu.sh --dry-run`` runs the eager and the torch.compile pass on the CPU at toy size; the
+    compiled step's first loss equals the eager one (same seed, weights, batch), and the report carries the bf16
+    gap, the anchors and the OBS rate."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    eager = json.loads((tmp_path / "eager" / "gpu_bench.json").read_text())
+    compiled = json.loads((tmp_path / "compiled" / "gpu_bench.json").read_text())
+    assert [r["mode"] for r in eager["rows"]] == ["eager"] and [r["mode"] for r in compiled["rows"]] == ["compiled"]
+    a, b = eager["rows"][0]["loss_first"], compiled["rows"][0]["loss_first"]
+    assert abs(a - b) <= 1e-3 * abs(a), (a, b)
+    assert eager["bf16_vs_fp32"]["relative_gap"] < 0.02
+    text = (tmp_path / "eager" / "gpu_bench.md").read_text()
+    assert "Anchors: about 2,000 img/s per A100" in text and "bf16 against fp32" in text and "OBS" in text
