@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_bench  # noqa: E402
 import reference_mae  # noqa: E402
+import roofline  # noqa: E402
 
 
 def test_reference_model_equals_deblur_mae() -> None:
@@ -61,3 +62,12 @@ def test_gpu_bench_runs_on_cpu_tiny(tmp_path: Path) -> None:
     row = data["rows"][0]
     assert row["images_per_s"] > 0 and row["gflop_per_step"] > 0
     assert data["obs"]["levels"] == 6
+
+
+def test_roofline_profiles_a_step_and_times_its_products_alone() -> None:
+    (r,) = roofline.main(["--img-size", "32", "--decoder-embed-dim", "32", "--decoder-depth", "1",
+                          "--decoder-num-heads", "2", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                          "--repeats", "1", "--threads", "1"])
+    assert r["product_calls"] > 20 and r["limit_s"] > 0 and r["fraction"] > 0
+    assert {"aten::mm", "aten::bmm"} <= set(r["products_alone_s"]) or "aten::addmm" in r["products_alone_s"]
+    assert r["parts_s"]["forward"] > 0 and r["parts_s"]["backward"] > 0 and r["overhead_s"] >= 0
