@@ -1,5 +1,5 @@
-"""The evaluation protocols of Section 3.1 as folds of a :class:`~d2mae.data.labels.LabeledSet`: a 3:1:1 split, stratified
-(and group-aware) k-fold cross-validation, a dataset's own fold or split column, or a fixed hold-out list."""
+"""The evaluation protocols of Section 3.1 as folds of a :class:`~d2mae.data.labels.LabeledSet`: a 3:1:1 split,
+stratified (and group-aware) k-fold cross-validation, a dataset's own fold or split column, or a fixed hold-out list."""
 
 from __future__ import annotations
 

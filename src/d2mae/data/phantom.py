@@ -97,7 +97,8 @@ class PhantomConfig:
     scanner_weights: list[float] | None = field(default=None, metadata={
         "help": "relative share of each scanner, in the order of --scanners; unset: equal shares", "min": 0.0})
     max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many", "min": 1})
-    force: bool = field(default=False, metadata={"help": "replace an earlier output of this command in --out (or write beside other files there)"})
+    force: bool = field(default=False, metadata={
+        "help": "replace an earlier output of this command in --out (or write beside other files there)"})
 
     def __post_init__(self) -> None:
         check_fields(self)

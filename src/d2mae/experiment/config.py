@@ -1,5 +1,5 @@
-"""The experiment config: the schema of an experiment file (its methods come from :mod:`d2mae.experiment.methods`) and its
-loading (``${VAR}`` expansion, ``--set`` overrides). Part of :mod:`d2mae.experiment`."""
+"""The experiment config: the schema of an experiment file (its methods come from :mod:`d2mae.experiment.methods`) and
+its loading (``${VAR}`` expansion, ``--set`` overrides). Part of :mod:`d2mae.experiment`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Time estimates for ``d2mae experiment --plan``: a few steps of each method's model timed at the configured batch on this
-machine, scaled to every stage of the plan."""
+"""Time estimates for ``d2mae experiment --plan``: a few steps of each method's model timed at the configured batch on
+this machine, scaled to every stage of the plan."""
 
 from __future__ import annotations
 

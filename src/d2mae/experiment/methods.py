@@ -1,5 +1,5 @@
-"""The rows of the results tables (:data:`METHODS`, Table 2 and Table 3) and the Table 3 panels (:data:`ABLATIONS`): what
-each row's encoder starts from and how it is fine-tuned, described from the pre-training presets."""
+"""The rows of the results tables (:data:`METHODS`, Table 2 and Table 3) and the Table 3 panels (:data:`ABLATIONS`):
+what each row's encoder starts from and how it is fine-tuned, described from the pre-training presets."""
 
 from __future__ import annotations
 

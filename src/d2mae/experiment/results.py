@@ -1,5 +1,5 @@
-"""An experiment's results: each finished fine-tuning stage's per-fold metrics, collected into the Table 2 comparison and
-the Table 3 panels with their paired tests."""
+"""An experiment's results: each finished fine-tuning stage's per-fold metrics, collected into the Table 2 comparison
+and the Table 3 panels with their paired tests."""
 
 from __future__ import annotations
 

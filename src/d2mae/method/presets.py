@@ -1,5 +1,5 @@
-"""The pre-training methods of Tables 2 and 3 as :class:`~d2mae.method.model_config.ModelConfig` overrides: one home for every
-method's settings (the D²MAE schedule, DeblurrMAE's fixed σ, MAE's masked-patch loss, the ablations)."""
+"""The pre-training methods of Tables 2 and 3 as :class:`~d2mae.method.model_config.ModelConfig` overrides: one home for
+every method's settings (the D²MAE schedule, DeblurrMAE's fixed σ, MAE's masked-patch loss, the ablations)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def preset_overrides(name: str) -> dict[str, Any]:
 
 
 #: The name of each Table 2 method in reports; the ablations are named by their preset.
-PRESET_TITLES = {"mae": "MAE", "deblurrmae": "DeblurrMAE", "d2mae": "D²MAE", "moco-v3": "MoCo v3", "diffmae": "DiffMAE"}
+PRESET_TITLES = {"mae": "MAE", "deblurrmae": "DeblurrMAE", "d2mae": "D²MAE", "moco-v3": "MoCo v3",
+                 "diffmae": "DiffMAE"}
 
 
 def describe_preset(name: str) -> str:

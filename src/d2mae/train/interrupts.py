@@ -1,4 +1,5 @@
-"""The exceptions a stop signal raises in training: the run state is on disk, and the command exits with 128 + the signal."""
+"""The exceptions a stop signal raises in training: the run state is on disk, and the command exits with 128 + the
+signal."""
 
 from __future__ import annotations
 

@@ -260,7 +260,8 @@ class Pretrainer:
             say(ctx, f"note: the run so far cropped images with the {state['data_path_used']} data path, now with "
                       f"{self.data_path}; crops differ slightly from an uninterrupted run (data_path chooses)")
         if self.data_path == "memory":
-            cache = DecodedCache(self.train_refs, cfg.img_size, cfg.in_chans, progress=cfg.progress and ctx.is_main and _tty())
+            cache = DecodedCache(self.train_refs, cfg.img_size, cfg.in_chans,
+                                 progress=cfg.progress and ctx.is_main and _tty())
             self.batches: Any = MemoryBatches(cache, self.sampler, self.device, views=self.model.views,
                                               scale=self.model.crop_scale)
         else:
@@ -392,7 +393,8 @@ class Pretrainer:
         with StopSignals() as stop:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
                 epoch = self.epoch
-                bar = _progress(ctx, cfg.progress, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch, cfg.epochs)
+                bar = _progress(ctx, cfg.progress, self.steps_per_epoch, self.micro // cfg.accum_iter, epoch,
+                                cfg.epochs)
                 epoch_loss, epoch_steps, epoch_time = 0.0, 0, 0.0
                 log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
                 batches = self.batches.epoch(epoch, self.micro)
