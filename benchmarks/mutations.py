@@ -159,6 +159,27 @@ BREAKS: tuple[Break, ...] = (
           "    out = __import__('scipy.ndimage', fromlist=['x']).gaussian_filter(out, (0, 0.5, 0.5))\n"
           "    return np.clip(out, 0.0, 1.0, out=out)",
           (f"{PB}::test_sharp_views_of_an_image_at_the_model_size_are_its_pixels",)),
+    Break("seg-mask-interpolated", "masks are resized by nearest neighbour (values stay classes)", "segment/data.py",
+          "Image.Resampling.NEAREST", "Image.Resampling.BILINEAR",
+          ("tests/test_segment.py::test_image_and_mask_share_one_crop_and_the_mask_keeps_its_classes",)),
+    Break("seg-two-crops", "image and mask share one random crop", "segment/data.py",
+          "        y = resize_mask(mask, box, self.img_size, flip=flip)  # [S, S]",
+          "        y = resize_mask(mask, random_box(h, w, self.crop_scale) if self.augment else box, self.img_size,"
+          " flip=flip)",
+          ("tests/test_segment.py::test_image_and_mask_share_one_crop_and_the_mask_keeps_its_classes",)),
+    Break("seg-metrics-at-model-size", "segmentation metrics at each image's own size", "segment/train.py",
+          "out.append(torch.softmax(native_logits(logits[j], sizes[i]), dim=0).cpu().numpy())",
+          "out.append(torch.softmax(logits[j].float(), dim=0).cpu().numpy())",
+          ("tests/test_segment.py::test_segment_end_to_end_on_48_busi_images",)),
+    Break("seg-t-zero", "the segmenter's encoder gets t* (blur at σ_t*, BLU(t*))", "segment/model.py",
+          "        z, _, _ = enc.embed(x, t)  # blurred", "        z, _, _ = enc.embed(x, torch.zeros_like(t))  #",
+          ("tests/test_segment.py::test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the"
+           "_blur_token",)),
+    Break("seg-no-blur", "the segmenter's encoder sees the image blurred at σ_t*", "segment/model.py",
+          "        z, _, _ = enc.embed(x, t)  # blurred",
+          "        enc.blur = lambda x, t, e=enc: e.normalize(x.float())\n        z, _, _ = enc.embed(x, t)  #",
+          ("tests/test_segment.py::test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the"
+           "_blur_token",)),
 )
 
 
@@ -174,7 +195,8 @@ def _copy_repo(dest: Path) -> None:
 def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
     """Apply ``b`` to a fresh copy, run its tests; returns (verdict, seconds, the tests' last line). The verdict is
     CAUGHT when a test failed (pytest's status 1), SURVIVED when all passed, and BROKEN when the tests could not run
-    (the planted code does not import, or no test was collected): a plant to mend, not a catch."""
+    (the planted code does not import, no test was collected, or every test skipped): a plant to mend, not a
+    catch."""
     copy = workdir / b.name
     _copy_repo(copy)
     path = copy / "src" / "d2mae" / b.file
@@ -183,7 +205,8 @@ def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
         raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in src/d2mae/{b.file} "
                          "(expected once); update benchmarks/mutations.py with the code")
     path.write_text(text.replace(b.old, b.new), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1",
+           "D2MAE_SHARED": str(REPO.parent / "shared")}  # the data beside the repository, not beside the copy
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *b.tests],
                           cwd=copy, env=env, capture_output=True, text=True)
@@ -191,6 +214,8 @@ def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     shutil.rmtree(copy, ignore_errors=True)
     verdict = {0: "SURVIVED", 1: "CAUGHT"}.get(proc.returncode, "BROKEN")
+    if verdict == "SURVIVED" and lines and " passed" not in lines[-1]:
+        verdict = "BROKEN"  # every test skipped (its data not found): nothing was checked
     return verdict, seconds, lines[-1] if lines else proc.stderr.strip()[-200:]
 
 

@@ -18,8 +18,9 @@ LAYERS: dict[str, set[str]] = {
     "io": {"runtime", "method", "data"},
     "eval": {"runtime", "method", "data", "io"},
     "train": {"runtime", "method", "data", "io", "eval"},
-    "experiment": {"runtime", "method", "data", "io", "eval", "train"},
-    "commands": {"runtime", "method", "data", "io", "eval", "train", "experiment"},
+    "segment": {"runtime", "method", "data", "io", "eval", "train"},
+    "experiment": {"runtime", "method", "data", "io", "eval", "train", "segment"},
+    "commands": {"runtime", "method", "data", "io", "eval", "train", "segment", "experiment"},
 }
 
 

@@ -16,13 +16,13 @@ from PIL import Image
 
 from d2mae.commands.main import main
 from d2mae.data.decode import content_hash
+from d2mae.eval import obs as eval_obs
 from d2mae.io.artifacts import load_classifier, load_pretrained, load_weights, model_sha256
 from d2mae.io.obs_table import ObsTable
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import DeblurClassifier, build_classifier
 from d2mae.runtime.errors import D2maeError
 from d2mae.train import finetune as ft
-from d2mae.train import finetune_setup
 from d2mae.train.optim import make_optimizer, param_groups
 from tests.conftest import TINY
 from tests.test_labels import write_labeled
@@ -369,8 +369,8 @@ def test_obs_runs_once_per_finetuning_not_per_epoch(data, tmp_path: Path, monkey
     """Section 2.3: the OBS procedure is executed only once, not at every fine-tuning epoch (nor per fold)."""
     pre, labels = data
     calls: list[int] = []
-    original = finetune_setup.run_obs
-    monkeypatch.setattr(finetune_setup, "run_obs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = eval_obs.run_obs
+    monkeypatch.setattr(eval_obs, "run_obs", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert main(["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "kfold:3",
                  "--folds", "1,2", "--out", str(tmp_path / "run"), *FAST]) == 0
     assert len(calls) == 1

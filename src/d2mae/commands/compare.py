@@ -7,6 +7,8 @@ import dataclasses
 
 from d2mae.commands.flags import add_arguments, config_from_cli
 from d2mae.eval.evaluate import CompareConfig, compare_runs, format_comparison
+from d2mae.segment.evaluate import compare_segment_runs, format_segment_comparison
+from d2mae.segment.files import is_segmenter
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +21,9 @@ def add(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(CompareConfig, args)
+    if is_segmenter(args.run_a) and is_segmenter(args.run_b):  # two d2mae segment runs: per-image paired tests
+        print(format_segment_comparison(compare_segment_runs(args.run_a, args.run_b, cfg.split, seed=cfg.seed)))
+        return 0
     res = compare_runs(args.run_a, args.run_b, out_dir=args.out, **dataclasses.asdict(cfg))
     print(format_comparison(res))
     if args.out:

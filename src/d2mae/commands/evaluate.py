@@ -10,6 +10,8 @@ from d2mae.commands.flags import add_arguments, config_from_cli
 from d2mae.eval.evaluate import EvaluateConfig, evaluate_run
 from d2mae.eval.metrics import METRIC_LABELS, SCALAR_METRICS
 from d2mae.eval.tables import format_ci, format_value
+from d2mae.segment.evaluate import evaluate_segment_run, print_summary
+from d2mae.segment.files import is_segmenter
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,9 @@ def add(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(EvaluateConfig, args)
+    if is_segmenter(args.run_dir):  # a d2mae segment run: Dice / IoU / HD95
+        print_summary(evaluate_segment_run(args.run_dir, out_dir=args.out, split=cfg.split, seed=cfg.seed))
+        return 0
     res = evaluate_run(args.run_dir, out_dir=args.out, **dataclasses.asdict(cfg))
     print(f"{res['method']}: {res['n_images']} '{res['split']}' images, {res['n_folds']} fold(s)")
     for m in SCALAR_METRICS:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("d2mae.commands.pretrain", "pre-train D²MAE (or MAE / DeblurrMAE / an ablation) on unlabeled images"),
     "obs": ("d2mae.commands.obs", "optimal blurriness search: the best blur level t* per image"),
     "finetune": ("d2mae.commands.finetune", "fine-tune a classifier from a pre-trained encoder, blurred at t*"),
+    "segment": ("d2mae.commands.segment", "fine-tune a lesion segmenter from a pre-trained encoder, blurred at t*"),
     "evaluate": ("d2mae.commands.evaluate", "metrics with 95% confidence intervals, tables and figures for a run"),
     "compare": ("d2mae.commands.compare", "compare two runs with paired significance tests"),
     "predict": ("d2mae.commands.predict", "classify new images (runs OBS on each first)"),

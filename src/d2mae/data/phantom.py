@@ -97,6 +97,9 @@ class PhantomConfig:
     scanner_weights: list[float] | None = field(default=None, metadata={
         "help": "relative share of each scanner, in the order of --scanners; unset: equal shares", "min": 0.0})
     max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many", "min": 1})
+    masks: bool = field(default=False, metadata={
+        "help": "also write each lesion's mask (masks/, 0/255 PNGs named like the images; a mask column in "
+                "labels.csv) for d2mae segment"})
     force: bool = field(default=False, metadata={
         "help": "replace an earlier output of this command in --out (or write beside other files there)"})
 
@@ -256,8 +259,9 @@ def _texture(rng: np.random.Generator, u: np.ndarray, d: np.ndarray, k: int = 6,
 
 
 def _tissue(p: dict[str, Any], rng: np.random.Generator, x: np.ndarray, z: np.ndarray, d: np.ndarray,
-            u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Echogenicity (mean backscatter power, gland ≈ 1) and relative attenuation of one image, [Na, Nl] each.
+            u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Echogenicity (mean backscatter power, gland ≈ 1), relative attenuation and the lesion's soft indicator
+    (1 inside, 0 outside, a sigmoid across the margin) of one image, [Na, Nl] each.
 
     Args:
         x, z: Cartesian lateral / depth position of each RF sample [Na, Nl] (used for the lesion).
@@ -318,7 +322,7 @@ def _tissue(p: dict[str, Any], rng: np.random.Generator, x: np.ndarray, z: np.nd
         pz = cz + b * r_c * math.sin(a_c)
         e = e + 40.0 * np.exp(-0.5 * ((x - px) ** 2 + (z - pz) ** 2) / 0.004 ** 2)
     attenuation = 1.0 + (p["attenuation"] - 1.0) * inside
-    return e, attenuation
+    return e, attenuation, inside
 
 
 def _render_chunk(params: list[dict[str, Any]], size: int) -> np.ndarray:
@@ -335,7 +339,7 @@ def _render_chunk(params: list[dict[str, Any]], size: int) -> np.ndarray:
     echo = np.empty((b, size, nl), dtype=np.float32)
     atten = np.empty((b, size, nl), dtype=np.float32)
     for i, p in enumerate(params):
-        echo[i], atten[i] = _tissue(p, rngs[i], x[i], z[i], d[i, :, :1], u[i, :1, :])
+        echo[i], atten[i], _ = _tissue(p, rngs[i], x[i], z[i], d[i, :, :1], u[i, :1, :])
     path_db = ATTENUATION_DB * np.cumsum(atten, axis=1) / size            # [B, S, Nl]
     amplitude = np.repeat(np.sqrt(echo) * 10 ** (-path_db / 20), AXIAL_OVERSAMPLE, axis=1)  # [B, Na, Nl]
 
@@ -387,6 +391,29 @@ def _render_chunk(params: list[dict[str, Any]], size: int) -> np.ndarray:
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 
 
+def render_masks(params: list[dict[str, Any]], size: int) -> np.ndarray:
+    """The lesion masks of images ``params`` (one dict of :func:`render_phantoms` each): uint8 [B, S, S], 1 inside.
+
+    The lesion's indicator of :func:`_tissue` (its margin at one half), recomputed from each image's own seed (the
+    same draws as the image's, which it is the first to use) and scan-converted as the image is; nothing is blurred
+    (the display smoothing does not move the lesion's edge)."""
+    b = len(params)
+    sector = np.array([SCANNERS[p["scanner"]].geometry == "sector" for p in params])
+    x, z, d, u = _beam_coordinates(sector, size, size)  # the tissue grid: one sample per output pixel
+    inside = np.empty((b, size, size), dtype=np.float32)
+    for i, p in enumerate(params):
+        _, _, inside[i] = _tissue(p, np.random.default_rng(p["seed"]), x[i], z[i], d[i, :, :1], u[i, :1, :])
+    coords = _output_coordinates(sector, size, AXIAL_OVERSAMPLE * size, size)
+    coords[1] = (coords[1] + 0.5) / AXIAL_OVERSAMPLE - 0.5  # RF samples → tissue-grid rows
+    out = np.empty((b, size, size), dtype=np.float32)
+    for kind, mode in ((sector, "constant"), (~sector, "nearest")):
+        if kind.any():
+            sub = coords[:, kind]
+            sub[0] = np.arange(int(kind.sum()))[:, None, None]
+            out[kind] = ndimage.map_coordinates(inside[kind], sub, order=1, mode=mode, cval=0.0)
+    return (out > 0.5).astype(np.uint8)
+
+
 def render_phantoms(cfg: PhantomConfig, chunk: int = 32) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Simulate ``cfg.n`` phantoms in memory -> (uint8 images [N, S, S], one metadata dict per image).
 
@@ -404,7 +431,7 @@ def render_phantoms(cfg: PhantomConfig, chunk: int = 32) -> tuple[np.ndarray, li
 def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: int = 0,
                       malignant_fraction: float = 0.4, scanners: Sequence[str] | None = None,
                       scanner_weights: Sequence[float] | None = None, max_views: int = 2,
-                      force: bool = False) -> Path:
+                      force: bool = False, masks: bool = False) -> Path:
     """Write ``n`` phantom PNGs (8-bit grayscale) under ``out_dir/images`` and ``out_dir/labels.csv``.
 
     Args:
@@ -417,6 +444,7 @@ def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: i
         scanner_weights: relative share of each scanner (default: equal).
         max_views: each patient has 1 to ``max_views`` images (same label, scanner and lesion).
         force: replace an earlier set of phantoms in ``out_dir``.
+        masks: also write the lesion masks (``masks/``, 0/255, named like the images; a ``mask`` column).
 
     Returns:
         The path of ``labels.csv`` (columns ``path,label,scanner,group``; ``path`` relative to ``out_dir``).
@@ -425,7 +453,7 @@ def generate_phantoms(out_dir: str | Path, n: int = 200, size: int = 96, seed: i
     cfg = PhantomConfig(out=str(out_dir), n=n, size=size, seed=seed, malignant_fraction=malignant_fraction,
                         scanners=list(scanners) if scanners is not None else list(SCANNERS),
                         scanner_weights=list(scanner_weights) if scanner_weights is not None else None,
-                        max_views=max_views, force=force)
+                        max_views=max_views, force=force, masks=masks)
     return write_phantoms(cfg)
 
 
@@ -436,20 +464,30 @@ def write_phantoms(cfg: PhantomConfig) -> Path:
         return _write_phantoms(cfg)
 
 
+def _png(img: np.ndarray) -> bytes:
+    """uint8 [S, S] → 8-bit grayscale PNG bytes (mode L)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _write_phantoms(cfg: PhantomConfig) -> Path:
     out = Path(cfg.out)
     images, plan = render_phantoms(cfg)
     width = len(str(cfg.n - 1))
+    masks = render_masks(plan, cfg.size) if cfg.masks else None
     rows = []
     for i, (img, meta) in enumerate(zip(images, plan)):
         rel = f"images/phantom_{i:0{width}d}.png"
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")  # uint8 [S, S]: mode L
-        atomic_write_bytes(out / rel, buf.getvalue())
+        atomic_write_bytes(out / rel, _png(img))
         rows.append((rel, CLASSES[meta["label"]], meta["scanner"], meta["group"]))
+        if masks is not None:
+            mask_rel = f"masks/phantom_{i:0{width}d}.png"
+            atomic_write_bytes(out / mask_rel, _png(masks[i] * 255))
+            rows[-1] += (mask_rel,)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "label", "scanner", "group"])
+    writer.writerow(["path", "label", "scanner", "group"] + (["mask"] if masks is not None else []))
     writer.writerows(rows)
     atomic_write_text(out / "labels.csv", text.getvalue())
     save_config(cfg, out / "phantoms.yaml")

@@ -44,6 +44,7 @@ from d2mae.runtime.distributed import (
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
+from d2mae.runtime.logs import say
 from d2mae.runtime.options import RuntimeOptions, check_fields, save_config
 from d2mae.runtime.outputs import claim_folder
 from d2mae.runtime.threads import configure_threads
@@ -111,6 +112,47 @@ def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, bat
 
 
 # ------------------------------------------------------------------------------------------------ figure arrays
+
+
+def obs_levels(model: Any, refs: Sequence[str], hashes: Sequence[str], *, spec: ObsSpec, model_dir: Path,
+               model_hash: str, out: Path, cfg: Any, device: torch.device, groups: Sequence[str], group_name: str,
+               ctx: DistContext) -> tuple[np.ndarray, float]:
+    """A run's OBS, once (Algorithm 1 lines 4-10): t* [n] of every image of ``refs``, and the seconds it took here.
+
+    The table comes from ``cfg.obs_table`` when given, else from ``out`` when a resumed run's own table still
+    matches the images and the model, else from :func:`run_obs`; it is saved in ``out`` (with its summary by
+    ``groups``) for provenance. ``cfg`` gives ``obs_table``, ``obs_batch_size``, ``precision``, ``workers`` and
+    ``progress``.
+    """
+
+    def existing() -> ObsTable | None:  # rank 0 reads; every rank gets the table
+        if cfg.obs_table:
+            return ObsTable.load(cfg.obs_table)
+        if (out / TABLE_NAME).is_file():  # resumed run: reuse its own table if still valid
+            try:
+                table = ObsTable.load(out)
+                table.lookup(refs, hashes, model_hash, spec, model.config.img_size)
+                return table
+            except D2maeError:
+                return None
+        return None
+
+    table = on_main(ctx, existing)
+    seconds = 0.0
+    if table is None:
+        say(ctx, f"OBS {spec.describe()} on {len(refs)} images …")
+        table = run_obs(model, refs, spec=spec, batch_size=cfg.obs_batch_size, device=device,
+                        precision=cfg.precision, workers=cfg.workers, model_hash=model_hash, hashes=hashes,
+                        progress=cfg.progress, ctx=ctx)
+        table.meta["model_dir"] = str(model_dir.absolute())
+        seconds = float(table.meta.get("seconds", 0.0))
+        if ctx.is_main:
+            table.save(out)
+            write_summary(table, groups, group_name, out)
+    t = table.lookup(refs, hashes, model_hash, spec, model.config.img_size)
+    if ctx.is_main and cfg.obs_table and Path(cfg.obs_table).absolute() != (out / TABLE_NAME).absolute():
+        table.save(out)  # keep the table used beside the run (provenance; the source may move)
+    return t, seconds
 
 
 @dataclass

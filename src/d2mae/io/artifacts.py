@@ -188,7 +188,7 @@ def save_classifier(model: torch.nn.Module, folder: str | Path, classes: Sequenc
     if pretrained is not None:
         target = folder / "pretrained"
         for name in ("model.safetensors", "config.json"):
-            _link_or_copy(Path(pretrained) / name, target / name)
+            link_or_copy(Path(pretrained) / name, target / name)
     atomic_write_json(folder / "config.json", {
         "format": CLASSIFIER_FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(),
         "num_classes": len(classes), "classes": list(classes), "obs": obs.to_dict(), "finetune": finetune,
@@ -196,7 +196,7 @@ def save_classifier(model: torch.nn.Module, folder: str | Path, classes: Sequenc
     return folder
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """Hard link (no extra disk for k folds) or copy; atomic either way."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")

@@ -92,7 +92,7 @@ class ModelConfig(MoCoOptions, DiffMAEOptions):
     model: str = field(default="vit_base_patch16", metadata={
         "help": "architecture", "choices": list(ARCHITECTURES)})
     img_size: int = field(default=224, metadata={
-        "help": "input size in pixels (square), divisible by the patch", "min": 1})
+        "help": "input size in pixels (square), divisible by the patch", "min": 1, "max": 8192})
     in_chans: int = field(default=1, metadata={"help": "input channels: 1 (grayscale ultrasound) or 3",
                                                 "choices": [1, 3]})
     patch_size: int | None = field(default=None, metadata={"help": "override the architecture's patch size",

@@ -155,12 +155,13 @@ class DeblurEncoder(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)  # [B, N]
         return x_kept, mask, ids_restore
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode images ``x`` [B, C, H, W] in [0, 1] at blur levels ``t`` [B] (``noise`` [B, N]: see random_masking).
+    def embed(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input sequence of Eq. 2 for images ``x`` [B, C, H, W] in [0, 1] at blur levels ``t`` [B]: blurred
+        at σ_t, patches masked (``noise`` [B, N]: see random_masking), [CLS, BLU(t), …] + P.
 
         Returns:
-            latent [B, prefix + N_keep, D]; mask [B, N]; ids_restore [B, N].
+            z_0 [B, prefix + N_keep, D]; mask [B, N]; ids_restore [B, N].
         """
         prefix = self.num_prefix_tokens
         tokens = self.patch_embed(self.blur(x, t))  # [B, N, D]
@@ -178,6 +179,16 @@ class DeblurEncoder(nn.Module):
             blu = self.blur_token + self.blur_embedding(t)[:, None] + self.pos_embed[:, 1:2]  # [B, 1, D]
             head.append(blu.to(tokens.dtype))
         z = torch.cat(head + [tokens], dim=1)  # [B, prefix + N_keep, D]
+        return z, mask, ids_restore
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode images ``x`` [B, C, H, W] in [0, 1] at blur levels ``t`` [B] (``noise`` [B, N]: see random_masking).
+
+        Returns:
+            latent [B, prefix + N_keep, D]; mask [B, N]; ids_restore [B, N].
+        """
+        z, mask, ids_restore = self.embed(x, t, mask_ratio, noise)
         for block in self.blocks:
             z = block(z)
         return self.norm(z), mask, ids_restore
@@ -293,6 +304,17 @@ class DeblurMAE(Objective):
         return self.loss_per_sample(x, self.forward_decoder(latent, ids_restore))
 
 
+def load_encoder_weights(encoder: DeblurEncoder, mae_state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy a pre-trained model's encoder weights (``encoder.*`` keys but the final norm, which a downstream model
+    does not use: it pools or decodes the last block's tokens) into ``encoder``; all must match."""
+    enc = {k[len("encoder."):]: v for k, v in mae_state.items()
+           if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
+    missing, unexpected = encoder.load_state_dict(enc, strict=False)
+    if missing or unexpected:
+        raise D2maeError(f"pre-trained weights do not match {what} "
+                         f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+
+
 class DeblurClassifier(nn.Module):
     """Algorithm 1's f_θ: the pre-trained encoder (blur conditioning included) + average pooling + a linear head.
 
@@ -317,14 +339,8 @@ class DeblurClassifier(nn.Module):
         return self.encoder.schedule
 
     def load_encoder(self, mae_state: dict[str, torch.Tensor]) -> None:
-        """Copy the encoder weights from a DeblurMAE state dict (``encoder.*`` keys but the final norm, which the
-        classifier does not use); all must match."""
-        enc = {k[len("encoder."):]: v for k, v in mae_state.items()
-               if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
-        missing, unexpected = self.encoder.load_state_dict(enc, strict=False)
-        if missing or unexpected:
-            raise D2maeError(f"pre-trained weights do not match the classifier's encoder "
-                             f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+        """Copy the encoder weights from a DeblurMAE state dict (:func:`load_encoder_weights`)."""
+        load_encoder_weights(self.encoder, mae_state, "the classifier's encoder")
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] of images ``x`` [B, C, H, W] in [0, 1] blurred at levels ``t`` [B]."""

@@ -13,10 +13,9 @@ import torch
 from d2mae.data.decode import check_images, compute_stats, content_hashes
 from d2mae.data.folds import crossing_pairs, make_folds
 from d2mae.data.labels import load_labeled
-from d2mae.eval.obs import run_obs, write_summary
+from d2mae.eval.obs import obs_levels
 from d2mae.io.artifacts import PRETRAINED_FORMAT, load_pretrained, model_sha256, read_config
 from d2mae.io.imports import backbone_state, import_pretrained
-from d2mae.io.obs_table import TABLE_NAME, ObsTable
 from d2mae.io.predictions import saved_run
 from d2mae.method.backbones import BackboneConfig
 from d2mae.method.blur import BlurSchedule
@@ -195,37 +194,11 @@ class FinetuneSetup:
             schedule = self.model_config.schedule if self.model_config else BlurSchedule(enabled=False)
             t[self.used] = self.spec.fixed_level(schedule)
             return t, 0.0
-        obs_dir = self.out / "obs"
-
-        def existing() -> ObsTable | None:  # rank 0 reads; every rank gets the table
-            if cfg.obs_table:
-                return ObsTable.load(cfg.obs_table)
-            if (obs_dir / TABLE_NAME).is_file():  # resumed run: reuse its own table if still valid
-                try:
-                    table = ObsTable.load(obs_dir)
-                    table.lookup(refs, hashes, self.pretrained_hash, self.spec, self.model_config.img_size)
-                    return table
-                except D2maeError:
-                    return None
-            return None
-
-        table = on_main(ctx, existing)
-        seconds = 0.0
-        if table is None:
-            self.say(f"OBS {self.spec.describe()} on {len(refs)} images …")
-            table = run_obs(self.mae, refs, spec=self.spec, batch_size=cfg.obs_batch_size, device=self.device,
-                            precision=cfg.precision, workers=cfg.workers, model_hash=self.pretrained_hash,
-                            hashes=hashes, progress=cfg.progress, ctx=ctx)
-            table.meta["model_dir"] = str(self.pretrained.absolute())
-            seconds = float(table.meta.get("seconds", 0.0))
-            if ctx.is_main:
-                table.save(obs_dir)
-                keep = (cfg.keep_columns or [None])[0]
-                groups = ([self.labeled.columns[keep][i] for i in self.used] if keep else
-                          [self.labeled.classes[self.labeled.labels[i]] for i in self.used])
-                write_summary(table, groups, keep or "class", obs_dir)
-        t[self.used] = table.lookup(refs, hashes, self.pretrained_hash, self.spec, self.model_config.img_size)
-        if ctx.is_main and cfg.obs_table and Path(cfg.obs_table).absolute() != (obs_dir / TABLE_NAME).absolute():
-            table.save(obs_dir)  # keep the table used beside the run (provenance; the source may move)
+        keep = (cfg.keep_columns or [None])[0]
+        groups = ([self.labeled.columns[keep][i] for i in self.used] if keep else
+                  [self.labeled.classes[self.labeled.labels[i]] for i in self.used])
+        t[self.used], seconds = obs_levels(self.mae, refs, hashes, spec=self.spec, model_dir=self.pretrained,
+                                           model_hash=self.pretrained_hash, out=self.out / "obs", cfg=cfg,
+                                           device=self.device, groups=groups, group_name=keep or "class", ctx=ctx)
         return t, seconds
 

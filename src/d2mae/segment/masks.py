@@ -1,0 +1,172 @@
+"""Images with lesion masks: pairing (a masks folder with the images' stems, or a mask column), checking every mask
+against its image, and the :class:`SegmentSet` the protocols cut into folds.
+
+Masks are one-channel PNGs (or any 8/16-bit grayscale image) of their image's size. Binary masks
+(``num_classes`` 2) hold 0 and 255, or 0 and 1; label maps hold 0..K-1. An all-zero mask is valid (a normal image).
+Each problem — a missing mask, another size than the image, values outside the classes, an RGB mask, an image
+without a mask — is one error that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from d2mae.data.decode import image_shape, map_threads
+from d2mae.data.labels import LabeledSet, first_few, load_labeled, read_table_csv
+from d2mae.data.sources import find_images
+from d2mae.runtime.errors import D2maeError, reason
+from d2mae.segment.config import LESION, SegmentConfig
+
+
+@dataclass
+class SegmentSet:
+    """Images and their masks: ``labeled`` (refs, ids, groups, split/fold columns; its labels are the strata of the
+    folds) and one mask path per image, in the same order."""
+
+    labeled: LabeledSet
+    masks: list[str]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+
+def read_mask(path: str, num_classes: int) -> np.ndarray:
+    """A mask file as class indices, uint8 [H, W] in 0..K-1 (binary 255 → 1).
+
+    Raises:
+        D2maeError: unreadable, more than one channel, or values that are not classes.
+    """
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
+                raise D2maeError(f"mask {path} has {len(im.getbands())} channels ({mode}); masks must be one-channel "
+                                 "(grayscale) images with class values")
+            arr = np.asarray(im.convert("I") if mode in ("1", "P", "I;16", "I;16B", "I;16L") else im)
+    except OSError as exc:
+        raise D2maeError(f"cannot read mask {path}: {reason(exc)}") from None
+    if arr.ndim != 2:
+        raise D2maeError(f"mask {path} has shape {arr.shape}; masks must be one-channel images")
+    values = np.unique(arr)
+    if num_classes == 2 and set(values.tolist()) <= {0, 255}:
+        return (arr == 255).astype(np.uint8)  # [H, W]
+    bad = values[(values < 0) | (values >= num_classes)]
+    if len(bad):
+        hint = ("binary masks hold 0 and 255, or 0 and 1" if num_classes == 2
+                else f"label maps hold 0..{num_classes - 1}")
+        raise D2maeError(f"mask {path} has value(s) {first_few([str(v) for v in bad.tolist()])} beyond "
+                         f"--num-classes {num_classes} ({hint}); set --num-classes or fix the mask")
+    return arr.astype(np.uint8)
+
+
+def _mask_index(folder: Path, suffix: str) -> dict[str, str]:
+    """Masks under ``folder`` by their image's stem (file stem without ``suffix``); a stem twice is an error."""
+    if not folder.is_dir():
+        raise D2maeError(f"folder {folder} does not exist", option="masks")
+    index: dict[str, str] = {}
+    for ref in find_images(folder):
+        stem = Path(ref).stem
+        if suffix:
+            if not stem.endswith(suffix):
+                continue
+            stem = stem[: -len(suffix)]
+        if stem in index:
+            raise D2maeError(f"two masks for image stem '{stem}' in {folder}: {index[stem]} and {ref}; keep one",
+                             option="masks")
+        index[stem] = ref
+    return index
+
+
+def _pair_by_stem(refs: Sequence[str], ids: Sequence[str], folder: Path, suffix: str) -> list[str]:
+    index = _mask_index(folder, suffix)
+    stems = [Path(r.split("#")[0]).stem for r in refs]
+    missing = [ids[i] for i, s in enumerate(stems) if s not in index]
+    if missing:
+        raise D2maeError(f"{len(missing)} image(s) have no mask in {folder} (first: {first_few(missing)}; a mask is "
+                         f"named like its image, e.g. {stems[0]}{suffix}.png); every image needs one", option="masks")
+    return [index[s] for s in stems]
+
+
+def _pair_by_column(labeled: LabeledSet, column: str, csv_path: Path) -> list[str]:
+    values = labeled.columns.get(column)
+    if values is None:
+        raise D2maeError(f"{csv_path} has no column '{column}'; its columns are: {', '.join(labeled.columns)}",
+                         option="mask_column")
+    empty = [labeled.ids[i] for i, v in enumerate(values) if not v.strip()]
+    if empty:
+        raise D2maeError(f"{csv_path}: {len(empty)} image(s) have no mask in column '{column}' "
+                         f"(first: {first_few(empty)}); every image needs one", option="mask_column")
+    masks = [v if os.path.isabs(v) else str(csv_path.parent / v) for v in values]
+    absent = [m for m in masks if not os.path.isfile(m)]
+    if absent:
+        raise D2maeError(f"{csv_path}: {len(absent)} mask file(s) in column '{column}' do not exist "
+                         f"(first: {first_few(absent)})", option="mask_column")
+    return masks
+
+
+def _images(cfg: SegmentConfig) -> LabeledSet:
+    """The images as a :class:`LabeledSet` (labels filled in later: the strata)."""
+    if cfg.labels:
+        if not Path(cfg.labels).is_file():
+            raise D2maeError(f"{cfg.labels} does not exist", option="labels")
+        header, _ = read_table_csv(Path(cfg.labels))
+        column = cfg.stratify if cfg.stratify != LESION else cfg.path_column  # unique ids: one "class" each, for now
+        if column not in header:
+            raise D2maeError(f"{cfg.labels} has no column '{column}'; its columns are: {', '.join(header)} "
+                             f"(or stratify by '{LESION}')", option="stratify")
+        return load_labeled(cfg.labels, path_column=cfg.path_column, label_column=column,
+                            group_column=cfg.group_column, split_column=cfg.split_column,
+                            fold_column=cfg.fold_column, image_root=cfg.image_root, image_ext=cfg.image_ext,
+                            allow_outside_root=cfg.allow_outside_root)
+    if not cfg.images:
+        raise D2maeError("is required: a folder of images, or a labels CSV with --labels", option="images")
+    if cfg.stratify != LESION:
+        raise D2maeError(f"stratifying by column '{cfg.stratify}' needs a labels CSV (--labels)", option="stratify")
+    refs = find_images(cfg.images)
+    root = os.path.abspath(cfg.images)
+    ids = [os.path.relpath(r, root) for r in refs]
+    return LabeledSet(refs=refs, ids=ids, labels=np.zeros(len(refs), dtype=np.int64), classes=["all"],
+                      source=str(cfg.images))
+
+
+def load_segment_set(cfg: SegmentConfig) -> SegmentSet:
+    """Images and masks of ``cfg``, every mask read and checked against its image (size, channels, values).
+
+    Raises:
+        D2maeError: the problem and the file, one line (module docstring).
+    """
+    labeled = _images(cfg)
+    if cfg.mask_column and cfg.masks:
+        raise D2maeError("give either masks DIR or mask_column, not both", option="mask_column")
+    if cfg.mask_column:
+        if not cfg.labels:
+            raise D2maeError("needs a labels CSV (--labels)", option="mask_column")
+        masks = _pair_by_column(labeled, cfg.mask_column, Path(cfg.labels))
+    elif cfg.masks:
+        masks = _pair_by_stem(labeled.refs, labeled.ids, Path(cfg.masks), cfg.mask_suffix)
+    else:
+        raise D2maeError("is required: the folder of masks (or a labels CSV column with --mask-column)",
+                         option="masks")
+
+    def check(i: int) -> bool:
+        mask = read_mask(masks[i], cfg.num_classes)
+        h, w = image_shape(labeled.refs[i])
+        if mask.shape != (h, w):
+            raise D2maeError(f"mask {masks[i]} is {mask.shape[1]}×{mask.shape[0]} px but its image "
+                             f"{labeled.refs[i]} is {w}×{h}; a mask must have its image's size")
+        return bool(mask.any())
+
+    lesion = np.array(list(map_threads(check, range(len(masks)))), dtype=bool)  # [n]
+    if cfg.stratify == LESION:
+        names = ["lesion" if v else "no lesion" for v in lesion]
+        classes = sorted(set(names))
+        labeled.labels = np.array([classes.index(n) for n in names], dtype=np.int64)
+        labeled.classes = classes
+    return SegmentSet(labeled, masks, cfg.num_classes)

@@ -1,0 +1,218 @@
+"""d2mae segment: masks checked against their images, one geometry for image and mask, the encoder fed σ_{t*} and
+t*, metrics at each image's own size, and the run end to end on a 48-image BUSI slice."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import binary_erosion, gaussian_filter
+from scipy.spatial.distance import cdist
+
+from d2mae.commands.main import main
+from d2mae.data.phantom import generate_phantoms
+from d2mae.io.artifacts import save_pretrained
+from d2mae.method.model_config import ModelConfig
+from d2mae.method.models import DeblurMAE
+from d2mae.runtime.errors import D2maeError
+from d2mae.segment.config import SegmentConfig
+from d2mae.segment.data import SegmentDataset
+from d2mae.segment.masks import load_segment_set
+from d2mae.segment.metrics import image_scores
+from d2mae.segment.model import ViTSegmenter
+from tests.conftest import SHARED, TINY
+
+BUSI = SHARED / "data" / "busi-seg"
+
+
+def _png(path: Path, arr: np.ndarray, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+
+def _hd95(a: np.ndarray, b: np.ndarray) -> float:
+    """The symmetric 95th-percentile surface distance from scipy alone: boundary pixels (the mask minus its
+    erosion), all pairwise distances, the 95th percentile each way, the larger of the two."""
+    ea, eb = np.argwhere(a & ~binary_erosion(a)), np.argwhere(b & ~binary_erosion(b))
+    d = cdist(ea, eb)
+    return max(np.percentile(d.min(axis=1), 95), np.percentile(d.min(axis=0), 95))
+
+
+def test_dice_iou_hd95_agree_with_their_formulas_and_the_empty_mask_conventions() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        truth = np.zeros((70, 90), np.uint8)
+        pred = np.zeros((70, 90), np.uint8)
+        y0, x0 = rng.integers(5, 30, 2)
+        truth[y0:y0 + 25, x0:x0 + 30] = 1
+        pred[y0 + 3:y0 + 30, x0 - 4:x0 + 22] = 1
+        s = image_scores(pred, truth, 2)
+        inter = (pred & truth).sum()
+        assert s["dice"] == pytest.approx(2 * inter / (pred.sum() + truth.sum()), abs=1e-9)
+        assert s["iou"] == pytest.approx(inter / (pred | truth).sum(), abs=1e-9)
+        assert s["hd95"] == pytest.approx(_hd95(pred.astype(bool), truth.astype(bool)), abs=1.0)
+    empty, some = np.zeros((20, 20), np.uint8), np.pad(np.ones((6, 6), np.uint8), 7)
+    assert image_scores(empty, empty, 2)["dice"] == 1.0  # a normal image read as normal
+    assert image_scores(some, empty, 2)["dice"] == 0.0
+    assert np.isnan(image_scores(empty, some, 2)["hd95"])  # undefined: left out and counted
+
+
+# ---------------------------------------------------------------------------------------------- masks and inputs
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        img = rng.integers(0, 255, (40, 50), dtype=np.uint8)
+        mask = np.zeros((40, 50), np.uint8)
+        mask[10:20 + i, 10:30] = 255 if i % 2 else 0
+        _png(tmp_path / "images" / f"im_{i}.png", img)
+        _png(tmp_path / "masks" / f"im_{i}.png", mask)
+    return tmp_path
+
+
+@pytest.mark.parametrize("problem, words", [
+    ("missing", "have no mask"), ("size", "must have its image's size"), ("values", "beyond --num-classes"),
+    ("rgb", "channels"),
+])
+def test_a_bad_mask_is_one_error_that_names_the_file(pairs: Path, problem: str, words: str) -> None:
+    mask = pairs / "masks" / "im_3.png"
+    if problem == "missing":
+        mask.unlink()
+    elif problem == "size":
+        _png(mask, np.zeros((41, 50), np.uint8))
+    elif problem == "values":
+        _png(mask, np.full((40, 50), 7, np.uint8))
+    else:
+        _png(mask, np.zeros((40, 50, 3), np.uint8), mode="RGB")
+    cfg = SegmentConfig(images=str(pairs / "images"), masks=str(pairs / "masks"), out=str(pairs / "run"))
+    with pytest.raises(D2maeError) as err:
+        load_segment_set(cfg)
+    assert words in str(err.value) and "im_3" in str(err.value)
+    code = main(["segment", "--images", str(pairs / "images"), "--masks", str(pairs / "masks"),
+                 "--out", str(pairs / "run2")])
+    assert code == 2
+
+
+def test_empty_masks_are_valid_and_strata_say_which_images_hold_a_lesion(pairs: Path) -> None:
+    data = load_segment_set(SegmentConfig(images=str(pairs / "images"), masks=str(pairs / "masks")))
+    assert data.labeled.classes == ["lesion", "no lesion"]
+    assert data.labeled.labels.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_image_and_mask_share_one_crop_and_the_mask_keeps_its_classes(tmp_path: Path) -> None:
+    """An image that equals its mask must still equal it after the random crop and flip: image bicubic, mask
+    nearest, from the same box (a different crop for each, or an interpolated mask, breaks this)."""
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:35, 20:70] = 1
+    mask[40:55, 5:30] = 1
+    _png(tmp_path / "i.png", mask * 255)
+    _png(tmp_path / "m.png", mask * 255)
+    data = SegmentDataset([str(tmp_path / "i.png")], [str(tmp_path / "m.png")], 48, 1, 2, augment=True,
+                          crop_scale=(0.3, 1.0))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x, y, _ = data[0]
+        assert set(torch.unique(y).tolist()) <= {0, 1}
+        agree = ((x[0] > 0.5).long() == y).float().mean()
+        assert agree > 0.97, (seed, float(agree))
+    label_map = np.zeros((60, 80), np.uint8)
+    label_map[:, 40:] = 2  # classes 0 and 2 side by side: any interpolation puts 1s on their border
+    _png(tmp_path / "l.png", label_map)
+    data = SegmentDataset([str(tmp_path / "i.png")], [str(tmp_path / "l.png")], 37, 1, 3, augment=True)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        assert 1 not in torch.unique(data[0][1]).tolist()
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+def test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the_blur_token() -> None:
+    cfg = ModelConfig(**TINY)
+    model = ViTSegmenter(cfg, 2).eval()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([3.0, 9.0])
+    seen = []
+    model.encoder.patch_embed.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.shape == (2, 2, 32, 32)
+    image = seen[0] * model.encoder.pixel_std + model.encoder.pixel_mean
+    for i, level in enumerate(t.tolist()):
+        want = gaussian_filter(x[i, 0].double().numpy(), sigma=0.1 * level, mode="reflect", truncate=4.0)
+        assert np.abs(image[i, 0].double().numpy() - want).max() < 1e-5
+    blu = []
+    model.encoder.blocks[0].register_forward_pre_hook(lambda mod, inp: blu.append(inp[0][:, 1].detach()))
+    with torch.no_grad():
+        model(x, t)
+        model(x, t + 1)  # the same blur would still differ through BLU(t): token 1 must move with t
+    assert not torch.allclose(blu[-2], blu[-1])
+
+
+# ---------------------------------------------------------------------------------------------------- phantoms
+
+def test_phantom_masks_outline_the_dark_lesion_and_leave_the_images_as_they_were(tmp_path: Path) -> None:
+    generate_phantoms(tmp_path / "a", n=12, size=64, seed=3)
+    generate_phantoms(tmp_path / "b", n=12, size=64, seed=3, masks=True)
+    ratios = []
+    for i in range(12):
+        a = (tmp_path / "a" / "images" / f"phantom_{i:02d}.png").read_bytes()
+        assert a == (tmp_path / "b" / "images" / f"phantom_{i:02d}.png").read_bytes()
+        img = np.asarray(Image.open(tmp_path / "b" / "images" / f"phantom_{i:02d}.png"), dtype=float)
+        mask = np.asarray(Image.open(tmp_path / "b" / "masks" / f"phantom_{i:02d}.png")) > 0
+        assert 0.005 < mask.mean() < 0.3
+        ratios.append(img[mask].mean() / img[~mask & (img > 0)].mean())
+    assert max(ratios) < 0.8 and np.median(ratios) < 0.7, ratios  # hypo-echoic inside the mask
+
+
+# ------------------------------------------------------------------------------------------- end to end (BUSI)
+
+@pytest.fixture
+def busi48(tmp_path: Path) -> Path:
+    if not (BUSI / "images").is_dir():
+        pytest.skip("BUSI data not found beside the repository (../shared/data/busi-seg)")
+    for cls in ("benign", "malignant", "normal"):
+        for name in sorted(p.name for p in (BUSI / "images").glob(f"{cls}_*.png"))[:16]:
+            for sub in ("images", "masks"):
+                (tmp_path / "busi" / sub).mkdir(parents=True, exist_ok=True)
+                (tmp_path / "busi" / sub / name).symlink_to(BUSI / sub / name)
+    return tmp_path / "busi"
+
+
+@pytest.mark.slow
+def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> None:
+    """A tiny pre-trained model, OBS, one epoch: a mask PNG per test image at that image's own size, whose Dice
+    recomputed here equals per_image.csv; evaluate and compare read the run."""
+    pre = tmp_path / "pre"
+    save_pretrained(DeblurMAE(ModelConfig(**TINY)), pre)
+    run = tmp_path / "run"
+    args = ["segment", "--pretrained", str(pre), "--images", str(busi48 / "images"), "--masks",
+            str(busi48 / "masks"), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--feature-size", "4",
+            "--threads", "1"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(run / "per_image.csv")))
+    test = [r for r in rows if r["split"] == "test"]
+    pngs = sorted((run / "predictions").glob("*.png"))
+    assert len(test) == len(pngs) == 10
+    for r in test:
+        pred = np.asarray(Image.open(run / "predictions" / (Path(r["id"]).stem + ".png")))
+        truth = np.asarray(Image.open(r["mask"])) > 0
+        assert pred.shape == truth.shape == tuple(reversed(Image.open(r["path"]).size))
+        assert set(np.unique(pred).tolist()) <= {0, 255}
+        p = pred > 0
+        want = 1.0 if not (p.any() or truth.any()) else 2 * (p & truth).sum() / (p.sum() + truth.sum())
+        assert float(r["dice"]) == pytest.approx(want, abs=1e-6)
+        assert float(r["t_star"]) >= 1  # OBS ran: every image has a searched level
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "segment" and meta["obs"]["mode"] == "search"
+    assert (run / "fold_1" / "model" / "segmenter.safetensors").is_file()
+    assert main(["evaluate", str(run)]) == 0
+    assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "overlays.png").is_file()
+    assert main(["compare", str(run), str(run)]) == 0
