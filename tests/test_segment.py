@@ -22,6 +22,7 @@ from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
 from d2mae.segment.config import SegmentConfig
 from d2mae.segment.data import SegmentDataset
+from d2mae.segment.files import load_segmenter
 from d2mae.segment.masks import load_segment_set
 from d2mae.segment.metrics import image_scores
 from d2mae.segment.model import ViTSegmenter
@@ -212,7 +213,9 @@ def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> N
         assert float(r["t_star"]) >= 1  # OBS ran: every image has a searched level
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "segment" and meta["obs"]["mode"] == "search"
-    assert (run / "fold_1" / "model" / "segmenter.safetensors").is_file()
+    model, saved = load_segmenter(run / "fold_1" / "model")  # the model folder loads back as it was trained
+    assert saved["obs"]["mode"] == "search" and saved["pretrained_sha256"] == meta["pretrained_sha256"]
+    assert model(torch.rand(1, 1, 32, 32), torch.tensor([2.0])).shape == (1, 2, 32, 32)
     assert main(["evaluate", str(run)]) == 0
     assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "overlays.png").is_file()
     assert main(["compare", str(run), str(run)]) == 0

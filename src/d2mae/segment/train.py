@@ -115,7 +115,7 @@ class SegmentRun(SegmentSetup):
         trainer, loader, sampler, criterion = self._fold_trainer(fold)
         state, best = self._resume_fold(fold_dir, trainer)
         t_train = torch.as_tensor(self.t_star[fold.train], dtype=torch.float32)  # [n_train], by dataset index
-        val_views = self._views(fold.val)
+        val_views, val_truths = self._views(fold.val), self._truths(fold.val)  # read once, scored every epoch
         ckpt = FoldCheckpoint(fold_dir, fold.name, self.ctx, state.epoch)
         started = time.perf_counter()
         with StopSignals() as stop, MetricsLog(fold_dir / "metrics.jsonl", "epoch", "off", None,
@@ -129,7 +129,8 @@ class SegmentRun(SegmentSetup):
                     ckpt.write_pending(best)
                     raise Interrupted(int(stop.signum), f"in fold {fold.name}, epoch {epoch + 1} (state after epoch "
                                                         f"{ckpt.saved_epoch} is in {ckpt.path})")
-                val_dice = float(np.mean([s["dice"] for s in self._score(trainer.model, fold.val, val_views)]))
+                val_dice = float(np.mean([s["dice"] for s in self._score(trainer.model, fold.val, val_views,
+                                                                             truths=val_truths)]))
                 state.epoch, state.step = epoch + 1, trainer.step
                 if val_dice > state.best_f1:  # FoldState's best_f1 holds the best validation Dice here
                     state.best_f1, state.best_epoch, state.bad_epochs = val_dice, epoch + 1, 0
@@ -214,10 +215,9 @@ class SegmentRun(SegmentSetup):
     def _score(self, model: nn.Module, idx: np.ndarray, views: torch.Tensor | None = None,
                keep: list[np.ndarray] | None = None, truths: list[np.ndarray] | None = None
                ) -> list[dict[str, float]]:
-        """Dice / IoU / HD95 of images ``idx`` at their own size; ``keep`` and ``truths`` collect the predicted and
-        the true masks."""
-        truths = truths if truths is not None else []
-        truths.extend(read_mask(self.data.masks[i], self.data.num_classes) for i in idx)
+        """Dice / IoU / HD95 of images ``idx`` at their own size against ``truths`` (their masks, read here when not
+        given); ``keep`` collects the predicted masks."""
+        truths = truths if truths is not None else self._truths(idx)
         probs = predict_native(model, [self.data.labeled.refs[i] for i in idx], [m.shape for m in truths],
                                self.t_star[idx], self.device, self.cfg.eval_batch_size, self.cfg.precision, views)
         scores = []
@@ -227,6 +227,10 @@ class SegmentRun(SegmentSetup):
                 keep.append(pred)
             scores.append(image_scores(pred, truth, self.data.num_classes))
         return scores
+
+    def _truths(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The masks of images ``idx``, class indices uint8 [H, W] each."""
+        return [read_mask(self.data.masks[i], self.data.num_classes) for i in idx]
 
     def _resume_fold(self, fold_dir: Path, trainer: FoldModel) -> tuple[FoldState, dict[str, torch.Tensor] | None]:
         path, best_path = fold_dir / RESUME, fold_dir / "best.safetensors"
@@ -247,7 +251,7 @@ class SegmentRun(SegmentSetup):
         lab, rows = self.data.labeled, []
         for split, idx in (("val", fold.val), ("test", fold.test)):
             preds: list[np.ndarray] = []
-            truths: list[np.ndarray] = []
+            truths = self._truths(idx)
             scores = self._score(trainer.model, idx, keep=preds, truths=truths)
             for i, s, pred, truth in zip(idx, scores, preds, truths):
                 if split == "test":
