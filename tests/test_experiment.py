@@ -156,7 +156,8 @@ def test_plan_lists_every_run_and_shares_pretrainings(tmp_path):
     runs = cfg.runs()
     assert [m.name for m in runs][:4] == list(ex.TABLE2_METHODS)
     table2_rows = {"mae-imagenet", "moco-v3-imagenet", "usfm", "moco-v3", "diffmae"}  # tests/test_table2.py
-    assert {m.name for m in runs} == set(ex.METHODS) - table2_rows  # the four groups cover every variant
+    segmentation_only = {"unet"}  # tests/test_segment.py
+    assert {m.name for m in runs} == set(ex.METHODS) - table2_rows - segmentation_only  # every variant
     fine = plan.of("finetune")
     assert {(s.method, s.seed) for s in fine} == {(m.name, seed) for m in runs for seed in (0, 1)}
     presets = {"mae", "deblurrmae", "d2mae", "range-0.6", "range-1.6", "embed-none", "embed-add"}
@@ -439,3 +440,54 @@ def test_busbra_config_plans_five_patient_folds(tmp_path):
     assert dp.n_labeled == 1875 and len(dp.folds) == 5 and dp.num_classes == 2
     assert sum(f[3] for f in dp.folds) == 1875  # every image is a test image exactly once
     assert len(plan.of("pretrain")) == 3 and len(plan.of("finetune")) == 4
+
+
+@pytest.mark.slow
+def test_curves_experiment_keeps_checkpoints_subsets_labels_resumes_after_a_kill_and_reports(tmp_path, monkeypatch):
+    """budget.checkpoints and budget.label_fractions on a micro budget: the pre-training keeps the model of the half-way
+    step, probes read it, the label fraction trains on half of each training fold with the same validation and test
+    images, a kill in the middle resumes, and the report has both curves (tables and figures)."""
+    data = with_changes(methods=["supervised", "d2mae"], budget__pretrain_epochs=2, budget__checkpoints=[0.5, 1.0],
+                        budget__label_fractions=[0.5])
+    path = write_config(tmp_path / "curves.yaml", data)
+    out = tmp_path / "out"
+    real = runner._RUNNERS["label_fraction"]
+
+    def killed(stage, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(runner._RUNNERS, "label_fraction", killed)
+    assert cli.main(["experiment", str(path), "--out", str(out), "--no-estimate"]) != 0  # killed half-way
+    monkeypatch.setitem(runner._RUNNERS, "label_fraction", real)
+    assert cli.main(["experiment", str(path), "--out", str(out), "--no-estimate", "--resume"]) == 0
+    plan = ex.make_plan(ex.load_experiment(path), out)
+    assert all(s.done_info() is not None for s in plan.stages)
+    (pre,) = plan.of("pretrain")
+    total = pre.payload.epochs * (30 // 8)  # 30 phantoms, batch 8: 3 steps per epoch
+    kept = pre.folder / "checkpoints" / f"step{round(0.5 * total)}"
+    extra = json.loads((kept / "config.json").read_text())["extra"]["pretrain"]
+    assert extra["step"] == round(0.5 * total) and extra["images_seen"] == extra["step"] * 8
+    probes = {s.share: s for s in plan.of("probe")}
+    assert set(probes) == {0.5, 1.0} and Path(probes[0.5].payload.pretrained) == kept
+    for share, s in probes.items():
+        rows = list(__import__("csv").DictReader(open(s.folder / "probe.csv")))
+        assert {r["readout"] for r in rows} == {"linear", "knn"} and {r["fold"] for r in rows} == {"1", "2"}
+    half = {s.method: s for s in plan.of("label_fraction")}
+    whole = {s.method: s for s in plan.of("finetune")}
+    assert set(half) == set(whole) == {"supervised", "d2mae"}
+    for m in half:
+        a = json.loads((half[m].folder / "run.json").read_text())["fold_details"]
+        b = json.loads((whole[m].folder / "run.json").read_text())["fold_details"]
+        for fa, fb in zip(a, b):
+            assert fa["n_train"] == pytest.approx(fb["n_train"] / 2, abs=2) and fa["n_test"] == fb["n_test"]
+        def parts(run):
+            rows = __import__("csv").DictReader(open(run / "predictions.csv"))
+            return {(r["fold"], r["split"], r["path"]) for r in rows}
+        assert parts(half[m].folder) == parts(whole[m].folder)  # the same validation and test images
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Pre-training curves — ph" in md and "## Label efficiency — ph" in md
+    assert (out / "figures" / "curves_pretraining_ph.png").is_file()
+    assert (out / "figures" / "curves_labels_ph.png").is_file()
+    assert "MDE (P < 0.05, 80% power)" in md
+    curves = json.loads((out / "metrics.json").read_text())["curves"]
+    assert "Pre-training curves — ph" in curves and "Label efficiency — ph" in curves

@@ -183,3 +183,30 @@ def test_class_absent_from_test_is_refused(tmp_path: Path) -> None:
     labeled = load_labeled(write_labeled(tmp_path, n=n, extra={"split": split}))
     with pytest.raises(D2maeError, match="malignant are absent from the test part"):
         make_folds(labeled, "csv")
+
+
+def test_a_label_fraction_is_stratified_keeps_patients_whole_and_is_the_same_for_every_call() -> None:
+    """label_subset: about the asked share of each class, no patient group split, validation/test untouched."""
+    from d2mae.data.folds import Fold, label_subset
+    from d2mae.data.labels import LabeledSet
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 4, size=150)  # 150 patients with 1-3 images each
+    groups = [f"p{g}" for g, k in enumerate(sizes) for _ in range(k)]
+    patient_label = rng.random(150) < 0.3  # 30% malignant patients
+    labels = np.array([int(patient_label[int(g[1:])]) for g in groups])
+    n = len(labels)
+    lab = LabeledSet([f"/x/{i}.png" for i in range(n)], [str(i) for i in range(n)], labels, ["benign", "malignant"],
+                     groups=groups)
+    fold = Fold("1", np.arange(0, n - 60), np.arange(n - 60, n - 30), np.arange(n - 30, n), 1)
+    for share in (0.1, 0.25, 0.5):
+        sub = label_subset(lab, fold, share, seed=3)
+        assert np.array_equal(sub.val, fold.val) and np.array_equal(sub.test, fold.test)
+        assert set(sub.train) <= set(fold.train)
+        for c in (0, 1):
+            have, want = (labels[sub.train] == c).sum(), share * (labels[fold.train] == c).sum()
+            assert abs(have - want) <= 3, (share, c, have, want)  # within one patient of the target
+        picked = {groups[i] for i in sub.train}
+        assert all(i in set(sub.train) for i in fold.train if groups[i] in picked)  # whole patients only
+        assert np.array_equal(sub.train, label_subset(lab, fold, share, seed=3).train)
+    assert label_subset(lab, fold, 1.0) is fold

@@ -134,7 +134,7 @@ def test_bad_model_folders(run_dir, tmp_path: Path, capsys) -> None:
     target = run / "fold_1" / "model" / "pretrained" / "model.safetensors"
     target.unlink()
     target.write_bytes((other / "model.safetensors").read_bytes())
-    with pytest.raises(D2maeError, match="is not the pre-trained model this classifier was fine-tuned from"):
+    with pytest.raises(D2maeError, match="is not the pre-trained model this model was trained from"):
         predict(run / "fold_1" / "model", refs)
     assert main(["predict", "--model", str(run / "fold_2" / "model")]) == 2
     assert "no images given" in capsys.readouterr().err

@@ -63,8 +63,8 @@ def test_comparison_table_bold_best_underline_second_and_pvalue_row() -> None:
     assert _cell(t, "MAE", "MMOTU") == "-"
     assert _cell(t, "D2MAE", "MMOTU") == "**75.70**"  # one run: no CI
     assert _cell(t, "MAE", "Pre-training") == "US"
-    p_row = t.rows[-1]
-    assert p_row[0].startswith("P-value")
+    p_row = t.rows[-2]
+    assert p_row[0].startswith("P-value") and t.rows[-1][0].startswith("MDE")
     ref = stats.ttest_rel(RESULTS["D2MAE"]["GE4K"], RESULTS["DeblurrMAE"]["GE4K"]).pvalue
     assert p_row[2] == format_pvalue(ref)
     assert t.data["columns"]["GE4K"]["pvalue"] == pytest.approx(ref)
@@ -76,10 +76,35 @@ def test_comparison_table_bold_best_underline_second_and_pvalue_row() -> None:
     assert sum(line.startswith("|") for line in md.splitlines()) == len(t.rows) + 2  # header + separator + rows
 
 
+def test_minimum_detectable_effect_is_the_gap_a_paired_t_test_detects_with_80_percent_power() -> None:
+    """Simulated from scratch: normal paired differences whose true mean is the MDE are called significant by scipy's
+    paired t-test in 80% of the experiments (independent of the noncentral-t formula); half the MDE far less."""
+    from d2mae.eval.statistics import minimum_detectable_effect
+
+    rng = np.random.default_rng(0)
+    measured = np.array([0.012, -0.004, 0.020, 0.007, -0.010, 0.015])  # e.g. AUROC differences over 6 folds × seeds
+    mde = minimum_detectable_effect(measured)
+    sd, n = measured.std(ddof=1), len(measured)
+    assert 2.8 * sd / np.sqrt(n) < mde < 4.5 * sd / np.sqrt(n)  # normal approximation 2.80 s/√n, plus the t tails
+    for delta, want in ((mde, 0.80), (mde / 2, None)):
+        sims = rng.normal(delta, sd, size=(40_000, n))
+        rate = float((stats.ttest_1samp(sims, 0.0, axis=1).pvalue < 0.05).mean())
+        if want is not None:
+            assert rate == pytest.approx(want, abs=0.01)
+        else:
+            assert rate < 0.40
+    assert minimum_detectable_effect([0.1]) != minimum_detectable_effect([0.1])  # NaN: one pair
+    assert minimum_detectable_effect([0.1, 0.1, 0.1]) == 0.0
+    t = comparison_table({"a": {"AUROC": list(0.70 + measured)}, "b": {"AUROC": [0.70] * n}})
+    assert t.data["columns"]["AUROC"]["mde"] == pytest.approx(mde)
+    assert t.rows[-1] == ["MDE (P < 0.05, 80% power)", f"{mde * 100:.2f}"]
+
+
 def test_comparison_table_lower_is_better_and_unpairable_values() -> None:
     t = comparison_table({"a": {"loss": [0.2, 0.3]}, "b": {"loss": [0.1, 0.15, 0.2]}}, higher_is_better=False)
     assert _cell(t, "b", "loss").startswith("**") and _cell(t, "a", "loss").startswith("<u>")
-    assert t.rows[-1][1] == "n/a" and "cannot pair" in t.data["columns"]["loss"]["note"]
+    assert t.rows[-2][1] == "n/a" and "cannot pair" in t.data["columns"]["loss"]["note"]
+    assert t.rows[-1][1] == "n/a"  # no minimum detectable effect without pairs
     with pytest.raises(D2maeError):
         comparison_table({})
 

@@ -219,3 +219,86 @@ def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> N
     assert main(["evaluate", str(run)]) == 0
     assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "overlays.png").is_file()
     assert main(["compare", str(run), str(run)]) == 0
+    # predict on the test images, as new images: OBS again, then the same masks as the run's own predictions
+    out = tmp_path / "new"
+    assert main(["predict", "--model", str(run), "--out", str(out), "--threads", "1", *[r["path"] for r in test]]) == 0
+    written = list(csv.DictReader(open(out / "masks.csv")))
+    assert [w["path"] for w in written] == [r["path"] for r in test]
+    for w, r in zip(written, test):
+        mine = np.asarray(Image.open(out / w["mask"]))
+        assert np.array_equal(mine, np.asarray(Image.open(run / "predictions" / (Path(r["id"]).stem + ".png"))))
+        assert int(w["lesion_pixels"]) == int((mine > 0).sum()) == int(r["lesion_pixels"])
+        assert float(w["t_star"]) == float(r["t_star"])
+    assert main(["predict", "--model", str(run), "--out", str(out), test[0]["path"]]) == 2  # finished: needs --force
+
+
+# ------------------------------------------------------------------------------------------- experiment kind
+
+SEG_MICRO = {
+    "name": "segmicro", "seeds": [0], "methods": ["supervised", "unet", "mae", "d2mae"], "model": dict(TINY),
+    "budget": {"pretrain_epochs": 1, "pretrain_batch_size": 8, "finetune_epochs": 1, "finetune_batch_size": 8},
+    "pretrain": {"warmup_epochs": 0, "lr": 1e-3},
+    "segment": {"warmup_epochs": 0, "feature_size": 4, "progress": False},
+    "datasets": {"ph": {"task": "segment", "phantoms": {"n": 24, "size": 32, "seed": 0}, "protocol": "kfold:2"}},
+    "report": {"n_bootstrap": 50},
+}
+
+
+def _experiment(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "seg.yaml"
+    path.write_text(json.dumps(data), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"datasets": {"ph": {"phantoms": {"n": 24, "size": 32}}}}, "method unet in"),  # a classification dataset
+    ({"methods": ["mae-imagenet", "d2mae"], "weights": {"mae-imagenet": __file__}}, "cannot segment dataset 'ph'"),
+    ({"segment": {"decoder": "unet"}}, "segment.decoder"),
+    ({"datasets": {"ph": {"task": "segment", "images": "x"}}}, "exactly one of masks"),
+    ({"datasets": {"ph": {"task": "paint", "phantoms": {"n": 24, "size": 32}}}}, "datasets.ph.task"),
+])
+def test_a_segmentation_experiment_refuses_what_it_cannot_run(tmp_path: Path, change: dict, words: str) -> None:
+    from d2mae import experiment as ex
+
+    with pytest.raises(D2maeError, match=words):
+        ex.make_plan(ex.load_experiment(_experiment(tmp_path, {**SEG_MICRO, **change})), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_a_segmentation_experiment_runs_every_method_on_the_same_folds_and_reports_them(tmp_path: Path) -> None:
+    """Phantoms with masks, every row of the table (scratch ViT, smp U-Net, MAE, D²MAE): the report's Dice is the mean
+    of each run's per-image Dice, the P-values are scipy's Wilcoxon on the same images, and a resume skips it all."""
+    from scipy.stats import wilcoxon
+
+    from d2mae import experiment as ex
+
+    path = _experiment(tmp_path, SEG_MICRO)
+    out = tmp_path / "out"
+    assert main(["experiment", str(path), "--out", str(out), "--no-estimate"]) == 0
+    plan = ex.make_plan(ex.load_experiment(path), out)
+    stages = {s.method: s for s in plan.of("segment")}
+    assert set(stages) == {"supervised", "unet", "mae", "d2mae"} and not plan.of("finetune")
+    per_image = {m: list(csv.DictReader(open(s.folder / "per_image.csv"))) for m, s in stages.items()}
+    tests = {m: {(r["fold"], r["path"]): float(r["dice"]) for r in rows if r["split"] == "test"}
+             for m, rows in per_image.items()}
+    assert len({frozenset(v) for v in tests.values()}) == 1  # the same test images in the same folds
+    assert json.loads((stages["unet"].folder / "run.json").read_text())["decoder"] == "unet"
+    assert json.loads((stages["d2mae"].folder / "run.json").read_text())["obs"]["mode"] == "search"
+    assert json.loads((stages["mae"].folder / "run.json").read_text())["obs"]["mode"] == "none"
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Lesion segmentation (beyond the paper)" in md and "overlays.png" in md
+    table = json.loads((out / "metrics.json").read_text())["segmentation"]["ph"]
+    keys = sorted(tests["d2mae"])
+    for m in stages:
+        assert table[m]["metrics"]["dice"]["mean"] == pytest.approx(np.mean(list(tests[m].values())), abs=1e-9)
+        if m != "d2mae":
+            d = np.array([tests[m][k] - tests["d2mae"][k] for k in keys])
+            want = wilcoxon(d).pvalue if np.any(d != 0) else float("nan")
+            got = table[m]["vs_d2mae_dice"]
+            assert got["diff"] == pytest.approx(d.mean(), abs=1e-9)
+            assert got["wilcoxon_p"] == pytest.approx(want, rel=1e-9, nan_ok=True)
+            label = {"supervised": "ViT (no pre-training)", "unet": "U-Net (smp, ResNet-18)", "mae": "MAE"}[m]
+            assert f"| {label} | {table[m]['metrics']['dice']['mean'] * 100:.1f} [" in md
+    before = {s.id: (s.folder / ex.DONE).stat().st_mtime_ns for s in plan.stages}
+    assert main(["experiment", str(path), "--out", str(out), "--resume", "--no-estimate"]) == 0
+    assert {s.id: (s.folder / ex.DONE).stat().st_mtime_ns for s in plan.stages} == before

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "obs": ("d2mae.commands.obs", "optimal blurriness search: the best blur level t* per image"),
     "finetune": ("d2mae.commands.finetune", "fine-tune a classifier from a pre-trained encoder, blurred at t*"),
     "segment": ("d2mae.commands.segment", "fine-tune a lesion segmenter from a pre-trained encoder, blurred at t*"),
+    "probe": ("d2mae.commands.probe", "linear probe, kNN and partial fine-tuning of a pre-trained encoder, per fold"),
     "evaluate": ("d2mae.commands.evaluate", "metrics with 95% confidence intervals, tables and figures for a run"),
     "compare": ("d2mae.commands.compare", "compare two runs with paired significance tests"),
     "predict": ("d2mae.commands.predict", "classify new images (runs OBS on each first)"),

@@ -220,6 +220,39 @@ def _holdout_indices(labeled: LabeledSet, path: Path) -> np.ndarray:
     return np.array(sorted(set(found)), dtype=np.int64)
 
 
+def label_subset(labeled: LabeledSet, fold: Fold, fraction: float, seed: int = 0) -> Fold:
+    """The fold with only ``fraction`` of its training images (label-efficiency curves); validation and test stay.
+
+    Stratified and group-aware: each patient group (each image without a group column) counts for its majority class;
+    within every class, groups are visited in a seeded random order and each is taken when it brings the class closer
+    to ``round(fraction × its training images)`` (at least one group), so no patient is split and the class shares
+    stay close to the fold's. The draw depends on (seed, fold number) only: the same subset for every method.
+    """
+    if fraction >= 1.0:
+        return fold
+    train = np.asarray(fold.train)
+    groups = [labeled.groups[i] for i in train] if labeled.groups else [str(i) for i in train]
+    members: dict[str, list[int]] = {}
+    for i, g in zip(train, groups):
+        members.setdefault(g, []).append(int(i))
+    by_class: dict[int, list[str]] = {}
+    for g, idx in members.items():
+        majority = int(np.bincount(labeled.labels[idx]).argmax())
+        by_class.setdefault(majority, []).append(g)
+    rng = np.random.default_rng([seed, fold.number, 7919])
+    keep: list[int] = []
+    for c in sorted(by_class):
+        names = sorted(by_class[c])
+        order = [names[k] for k in rng.permutation(len(names))]
+        want = max(1, round(fraction * sum(len(members[g]) for g in names)))
+        got = 0
+        for g in order:  # a group is taken when it brings the class closer to its target
+            if got == 0 or abs(got + len(members[g]) - want) < abs(got - want):
+                keep += members[g]
+                got += len(members[g])
+    return Fold(fold.name, np.array(sorted(keep), dtype=np.int64), fold.val, fold.test, fold.number)
+
+
 def check_fold(labeled: LabeledSet, fold: Fold, protocol: str = "") -> None:
     """Every class must be present in the training and test parts; the validation part must not be empty."""
     where = f"fold {fold.name}" + (f" of --protocol {protocol}" if protocol else "")

@@ -47,12 +47,13 @@ from d2mae.runtime.options import RuntimeOptions, check_fields
 class PredictConfig(RuntimeOptions):
     """What ``d2mae predict`` takes: every field is a flag and a YAML key; images are positional arguments."""
 
-    model: str = field(default="", metadata={"help": "fine-tuned model folder (fold_k/model) or a finetune run "
+    model: str = field(default="", metadata={"help": "fine-tuned or segmentation model folder (fold_k/model) or a run "
                                                      "folder (then the folds' probabilities are averaged)",
                                              "metavar": "DIR"})
     inputs: list[str] | None = field(default=None, metadata={"help": "images, folders or .csv/.txt lists"})
-    out: str | None = field(default=None, metadata={"help": "write the predictions to this CSV",
-                                                    "metavar": "CSV"})
+    out: str | None = field(default=None, metadata={"help": "write the predictions to this CSV (with a segmentation "
+                                                            "model: a folder for the mask PNGs and masks.csv)",
+                                                    "metavar": "PATH"})
     fold: str | None = field(default=None, metadata={"help": "with a run folder: use only this fold's model"})
     batch_size: int = field(default=32, metadata={"help": "images per batch", "min": 1})
     show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)", "min": 0})
@@ -171,24 +172,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
     clf = loaded[0][0]
     found = find_images([str(p) for p in inputs])
     refs = on_main(ctx, lambda: check_images(found, clf.config.in_chans, skip_bad=skip_bad))
-    spec = ObsSpec.from_dict(first.get("obs"))
-    obs_model: Any = clf  # none and fixed need only the schedule
-    expected = first.get("pretrained_sha256")
-    if spec.mode == "search":
-        pre_dir = folders[0] / "pretrained"
-        lost = [pre_dir / name for name in ("config.json", "model.safetensors") if not (pre_dir / name).is_file()]
-        if lost:
-            what = f"has no {pre_dir.name}/ folder" if not pre_dir.is_dir() else f"is missing {lost[0]}"
-            raise D2maeError(f"{folders[0]} {what}; OBS on new images needs the pre-trained model it was "
-                             "fine-tuned from — copy it there or re-run d2mae finetune")
-        if expected and model_sha256(pre_dir) != expected:
-            raise D2maeError(f"{pre_dir / 'model.safetensors'} is not the pre-trained model this classifier was "
-                             f"fine-tuned from (sha256 differs from {expected[:12]}…)")
-        obs_model = load_pretrained(pre_dir, dev)
-    hashes = None if spec.mode == "search" else [""] * len(refs)  # a fixed level needs no content hashes
-    t_star = run_obs(obs_model, refs, spec=spec, batch_size=batch_size, device=dev, precision=precision,
-                     workers=workers, model_hash=expected or "", hashes=hashes, progress=progress, ctx=ctx).t_star
-    del obs_model
+    t_star = new_image_levels(folders[0], first, clf, refs, batch_size=batch_size, device=dev, precision=precision,
+                              workers=workers, progress=progress, ctx=ctx)
     probs = np.zeros((len(refs), len(classes)))
     for k, (m, _) in enumerate(loaded):
         probs += class_probabilities(m, refs, t_star, dev, batch_size=batch_size, workers=workers,
@@ -197,3 +182,31 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
     probs /= len(loaded)
     return Predictions(refs, classes, probs, np.asarray(t_star, float), sigmas_of(clf.schedule, t_star),
                        [str(f) for f in folders])
+
+
+def new_image_levels(folder: Path, meta: dict[str, Any], model: Any, refs: Sequence[str], *, batch_size: int,
+                     device: torch.device, precision: str, workers: int, progress: bool,
+                     ctx: DistContext) -> np.ndarray:
+    """t* [n] of new images under a trained model folder's OBS setting (Algorithm 1 lines 4-10, at test time).
+
+    The search runs with the pre-trained model bundled in ``folder/pretrained`` (refused when its sha256 is not the
+    one recorded in ``meta`` at training); ``none`` and ``fixed`` need only the schedule of ``model`` (the trained
+    model itself).
+    """
+    spec = ObsSpec.from_dict(meta.get("obs"))
+    obs_model: Any = model
+    expected = meta.get("pretrained_sha256")
+    if spec.mode == "search":
+        pre_dir = folder / "pretrained"
+        lost = [pre_dir / name for name in ("config.json", "model.safetensors") if not (pre_dir / name).is_file()]
+        if lost:
+            what = f"has no {pre_dir.name}/ folder" if not pre_dir.is_dir() else f"is missing {lost[0]}"
+            raise D2maeError(f"{folder} {what}; OBS on new images needs the pre-trained model it was "
+                             "trained from — copy it there or train again")
+        if expected and model_sha256(pre_dir) != expected:
+            raise D2maeError(f"{pre_dir / 'model.safetensors'} is not the pre-trained model this model was "
+                             f"trained from (sha256 differs from {expected[:12]}…)")
+        obs_model = load_pretrained(pre_dir, device)
+    hashes = None if spec.mode == "search" else [""] * len(refs)  # a fixed level needs no content hashes
+    return run_obs(obs_model, refs, spec=spec, batch_size=batch_size, device=device, precision=precision,
+                   workers=workers, model_hash=expected or "", hashes=hashes, progress=progress, ctx=ctx).t_star

@@ -10,7 +10,7 @@ import warnings
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from d2mae.eval.metrics import SCALAR_METRICS, MetricFn, as_arrays, metric_value
 from d2mae.runtime.errors import D2maeError
@@ -325,3 +325,35 @@ def paired_ttest(a_values: Sequence[float] | np.ndarray, b_values: Sequence[floa
     if np.all(d == d[0]):
         notes.append("differences are all equal (zero variance): infinite t statistic")
     return TTestResult(float(res.statistic), float(res.pvalue), n, mean_diff, "; ".join(notes) or None)
+
+
+def minimum_detectable_effect(differences: Sequence[float] | np.ndarray, alpha: float = 0.05,
+                              power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at ``alpha`` detects with ``power``, given
+    the spread of the measured paired ``differences`` (what a null result rules out).
+
+    With n pairs and standard deviation s of the differences, the test statistic of a true difference δ follows a
+    noncentral t with n − 1 degrees of freedom and noncentrality δ√n / s; δ is solved from
+    P(|T| > t_{1−α/2, n−1}) = power (Cohen 1988, ch. 2). NaN with fewer than 2 finite pairs; 0 when s = 0.
+    """
+    d = np.asarray(differences, dtype=np.float64).ravel()
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    if n < 2:
+        return math.nan
+    if np.all(d == d[0]):  # no spread: any true difference is detected
+        return 0.0
+    sd = float(d.std(ddof=1))
+    df, crit = n - 1, float(stats.t.ppf(1 - alpha / 2, n - 1))
+
+    def shortfall(delta: float) -> float:
+        nc = delta * math.sqrt(n) / sd
+        upper = float(stats.nct.sf(crit, df, nc))
+        upper = upper if math.isfinite(upper) else 1.0 - float(stats.nct.cdf(crit, df, nc))
+        lower = float(stats.nct.cdf(-crit, df, nc))  # the far tail: scipy may give NaN where it is ~0
+        return upper + (lower if math.isfinite(lower) else 0.0) - power
+
+    high = sd / math.sqrt(n)
+    while shortfall(high) < 0:  # a bracket: power grows with δ
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-12 * sd))

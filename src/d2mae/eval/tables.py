@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from d2mae.eval.statistics import MeanCI, TTestResult, mean_ci, paired_ttest
+from d2mae.eval.statistics import MeanCI, TTestResult, mean_ci, minimum_detectable_effect, paired_ttest
 from d2mae.runtime.errors import D2maeError
 
 #: Per-fold/seed results of one method on one dataset: one value, a list (paired by position), or
@@ -76,6 +76,9 @@ def _as_mean_ci(values: Values, confidence: float) -> tuple[MeanCI, Any]:
     return mean_ci(seq, confidence), seq
 
 
+MDE_LABEL = "MDE (P < 0.05, 80% power)"
+
+
 def _pair(a: Any, b: Any) -> tuple[list[float], list[float], str | None]:
     """Match two methods' per-fold values: by fold name (mappings) or by position (lists)."""
     if a is None or b is None:
@@ -125,6 +128,15 @@ class Table:
         return "\n".join(lines) + "\n"
 
 
+def _best_vs_second(best: Any, second: Any) -> dict[str, Any]:
+    """The paired t-test of the best vs. the second method's per-fold values, and its minimum detectable effect."""
+    a, b, pair_note = _pair(best, second)
+    test = paired_ttest(a, b) if a else TTestResult(math.nan, math.nan, 0, math.nan, None)
+    return {"pvalue": test.pvalue, "statistic": test.statistic, "n_pairs": test.n,
+            "note": "; ".join(x for x in (pair_note, test.note) if x) or None,
+            "mde": minimum_detectable_effect(np.subtract(a, b)) if a else math.nan}
+
+
 def comparison_table(results: Mapping[str, Mapping[str, Values]], columns: Sequence[str] | None = None,
                      higher_is_better: bool = True, scale: float = 100.0, digits: int = 2,
                      confidence: float = 0.95, info: Mapping[str, Mapping[str, str]] | None = None,
@@ -159,7 +171,7 @@ def comparison_table(results: Mapping[str, Mapping[str, Values]], columns: Seque
     header = [method_label, *info_columns, *cols]
     rank: dict[str, dict[str, int]] = {c: {} for c in cols}
     col_data: dict[str, Any] = {}
-    p_row = [pvalue_label] + [""] * len(info_columns)
+    p_row, mde_row = [pvalue_label] + [""] * len(info_columns), [MDE_LABEL] + [""] * len(info_columns)
     notes: list[str] = []
     for c in cols:
         have = [m for m in methods if c in stats_[m] and math.isfinite(stats_[m][c].mean)]
@@ -169,16 +181,16 @@ def comparison_table(results: Mapping[str, Mapping[str, Values]], columns: Seque
         entry: dict[str, Any] = {"ranking": order, "best": order[0] if order else None,
                                  "second": order[1] if len(order) > 1 else None}
         if len(order) >= 2:
-            a, b, pair_note = _pair(raw[order[0]][c], raw[order[1]][c])
-            test = paired_ttest(a, b) if a else TTestResult(math.nan, math.nan, 0, math.nan, None)
-            note = "; ".join(x for x in (pair_note, test.note) if x) or None
-            entry.update(pvalue=test.pvalue, statistic=test.statistic, n_pairs=test.n, note=note)
-            p_row.append(format_pvalue(test.pvalue))
-            if note and not math.isfinite(test.pvalue):
-                notes.append(f"{c}: P-value n/a ({note}).")
+            entry.update(_best_vs_second(raw[order[0]][c], raw[order[1]][c]))
+            p_row.append(format_pvalue(entry["pvalue"]))
+            mde_row.append(f"{entry['mde'] * scale:.{digits}f}" if math.isfinite(entry["mde"]) else "n/a")
+            if entry["note"] and not math.isfinite(entry["pvalue"]):
+                notes.append(f"{c}: P-value n/a ({entry['note']}).")
         else:
-            entry.update(pvalue=math.nan, statistic=math.nan, n_pairs=0, note="fewer than two methods have results")
+            entry.update(pvalue=math.nan, statistic=math.nan, n_pairs=0, note="fewer than two methods have results",
+                         mde=math.nan)
             p_row.append("n/a")
+            mde_row.append("n/a")
             notes.append(f"{c}: P-value n/a (fewer than two methods have results).")
         col_data[c] = entry
     rows = []
@@ -193,9 +205,14 @@ def comparison_table(results: Mapping[str, Mapping[str, Values]], columns: Seque
             row.append(f"**{text}**" if r == 0 else f"<u>{text}</u>" if r == 1 else text)
         rows.append(row)
     rows.append(p_row)
+    rows.append(mde_row)
     unit = " (%)" if scale == 100.0 else ""
     notes.insert(0, f"Cells: mean ± half-width of the {confidence:.0%} t-interval over folds/seeds{unit}; best in "
-                    "bold, second underlined; P-value: two-sided paired t-test, best vs. second.")
+                    "bold, second underlined; P-value: two-sided paired t-test, best vs. second; "
+                    f"{MDE_LABEL}: the smallest true best − second difference"
+                    f"{' in points' if scale == 100.0 else ''} "
+                    "that test would detect at P < 0.05 with 80% power, given the spread of the paired differences "
+                    "measured here (a non-significant result rules out a gap larger than this, at that power).")
     data = {"columns": col_data,
             "cells": {m: {c: s.to_dict() for c, s in stats_[m].items()} for m in methods},
             "higher_is_better": higher_is_better, "confidence": confidence}
@@ -225,10 +242,12 @@ def ablation_table(groups: Mapping[str, Mapping[str, Values]], metric_label: str
         if len(order) >= 2:
             a, b, pair_note = _pair(summ[order[0]][1], summ[order[1]][1])
             test = paired_ttest(a, b) if a else TTestResult(math.nan, math.nan, 0, math.nan, None)
-            entry.update(pvalue=test.pvalue, note="; ".join(x for x in (pair_note, test.note) if x) or None)
+            mde = minimum_detectable_effect(np.subtract(a, b)) if a else math.nan
+            entry.update(pvalue=test.pvalue, note="; ".join(x for x in (pair_note, test.note) if x) or None, mde=mde)
             if math.isfinite(test.pvalue):
                 notes.append(f"{g}: {order[0]} vs. {order[1]}, {format_p_statement(test.pvalue)} "
-                             f"(paired t-test over {test.n} folds/seeds).")
+                             f"(paired t-test over {test.n} folds/seeds); minimum detectable effect "
+                             f"{mde * scale:.{digits}f} (P < 0.05, 80% power).")
         data[g] = entry
         for i, (v, (s, _)) in enumerate(summ.items()):
             text = format_mean_ci(s, scale, digits)

@@ -70,7 +70,8 @@ Python API::
     report_md = run_experiment(cfg, "runs/demo", resume=True)
 
 The package's parts: :mod:`d2mae.experiment.config` (methods, ablation groups, the config schema and its loading),
-:mod:`d2mae.experiment.plan` (the stages, the equal-budget check, time estimates), :mod:`d2mae.experiment.runner`
+:mod:`d2mae.experiment.plan` (the stages, the equal-budget check, time estimates; a stage is
+:mod:`d2mae.experiment.stage`, each dataset's part :mod:`d2mae.experiment.datasets`), :mod:`d2mae.experiment.runner`
 (running the stages), :mod:`d2mae.experiment.report` (results, tables, figures, the report) and
 :mod:`d2mae.experiment.demo` (the packaged demo). Every public name but the demo's is importable from
 ``d2mae.experiment`` itself.
@@ -92,14 +93,10 @@ from d2mae.experiment.config import (
 from d2mae.experiment.estimate import estimate_plan, measure_speed
 from d2mae.experiment.methods import ABLATIONS, METHODS, TABLE2_METHODS, TABLE2_TIMM, AblationGroup, Method, method_for
 from d2mae.experiment.plan import (
-    DONE,
     EXPERIMENT_CONFIG,
     PLAN_FILE,
-    DatasetPlan,
     Plan,
-    Stage,
     check_equal_budget,
-    config_hash,
     format_plan,
     make_plan,
     pretrain_budget,
@@ -117,6 +114,7 @@ from d2mae.experiment.results import (
     significance_statements,
 )
 from d2mae.experiment.runner import prepare_out, run_experiment, run_stage
+from d2mae.experiment.stage import DONE, DatasetPlan, Stage, config_hash
 from d2mae.runtime.machine import machine_info
 
 __all__ = [

@@ -4,22 +4,22 @@ its loading (``${VAR}`` expansion, ``--set`` overrides). Part of :mod:`d2mae.exp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from d2mae.data.folds import parse_protocol
 from d2mae.data.phantom import PhantomConfig
+from d2mae.experiment.forbidden import FINETUNE_FORBIDDEN, PRETRAIN_FORBIDDEN, SEGMENT_FORBIDDEN
 from d2mae.experiment.methods import ABLATIONS, TABLE2_METHODS, Method, method_for
+from d2mae.experiment.overrides import apply_overrides, expand_env
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError, shown
 from d2mae.runtime.options import build_config, check_fields, coerce, field_types, load_yaml, to_dict
+from d2mae.segment.config import SegmentConfig
 from d2mae.train.finetune_config import FinetuneConfig
 from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 
@@ -29,9 +29,8 @@ from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 
 #: ModelConfig fields each method's pre-training preset decides (they may not be set in ``model:``).
 PRESET_FIELDS = ("blur", "sigma_start", "sigma_stop", "sigma_step", "blur_embed", "loss_on", "objective")
-LABEL_OPTIONS = ("path_column", "label_column", "group_column", "split_column", "fold_column", "image_root",
-                 "image_ext", "allow_outside_root", "folds_csv", "classes")
-_PATH_OPTIONS = ("labels", "image_root", "folds_csv")
+_PATH_OPTIONS = ("labels", "image_root", "folds_csv", "images", "masks")
+TASKS = ("classify", "segment")
 
 
 @dataclass
@@ -62,9 +61,32 @@ class DatasetSpec:
     folds: list[str] | None = field(default=None, metadata={"help": "run only these folds (e.g. a smoke run)"})
     scanner_column: str | None = field(default=None, metadata={
         "help": "labels column naming the scanner/device (σ* histogram per scanner)"})
+    task: str = field(default="classify", metadata={
+        "help": "classify (fine-tuning, Table 2) or segment (d2mae segment: masks, Dice / IoU / HD95)",
+        "choices": list(TASKS)})
+    images: str | None = field(default=None, metadata={"help": "segment: folder of images (or labels: a CSV)"})
+    masks: str | None = field(default=None, metadata={"help": "segment: folder of masks named like the images"})
+    mask_column: str | None = field(default=None, metadata={"help": "segment: labels CSV column of mask paths"})
+    mask_suffix: str = ""
+    num_classes: int = field(default=2, metadata={"help": "segment: classes in the masks, background included",
+                                                  "min": 2, "max": 255})
+    stratify: str = field(default="lesion", metadata={
+        "help": "segment: stratify the folds by this labels column, or by 'lesion' (the mask holds one)"})
     name: str = ""
     phantoms: dict[str, Any] | None = None
     pretrain_phantoms: dict[str, Any] | None = None
+
+    def segment_options(self, labels: str | None = None) -> dict[str, Any]:
+        """The data options of a ``d2mae segment`` run on this dataset (``labels``: the phantoms' labels CSV, whose
+        ``mask`` column names each image's mask)."""
+        if self.phantoms is not None:
+            return {"labels": labels, "mask_column": "mask", "stratify": self.stratify,
+                    "num_classes": self.num_classes, "protocol": self.protocol,
+                    "folds": ",".join(self.folds) if self.folds else None}
+        keys = ("images", "labels", "masks", "mask_column", "mask_suffix", "path_column", "image_root", "image_ext",
+                "allow_outside_root", "group_column", "split_column", "fold_column", "stratify", "num_classes",
+                "protocol")
+        return {**{k: getattr(self, k) for k in keys}, "folds": ",".join(self.folds) if self.folds else None}
 
 
 @dataclass
@@ -78,8 +100,22 @@ class BudgetSpec:
     pretrain_batch_size: int = field(default=64, metadata={"min": 1})
     finetune_epochs: int = field(default=50, metadata={"min": 1})
     finetune_batch_size: int = field(default=32, metadata={"min": 1})
+    checkpoints: list[float] | None = field(default=None, metadata={
+        "help": "pre-training curves: shares of the pre-training budget (e.g. [0.25, 0.5, 1.0]) whose models the "
+                "probes read (1.0: the final model)"})
+    label_fractions: list[float] | None = field(default=None, metadata={
+        "help": "label efficiency: shares of each training fold to fine-tune on (e.g. [0.1, 0.25, 1.0])"})
 
     def __post_init__(self) -> None:
+        for key in ("checkpoints", "label_fractions"):
+            values = getattr(self, key)
+            if values is not None:
+                if not values or any(not 0.0 < v <= 1.0 for v in values) or len(set(values)) != len(values):
+                    raise D2maeError(f"give distinct shares in (0, 1], e.g. [0.25, 0.5, 1.0]; got {values}",
+                                     option=key)
+                setattr(self, key, sorted(float(v) for v in values))
+        if self.label_fractions is not None and 1.0 not in self.label_fractions:
+            self.label_fractions.append(1.0)  # the whole labels: Table 2's runs, the curve's right end
         if self.pretrain_epochs is not None and self.pretrain_images is not None:
             raise D2maeError("budget: give pretrain_epochs or pretrain_images, not both")
         if self.pretrain_epochs is None and self.pretrain_images is None:
@@ -140,6 +176,7 @@ class ExperimentConfig:
     datasets: dict[str, DatasetSpec]
     report: ReportSpec
     source: str = "config"
+    segment: dict[str, Any] = field(default_factory=dict)
 
     def runs(self) -> list[Method]:
         """Every method to fine-tune: the ``methods`` list, then the ablation groups' variants (no repeats)."""
@@ -163,50 +200,11 @@ class ExperimentConfig:
                 "methods": list(self.methods), "ablations": list(self.ablations), "weights": dict(self.weights),
                 "device": self.device, "threads": self.threads,
                 "cache_dir": self.cache_dir, "model": dict(self.model), "budget": dataclasses.asdict(self.budget),
-                "pretrain": dict(self.pretrain), "finetune": dict(self.finetune), "datasets": datasets,
-                "report": dataclasses.asdict(self.report)}
+                "pretrain": dict(self.pretrain), "finetune": dict(self.finetune), "segment": dict(self.segment),
+                "datasets": datasets, "report": dataclasses.asdict(self.report)}
 
 
-_TOP_SECTIONS = ("model", "budget", "pretrain", "finetune", "datasets", "report")
-
-# pre-training options an experiment decides itself, with what to do instead
-_PRETRAIN_FORBIDDEN = {
-    "epochs": "set the pre-training budget under budget: (pretrain_epochs or pretrain_images) — the same for every "
-              "method",
-    "max_steps": "set the pre-training budget under budget: (pretrain_images) — the same for every method",
-    "batch_size": "set budget.pretrain_batch_size — the same for every method",
-    "data": "the pre-training images come from datasets.<name>.pretrain_data (or the labeled images)",
-    "out": "the experiment chooses the output folders (--out, cache_dir)",
-    "preset": "each method has its own preset; choose methods: / ablations: instead",
-    "config": "put the options in this file",
-    "seed": "list the seeds under seeds:",
-    "resume": "use d2mae experiment --resume",
-    "device": "set device: at the top level",
-}
-_FINETUNE_FORBIDDEN = {
-    "epochs": "set budget.finetune_epochs — the same for every method",
-    "batch_size": "set budget.finetune_batch_size — the same for every method",
-    "pretrained": "the experiment passes each method's pre-trained model",
-    "obs": "each method has its own OBS setting; choose methods: / ablations: instead",
-    "search_step": "each method has its own search step; use ablations: [search_step]",
-    "obs_table": "the experiment runs OBS itself",
-    "mode": "each method has its own mode (supervised = scratch)",
-    "method": "the experiment names the methods",
-    "seed": "list the seeds under seeds:",
-    "out": "the experiment chooses the output folders (--out)",
-    "resume": "use d2mae experiment --resume",
-    "device": "set device: at the top level",
-    "config": "put the options in this file",
-    "labels": "set datasets.<name>.labels",
-    "protocol": "set datasets.<name>.protocol",
-    "folds": "set datasets.<name>.folds",
-    "keep_columns": "set datasets.<name>.scanner_column",
-    "arch": "set model.model",
-    "img_size": "set model.img_size",
-    "in_chans": "set model.in_chans",
-    **{k: f"set datasets.<name>.{k}" for k in LABEL_OPTIONS},
-}
-
+_TOP_SECTIONS = ("model", "budget", "pretrain", "finetune", "segment", "datasets", "report")
 
 def _section(data: Mapping[str, Any], key: str, source: str) -> dict[str, Any]:
     value = data.get(key)
@@ -309,12 +307,21 @@ def _parse_dataset(ds_name: str, ds_data: Any, source: str) -> DatasetSpec:
     spec.name = ds_name
     spec.phantoms = phantoms.get("phantoms")
     spec.pretrain_phantoms = phantoms.get("pretrain_phantoms")
-    if (spec.labels is None) == (spec.phantoms is None):
+    if spec.task not in TASKS:
+        raise D2maeError(f"option '{where}.task' in {source} must be one of {', '.join(TASKS)}, got "
+                         f"{shown(spec.task)}")
+    if spec.task == "segment":
+        _check_segment_dataset(spec, where, source)
+    elif (spec.labels is None) == (spec.phantoms is None):
         raise D2maeError(f"'{where}' in {source} needs exactly one of labels: (real images) or phantoms: "
                          "(synthetic images generated into the output folder)")
+    else:
+        seg_only = [k for k in ("images", "masks", "mask_column") if getattr(spec, k)]
+        if seg_only:
+            raise D2maeError(f"option '{where}.{seg_only[0]}' in {source} is for segmentation; add task: segment")
     if spec.pretrain_phantoms is not None and spec.pretrain_data is not None:
         raise D2maeError(f"'{where}' in {source}: give pretrain_data or pretrain_phantoms, not both")
-    if spec.phantoms is not None:
+    if spec.phantoms is not None and spec.task == "classify":
         spec.scanner_column = spec.scanner_column or "scanner"
     try:
         kind, params = parse_protocol(spec.protocol)
@@ -343,7 +350,7 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     budget = _build(BudgetSpec, "budget", source, (budget_data, f"{source}, section budget"))
 
     pretrain = _section(data, "pretrain", source)
-    _refuse(pretrain, _PRETRAIN_FORBIDDEN, "pretrain", source)
+    _refuse(pretrain, PRETRAIN_FORBIDDEN, "pretrain", source)
     for key in pretrain:
         if key in MODEL_FIELDS:
             raise D2maeError(f"option 'pretrain.{key}' in {source} is not allowed: architecture options go under "
@@ -351,8 +358,12 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     _check_section_types(PretrainConfig, pretrain, "pretrain", source)
 
     finetune = _section(data, "finetune", source)
-    _refuse(finetune, _FINETUNE_FORBIDDEN, "finetune", source)
+    _refuse(finetune, FINETUNE_FORBIDDEN, "finetune", source)
     _check_section_types(FinetuneConfig, finetune, "finetune", source)
+
+    segment = _section(data, "segment", source)
+    _refuse(segment, SEGMENT_FORBIDDEN, "segment", source)
+    _check_section_types(SegmentConfig, segment, "segment", source)
 
     report_data = _section(data, "report", source)
     _check_section_types(ReportSpec, report_data, "report", source)
@@ -368,7 +379,25 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     return ExperimentConfig(flat.name, flat.description, list(flat.seeds), list(flat.methods), list(flat.ablations),
                             dict(flat.weights), flat.device, flat.threads,
                             _abspath(flat.cache_dir) if flat.cache_dir else None, model, budget, pretrain, finetune,
-                            datasets, report, source)
+                            datasets, report, source, segment)
+
+
+def _check_segment_dataset(spec: DatasetSpec, where: str, source: str) -> None:
+    """A segmentation dataset: phantoms (their lesion masks are written too), or images and masks."""
+    if spec.phantoms is not None:
+        extra = [k for k in ("images", "labels", "masks", "mask_column") if getattr(spec, k)]
+        if extra:
+            raise D2maeError(f"option '{where}.{extra[0]}' in {source}: phantoms bring their own images and masks")
+        spec.phantoms["masks"] = True
+        return
+    if (spec.images is None) == (spec.labels is None):
+        raise D2maeError(f"'{where}' in {source} (task: segment) needs exactly one of images: (a folder) or labels: "
+                         "(a CSV), or phantoms:")
+    if (spec.masks is None) == (spec.mask_column is None):
+        raise D2maeError(f"'{where}' in {source} (task: segment) needs exactly one of masks: (a folder of masks "
+                         "named like the images) or mask_column: (a labels CSV column)")
+    if spec.mask_column and not spec.labels:
+        raise D2maeError(f"option '{where}.mask_column' in {source} needs labels: (a CSV)")
 
 
 def _check_protocol(kind: str, params: list[str], where: str) -> None:
@@ -416,57 +445,6 @@ def _resolve_paths(spec: DatasetSpec, where: str, source: str) -> None:
             setattr(spec, key, str(base / os.path.expanduser(value)))
     if spec.pretrain_data:
         spec.pretrain_data = [str(base / os.path.expanduser(p)) for p in spec.pretrain_data]
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(data: Any, source: str, where: str = "") -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values by environment variables (recursively)."""
-    if isinstance(data, Mapping):
-        return {k: expand_env(v, source, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [expand_env(v, source, where) for v in data]
-    if isinstance(data, str) and "${" in data:
-        def repl(m: re.Match) -> str:
-            value = os.environ.get(m.group(1))
-            if value is None:
-                if m.group(2) is None:
-                    raise D2maeError(f"option '{where}' in {source} uses ${{{m.group(1)}}} but the environment "
-                                     f"variable {m.group(1)} is not set; set it or write ${{{m.group(1)}:-default}}")
-                return m.group(2)
-            return value
-        return _ENV.sub(repl, data)
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``--set key.sub=value`` overrides (values parsed as YAML: numbers, lists, true/false)."""
-    data = json.loads(json.dumps(data, default=str))  # deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise D2maeError(f"{shown(item)}: use --set KEY=VALUE, e.g. "
-                             "--set datasets.busbra.root=/data/bus-bra", option="set")
-        key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise D2maeError(f"{shown(item)}: the key is empty", option="set")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict) and not raw.strip().startswith("{"):
-            value = raw  # "a: b" in free text is a string, not a mapping
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise D2maeError(f"{shown(item)}: '{'.'.join(parts[:i + 1])}' is a value, not a section", option="set")
-            node = nxt
-        node[parts[-1]] = value
-    return data
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

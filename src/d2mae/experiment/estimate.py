@@ -4,6 +4,7 @@ this machine, scaled to every stage of the plan."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,9 +18,10 @@ import torch
 from d2mae.data.dataset import ImageDataset
 from d2mae.data.labels import load_labeled
 from d2mae.data.phantom import generate_phantoms
-from d2mae.experiment.config import LABEL_OPTIONS
+from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.methods import method_for
-from d2mae.experiment.plan import DatasetPlan, Plan
+from d2mae.experiment.plan import Plan
+from d2mae.experiment.stage import DatasetPlan
 from d2mae.io.imports import encoder_architecture
 from d2mae.method.backbones import BackboneConfig, TimmClassifier
 from d2mae.method.model_config import ModelConfig, default_stats
@@ -28,6 +30,7 @@ from d2mae.method.objectives import build_objective
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.options import build_config
+from d2mae.segment.model import UNetConfig, build_segmenter
 from d2mae.train.optim import adamw
 
 
@@ -79,15 +82,15 @@ def _time_objective(model: Any, x: Any) -> dict[str, float]:
     return out
 
 
-def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
-    """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
+def _time_downstream(model: Any, x: Any, y: Any) -> tuple[float, float]:
+    """Seconds per image of a training step (cross-entropy against ``y``, AdamW) and of inference of a classifier
+    (``y`` [B]) or a segmenter (``y`` [B, S, S]; cross-entropy stands in for Dice + CE), on batch x [B, C, S, S]."""
 
-    opt = adamw(clf.parameters(), lr=1e-4)
-    y = torch.zeros(len(x), dtype=torch.long, device=x.device)  # [B]
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t = torch.ones(len(x), device=x.device)  # [B]
 
-    def ft_step() -> None:
-        loss = torch.nn.functional.cross_entropy(clf(x, t), y)
+    def train_step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x, t), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -95,12 +98,25 @@ def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
 
     def eval_step() -> None:
         with torch.no_grad():
-            clf.eval()
-            clf(x, t)
-            clf.train()
+            model.eval()
+            model(x, t)
+            model.train()
         _sync(x.device)
 
-    return {"finetune_step": _time_steps(ft_step) / len(x), "eval": _time_steps(eval_step) / len(x)}
+    return _time_steps(train_step) / len(x), _time_steps(eval_step) / len(x)
+
+
+def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
+    step, infer = _time_downstream(clf, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+    return {"finetune_step": step, "eval": infer}
+
+
+def _time_segmenter(seg: Any, x: Any) -> dict[str, float]:
+    """Seconds per image of a segmentation training step and of inference, on batch x [B, C, S, S]."""
+    y = torch.zeros(len(x), x.shape[-2], x.shape[-1], dtype=torch.long, device=x.device)  # [B, S, S]
+    step, infer = _time_downstream(seg, x, y)
+    return {"segment_step": step, "segment_eval": infer}
 
 
 def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
@@ -170,6 +186,37 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
         speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
 
 
+def _segment_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, model_cfg: ModelConfig) -> None:
+    """Time each decoder of the dataset's segmentation stages once (UNETR on the experiment's ViT, smp U-Net)."""
+    dev = resolve_device(device)
+    for s in plan.of("segment", name):
+        sc = s.payload
+        key = f"segment:{sc.decoder}"
+        if key in speed:
+            continue
+        config: Any = model_cfg
+        if sc.decoder == "unet":
+            mean, std = default_stats(model_cfg.in_chans)
+            config = UNetConfig(encoder=sc.unet_encoder, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans,
+                                mean=mean, std=std)
+        seg = build_segmenter(sc.decoder, config, plan.datasets[name].num_classes, sc.feature_size, sc.drop_path)
+        x = torch.rand(min(sc.batch_size, 8), model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size,
+                       generator=torch.Generator().manual_seed(0)).to(dev)
+        speed[key] = _time_segmenter(seg.to(dev), x)
+
+
+def _segment_estimate(scfg: Any, dp: DatasetPlan, speed: Mapping[str, Any], levels: int) -> float:
+    """Seconds of one segmentation run: OBS once, then per fold every epoch (train + validation), then the masks
+    (decoding an image and its mask counts twice)."""
+    timed = speed[f"segment:{scfg.decoder}"]
+    total = dp.n_labeled * (levels * speed["obs_level"] + speed["decode"]) if levels else 0.0
+    infer = timed["segment_eval"] + speed["decode"]
+    for _, n_train, n_val, n_test in dp.folds:
+        total += scfg.epochs * (n_train * (timed["segment_step"] + 2 * speed["augment"]) + n_val * infer)
+        total += (n_val + n_test) * (infer + speed["decode"]) + 3.0
+    return total + 8.0  # masks, content hashes, evaluation (bootstrap CIs, figures)
+
+
 def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], levels: int) -> float:
     """Seconds of one fine-tuning run: OBS once, then per fold every epoch (train + validation), then predictions."""
     total = 0.0
@@ -201,6 +248,8 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 labels = generate_phantoms(tmp, n=4, size=size, seed=0)
                 phantom_s = (time.perf_counter() - t0) / 4
                 refs = [str(Path(tmp) / r["path"]) for r in csv.DictReader(open(labels, encoding="utf-8"))]
+            elif not refs and dp.sample:
+                refs = list(dp.sample)
             elif not refs:
 
                 refs = load_labeled(dp.labels, **{k: getattr(dp.spec, k) for k in LABEL_OPTIONS}).refs[:6]
@@ -215,6 +264,7 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 shutil.rmtree(tmp, ignore_errors=True)
         speed["phantom"] = phantom_s
         _method_speeds(plan, name, speed, cfg.device, dp.num_classes)
+        _segment_speeds(plan, name, speed, cfg.device, model_cfg)
         plan.speed[name] = speed
         for s in plan.stages:
             if s.dataset != name:
@@ -237,5 +287,22 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                           if base is not None and base.kind == "pretrain" else 0)
                 own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
                 s.estimate_s = _finetune_estimate(s.payload, dp, {**speed, **own}, levels)
+            elif s.kind == "label_fraction":
+                base = stages.get(s.needs[0]) if s.needs else None
+                levels = (len(s.payload.spec.levels(base.payload.schedule))
+                          if base is not None and base.kind == "pretrain" else 0)
+                own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
+                fewer = dataclasses.replace(dp, folds=[(f, max(1, round(tr * s.share)), va, te)
+                                                       for f, tr, va, te in dp.folds])
+                s.estimate_s = _finetune_estimate(s.payload, fewer, {**speed, **own}, levels)
+            elif s.kind == "probe":  # OBS and the features of every labeled image once; scikit-learn takes seconds
+                base = stages[s.needs[0]]
+                levels = len(s.payload.spec.levels(base.payload.schedule)) if s.payload.spec.mode == "search" else 0
+                s.estimate_s = dp.n_labeled * (levels * speed["obs_level"] + speed["eval"] + 2 * speed["decode"]) + 5
+            elif s.kind == "segment":
+                base = stages.get(s.needs[0]) if s.needs else None
+                levels = (len(s.payload.spec.levels(base.payload.schedule))
+                          if base is not None and s.payload.spec.mode == "search" else 0)
+                s.estimate_s = _segment_estimate(s.payload, dp, speed, levels)
     plan.estimated = True
     return plan

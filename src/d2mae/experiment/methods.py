@@ -23,7 +23,8 @@ class Method:
         search_step: OBS step s (Table 3d).
         source: where a row without pre-training starts: ``scratch`` (the ViT of the supervised floor),
             ``checkpoint`` (a released ViT checkpoint, imported: ``weights:`` must name the file), ``backbone`` (a timm
-            classifier ``backbone``, from ``weights:`` when given, else from scratch).
+            classifier ``backbone``, from ``weights:`` when given, else from scratch), ``unet`` (segmentation only:
+            the smp U-Net from scratch).
         backbone: ``timm:NAME`` for ``source = backbone``.
         needs_weights: ``weights:`` must name a local file for this method.
         table2: Table 2's row it reproduces (for the report and the docs).
@@ -50,6 +51,8 @@ class Method:
             pre = "a released checkpoint (weights:), imported"
         elif self.source == "backbone":
             pre = f"timm {self.backbone}, from weights: when given, else from scratch"
+        elif self.source == "unet":
+            return "segmentation_models_pytorch U-Net (ResNet-18 encoder), random initialisation; no blur"
         else:
             pre = "no pre-training (ViT from scratch)"
         if self.preset is None and self.source == "scratch":
@@ -80,6 +83,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mae", "MAE", "mae", "none", table2="MAE, ViT-B, US"),
     Method("deblurrmae", "DeblurrMAE", "deblurrmae", f"fixed:{DEBLURRMAE_SIGMA}", table2="DeblurrMAE, ViT-B, US"),
     Method("d2mae", "D²MAE", "d2mae", "search", table2="D²MAE (ours)"),
+    # segmentation datasets only: the row a user would otherwise pick (segmentation_models_pytorch, random init)
+    Method("unet", "U-Net (smp, ResNet-18)", None, "none", source="unet",
+           table2="(segmentation: smp U-Net, random init)"),
     # Table 3a: blur range
     Method("d2mae-range-0.6", "D²MAE σ 0.1→0.6", "range-0.6", "search"),
     Method("d2mae-range-1.6", "D²MAE σ 0.1→1.6", "range-1.6", "search"),
@@ -116,8 +122,8 @@ def method_for(name: str) -> Method:
 
 def table2_order(names: Sequence[str]) -> list[str]:
     """``names`` in Table 2's order: supervised rows, ImageNet-pretrained, ultrasound-pretrained, D²MAE; others after."""
-    paper = ["supervised", *[n for n in names if n.startswith("timm:")], "mae-imagenet", "moco-v3-imagenet", "usfm",
-             "moco-v3", "diffmae", "mae", "deblurrmae", "d2mae"]
+    paper = ["supervised", "unet", *[n for n in names if n.startswith("timm:")], "mae-imagenet", "moco-v3-imagenet",
+             "usfm", "moco-v3", "diffmae", "mae", "deblurrmae", "d2mae"]
     return [n for n in paper if n in names] + [n for n in names if n not in paper]
 
 

@@ -4,28 +4,27 @@ estimates are :mod:`d2mae.experiment.estimate`). Part of :mod:`d2mae.experiment`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from d2mae.data.folds import make_folds
-from d2mae.data.labels import load_labeled
-from d2mae.data.sources import find_images
-from d2mae.experiment.config import LABEL_OPTIONS, PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build
+from d2mae.experiment.config import PRESET_FIELDS, BudgetSpec, DatasetSpec, ExperimentConfig, _build
+from d2mae.experiment.datasets import dataset_plan
+from d2mae.experiment.forbidden import LABEL_OPTIONS
+from d2mae.experiment.stage import DatasetPlan, Stage, config_hash, refs_digest
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.machine import machine_info
 from d2mae.runtime.options import build_config, result_fields, to_dict
+from d2mae.segment.config import SegmentConfig
 from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.pretrain import CHECKPOINTS
 from d2mae.train.pretrain_config import PretrainConfig
+from d2mae.train.probe import ProbeConfig
 
-DONE = "stage_done.json"  # a finished stage (fine-tuning's fold_<k>/done.json is a fold's)
-LEGACY_DONE = "DONE.json"  # the same marker as d2mae 0.2.0 named it
 #: pre-training options that are the budget: every method's must agree, whatever its preset says
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "accum_iter", "data", "img_size")
 EXPERIMENT_CONFIG = "experiment.yaml"
@@ -35,78 +34,6 @@ PLAN_FILE = "plan.json"
 # --------------------------------------------------------------------------------------------------------------------
 # the plan
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def config_hash(obj: Any) -> str:
-    """sha256 of a config as canonical JSON: the identity of a stage's work."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def _refs_digest(refs: Sequence[str]) -> str:
-    """Identity of a list of image files: paths and sizes (cheap to compute for thousands of files)."""
-    h = hashlib.sha256()
-    for r in refs:
-        path = r.split("#", 1)[0]
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            size = -1
-        h.update(f"{r}\t{size}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
-@dataclass
-class Stage:
-    """One unit of work with its own folder and DONE marker.
-
-    ``kind``: ``data`` (generate phantoms / list images), ``arch`` (the untrained ViT of the supervised floor),
-    ``pretrain``, ``finetune`` (fine-tuning on every fold + evaluation).
-    """
-
-    kind: str
-    dataset: str
-    label: str
-    folder: Path
-    key: str
-    payload: Any
-    seed: int | None = None
-    method: str | None = None
-    preset: str | None = None
-    needs: list[str] = field(default_factory=list)
-    estimate_s: float = math.nan
-
-    @property
-    def id(self) -> str:
-        return f"{self.kind}:{self.dataset}:{self.folder.name}"
-
-    def done_info(self) -> dict[str, Any] | None:
-        """The DONE marker's content when this stage finished with the same config, else ``None``."""
-        path = self.folder / DONE
-        if not path.is_file():
-            path = self.folder / LEGACY_DONE
-        if not path.is_file():
-            return None
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        return info if isinstance(info, dict) and info.get("key") == self.key else None
-
-
-@dataclass
-class DatasetPlan:
-    """What a dataset contributes to the plan: sizes (known or, for phantoms, planned) and derived paths."""
-
-    name: str
-    spec: DatasetSpec
-    labels: str
-    pretrain_data: list[str]
-    n_pretrain: int
-    n_labeled: int
-    num_classes: int
-    folds: list[tuple[str, int, int, int]]  # (name, n_train, n_val, n_test) per fold
-    data_key: str
-    overlap: str = ""
 
 
 @dataclass
@@ -134,98 +61,16 @@ class Plan:
         return None
 
 
-def _approx_folds(n: int, protocol: str, folds: list[str] | None) -> list[tuple[str, int, int, int]]:
-    """Fold sizes before the labels exist (phantoms): proportions of the protocol."""
-    kind = protocol.split(":")[0].lower()
-    if kind == "kfold":
-        k = int(protocol.split(":")[1])
-        test = n // k
-        val = (n - test) // max(2, k - 1)
-        out = [(str(i + 1), n - test - val, val, test) for i in range(k)]
-    elif kind == "split":
-        a, b, c = (float(x) for x in protocol.split(":")[1:4])
-        test, val = round(n * c / (a + b + c)), round(n * b / (a + b + c))
-        out = [("1", n - test - val, val, test)]
-    else:
-        out = [("1", int(n * 0.6), int(n * 0.2), n - int(n * 0.6) - int(n * 0.2))]
-    if folds:
-        out = [f for f in out if f[0] in folds] or out[:1]
-    return out
-
-
-def _check_path(path: str, key: str, source: str, dataset: DatasetSpec, what: str = "path") -> None:
-    if not os.path.exists(path):
-        hint = (f"fill in the path in the config or pass --set datasets.{dataset.name}.{key}=PATH "
-                "(relative paths start from datasets.<name>.root, or from the current folder)")
-        raise D2maeError(f"option 'datasets.{dataset.name}.{key}' in {source}: {what} {path} does not exist; {hint}")
-
-
-def _dataset_plan(spec: DatasetSpec, out: Path, source: str, seed: int) -> DatasetPlan:
-    """Sizes, folds and data identity of one dataset; real paths are checked here (clear errors)."""
-
-    data_dir = out / "data" / spec.name
-    if spec.phantoms is not None:
-        labels = str(data_dir / "labeled" / "labels.csv")
-        n_labeled = int(spec.phantoms["n"])
-        num_classes = 2
-        folds = _approx_folds(n_labeled, spec.protocol, spec.folds)
-        if spec.pretrain_phantoms is not None:
-            pretrain_data = [str(data_dir / "pretrain" / "images")]
-            n_pretrain = int(spec.pretrain_phantoms["n"])
-        elif spec.pretrain_data:
-            for p in spec.pretrain_data:
-                _check_path(p, "pretrain_data", source, spec)
-            refs = find_images(spec.pretrain_data)
-            pretrain_data, n_pretrain = list(spec.pretrain_data), len(refs)
-        else:
-            pretrain_data, n_pretrain = [str(data_dir / "labeled" / "images")], n_labeled
-        data_key = config_hash({"phantoms": spec.phantoms, "pretrain_phantoms": spec.pretrain_phantoms,
-                                "pretrain_data": pretrain_data})
-        overlap = "" if spec.pretrain_phantoms is not None or spec.pretrain_data else (
-            "pre-training used the labeled phantoms' pixels (not their labels), test images included")
-        return DatasetPlan(spec.name, spec, labels, pretrain_data, n_pretrain, n_labeled, num_classes, folds,
-                           data_key, overlap)
-    if spec.root:
-        _check_path(spec.root, "root", source, spec, "folder")
-    _check_path(spec.labels or "", "labels", source, spec, "labels file")
-    for key in ("image_root", "folds_csv"):
-        if getattr(spec, key):
-            _check_path(getattr(spec, key), key, source, spec)
-    try:
-        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
-        fold_list = make_folds(labeled, spec.protocol, seed, spec.folds)
-    except D2maeError as exc:
-        raise D2maeError(f"dataset '{spec.name}' in {source}: {exc}") from None
-    if spec.scanner_column and spec.scanner_column not in labeled.columns:
-        raise D2maeError(f"option 'datasets.{spec.name}.scanner_column' in {source}: {spec.labels} has no column "
-                         f"'{spec.scanner_column}'; its columns are: {', '.join(labeled.columns)}")
-    folds = [(f.name, len(f.train), len(f.val), len(f.test)) for f in fold_list]
-    if spec.pretrain_data:
-        for p in spec.pretrain_data:
-            _check_path(p, "pretrain_data", source, spec)
-        try:
-            pre_refs = find_images(spec.pretrain_data)
-        except D2maeError as exc:
-            raise D2maeError(f"option 'datasets.{spec.name}.pretrain_data' in {source}: {exc}") from None
-        pretrain_data = list(spec.pretrain_data)
-    else:
-        pre_refs = list(labeled.refs)
-        pretrain_data = [str(data_dir / "pretrain_images.txt")]
-    shared = len(set(pre_refs) & set(labeled.refs))
-    overlap = ""
-    if shared:
-        overlap = (f"{shared} of the {len(labeled.refs)} labeled images (test images of some fold included) were "
-                   "also pre-training images: pre-training saw their pixels, never their labels")
-    data_key = config_hash({"pretrain": _refs_digest(pre_refs), "labeled": _refs_digest(labeled.refs)})
-    return DatasetPlan(spec.name, spec, str(spec.labels), pretrain_data, len(pre_refs), len(labeled),
-                       len(labeled.classes), folds, data_key, overlap)
+#: options added after d2mae 0.2.0: at these defaults they stay out of a stage's key, so earlier experiments resume
+LATER_DEFAULTS: dict[str, Any] = {"label_fraction": 1.0, "trainable_blocks": None, "keep_steps": None}
 
 
 def _result_options(cfg: Any) -> dict[str, Any]:
     """The options of a stage's config that change what it computes (a stage's cache key; the ``volatile`` ones —
     devices, workers, logging, output folders — are left out, as a resumed run may change them too)."""
     values = to_dict(cfg)
-    return {k: values[k] for k in result_fields(type(cfg))}
+    return {k: values[k] for k in result_fields(type(cfg))
+            if not (k in LATER_DEFAULTS and values[k] == LATER_DEFAULTS[k])}
 
 
 def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> tuple[int, int | None, int]:
@@ -272,10 +117,17 @@ def _data_stages(name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path) -> li
     return stages
 
 
+def kept_step(share: float, total_steps: int) -> int:
+    """The optimizer step whose model stands for ``share`` of the pre-training budget (≥ 1)."""
+    return max(1, round(share * total_steps))
+
+
 def _pretrain_stages(cfg: ExperimentConfig, name: str, dp: DatasetPlan, presets: Sequence[str], cache: Path,
-                     epochs: int, max_steps: int | None) -> list[Stage]:
-    """One pre-training stage per (seed, preset): every method's one pre-training run on the dataset."""
+                     epochs: int, max_steps: int | None, total_steps: int) -> list[Stage]:
+    """One pre-training stage per (seed, preset): every method's one pre-training run on the dataset (keeping the
+    models of ``budget.checkpoints``' steps)."""
     stages: list[Stage] = []
+    keep = sorted({kept_step(f, total_steps) for f in cfg.budget.checkpoints or () if f < 1.0}) or None
     for seed in cfg.seeds:
         for preset in presets:
             pcfg = _build(
@@ -284,7 +136,7 @@ def _pretrain_stages(cfg: ExperimentConfig, name: str, dp: DatasetPlan, presets:
                 (cfg.model, f"{cfg.source}, section model"), (cfg.pretrain, f"{cfg.source}, section pretrain"),
                 ({"data": dp.pretrain_data, "out": "-", "seed": seed, "epochs": epochs, "max_steps": max_steps,
                   "batch_size": cfg.budget.pretrain_batch_size, "device": cfg.device, "resume": "auto",
-                  "threads": cfg.threads},
+                  "threads": cfg.threads, "keep_steps": keep},
                  "the experiment"))
             key = config_hash({"dataset": name, "data": dp.data_key,
                                "pretrain": _result_options(pcfg)})
@@ -301,34 +153,104 @@ def _finetune_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Da
     """One fine-tuning stage per (seed, method), each on its pre-trained (or scratch) starting point."""
     stages: list[Stage] = []
     runs = cfg.runs()
+    cases = [(share, seed, m) for share in sorted(cfg.budget.label_fractions or [1.0], reverse=True)
+             for seed in cfg.seeds for m in runs]  # the whole labels first (Table 2), then the fractions
+    for share, seed, m in cases:
+        base = pre_by[(m.preset, seed)] if m.preset is not None else (
+            arch_stage if m.source == "scratch" else None)
+        weights = cfg.weights.get(m.name)
+        start = _start_options(m, base, weights)
+        options = {k: getattr(spec, k) for k in LABEL_OPTIONS}
+        options.update(labels=dp.labels, protocol=spec.protocol,
+                       folds=",".join(spec.folds) if spec.folds else None,
+                       keep_columns=[spec.scanner_column] if spec.scanner_column else None)
+        fcfg = _build(
+            FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
+            (options, f"{cfg.source}, section datasets.{name}"),
+            ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
+              "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
+              "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
+              "threads": cfg.threads, "label_fraction": share,
+              "arch": cfg.model.get("model", "vit_base_patch16"),
+              "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
+             f"method {m.name}"))
+        origin = base.key if base is not None else refs_digest([weights] if weights else [])
+        key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
+                           "finetune": _result_options(fcfg)})
+        whole = share >= 1.0
+        folder = out / "runs" / name / (f"{m.name.replace(':', '-')}-seed{seed}"
+                                        f"{'' if whole else f'-labels{share:g}'}-{key[:8]}")
+        fcfg = dataclasses.replace(fcfg, out=str(folder))
+        label = f"fine-tune {m.name} on {name} (seed {seed}{'' if whole else f', {share:.0%} of the labels'})"
+        stages.append(Stage("finetune" if whole else "label_fraction", name, label, folder, key, fcfg,
+                            seed=seed, method=m.name, preset=m.preset, needs=[base.id] if base is not None else [],
+                            share=share))
+    return stages
+
+
+def _probe_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path,
+                  pre_by: Mapping[tuple[str, int], Stage], total_steps: int) -> list[Stage]:
+    """Pre-training curves: ``d2mae probe`` (linear probe and kNN) on each kept checkpoint of every pre-trained
+    method (``budget.checkpoints``; 1.0 is the final model), with the method's OBS setting, on the same folds."""
+    stages: list[Stage] = []
+    for share in cfg.budget.checkpoints or []:
+        for seed in cfg.seeds:
+            for m in cfg.runs():
+                if m.preset is None:
+                    continue
+                base = pre_by[(m.preset, seed)]
+                step = kept_step(share, total_steps)
+                model = base.folder if share >= 1.0 else base.folder / CHECKPOINTS / f"step{step}"
+                options = {k: getattr(spec, k) for k in LABEL_OPTIONS}
+                options.update(labels=dp.labels, protocol=spec.protocol,
+                               folds=",".join(spec.folds) if spec.folds else None)
+                pcfg = _build(
+                    ProbeConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
+                    (options, f"{cfg.source}, section datasets.{name}"),
+                    ({"model": str(model), "out": "-", "obs": m.obs, "search_step": m.search_step, "method": m.name,
+                      "seed": seed, "device": cfg.device, "threads": cfg.threads, "mode": "full",
+                      "epochs": cfg.budget.finetune_epochs, "batch_size": cfg.budget.finetune_batch_size},
+                     f"method {m.name}"))
+                key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key, "step": step,
+                                   "probe": _result_options(pcfg)})
+                folder = out / "runs" / name / "probes" / f"{m.name}-seed{seed}-step{step}-{key[:8]}"
+                stages.append(Stage("probe", name, f"probe {m.name} at {share:.0%} of pre-training on {name} "
+                                                   f"(seed {seed})", folder, key,
+                                    dataclasses.replace(pcfg, out=str(folder)), seed=seed, method=m.name,
+                                    preset=m.preset, needs=[base.id], share=share))
+    return stages
+
+
+def _segment_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path,
+                    pre_by: Mapping[tuple[str, int], Stage]) -> list[Stage]:
+    """One ``d2mae segment`` stage per (seed, method): a UNETR on each pre-trained encoder, a scratch ViT
+    (``supervised``) or the smp U-Net (``unet``), every one on the same folds and downstream budget."""
+    stages: list[Stage] = []
     for seed in cfg.seeds:
-        for m in runs:
-            base = pre_by[(m.preset, seed)] if m.preset is not None else (
-                arch_stage if m.source == "scratch" else None)
-            weights = cfg.weights.get(m.name)
-            start = _start_options(m, base, weights)
-            options = {k: getattr(spec, k) for k in LABEL_OPTIONS}
-            options.update(labels=dp.labels, protocol=spec.protocol,
-                           folds=",".join(spec.folds) if spec.folds else None,
-                           keep_columns=[spec.scanner_column] if spec.scanner_column else None)
-            fcfg = _build(
-                FinetuneConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
-                (options, f"{cfg.source}, section datasets.{name}"),
-                ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step,
-                  "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
-                  "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
-                  "threads": cfg.threads,
+        for m in cfg.runs():
+            if m.source in ("checkpoint", "backbone"):
+                raise D2maeError(f"method {m.name} in {cfg.source} cannot segment dataset '{name}': d2mae segment "
+                                 "starts from this experiment's pre-trained encoders, a scratch ViT or the U-Net; "
+                                 "leave the method out")
+            base = pre_by[(m.preset, seed)] if m.preset is not None else None
+            start: dict[str, Any] = {"pretrained": str(base.folder) if base else None,
+                                     "decoder": "unet" if m.source == "unet" else "unetr"}
+            scfg = _build(
+                SegmentConfig, "segment", cfg.source, (cfg.segment, f"{cfg.source}, section segment"),
+                (spec.segment_options(dp.labels if spec.phantoms is not None else None),
+                 f"{cfg.source}, section datasets.{name}"),
+                ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step, "method": m.name, "seed": seed,
+                  "epochs": cfg.budget.finetune_epochs, "batch_size": cfg.budget.finetune_batch_size,
+                  "device": cfg.device, "resume": True, "threads": cfg.threads,
                   "arch": cfg.model.get("model", "vit_base_patch16"),
                   "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
                  f"method {m.name}"))
-            origin = base.key if base is not None else _refs_digest([weights] if weights else [])
-            key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
-                               "finetune": _result_options(fcfg)})
-            folder = out / "runs" / name / f"{m.name.replace(':', '-')}-seed{seed}-{key[:8]}"
-            fcfg = dataclasses.replace(fcfg, out=str(folder))
-            stages.append(Stage("finetune", name, f"fine-tune {m.name} on {name} (seed {seed})", folder, key,
-                                fcfg, seed=seed, method=m.name, preset=m.preset,
-                                needs=[base.id] if base is not None else []))
+            key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key if base else m.source,
+                               "segment": _result_options(scfg)})
+            folder = out / "runs" / name / f"{m.name}-seed{seed}-{key[:8]}"
+            stages.append(Stage("segment", name, f"segment with {m.name} on {name} (seed {seed})", folder, key,
+                                dataclasses.replace(scfg, out=str(folder)), seed=seed, method=m.name,
+                                preset=m.preset, needs=[base.id] if base is not None else []))
     return stages
 
 
@@ -348,7 +270,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
     datasets: dict[str, DatasetPlan] = {}
     stages: list[Stage] = []
     for name, spec in cfg.datasets.items():
-        dp = _dataset_plan(spec, out, cfg.source, cfg.seeds[0])
+        dp = dataset_plan(spec, out, cfg.source, cfg.seeds[0])
         datasets[name] = dp
         stages += _data_stages(name, spec, dp, out)
         accum = int(cfg.pretrain.get("accum_iter", 1))
@@ -358,8 +280,11 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                              f"than one optimizer step needs (budget.pretrain_batch_size "
                              f"{cfg.budget.pretrain_batch_size} × accum_iter {accum}); lower the batch size or add "
                              "images")
+        if spec.task == "classify" and any(m.source == "unet" for m in runs):
+            raise D2maeError(f"method unet in {cfg.source} segments; dataset '{name}' classifies (add task: segment "
+                             "and masks to it, or leave unet out)")
         arch_stage: Stage | None = None
-        if any(m.preset is None and m.source == "scratch" for m in runs):
+        if spec.task == "classify" and any(m.preset is None and m.source == "scratch" for m in runs):
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
                                     (cfg.model, f"{cfg.source}, section model"))
             # every field, as before config.json dropped the other objectives' settings: the same keys
@@ -368,10 +293,15 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
                                cache / name / f"scratch-vit-{arch_key[:12]}", arch_key,
                                {"model": arch_cfg, "data": dp.pretrain_data})
             stages.append(arch_stage)
-        pre = _pretrain_stages(cfg, name, dp, presets, cache, epochs, max_steps)
+        _, _, total_steps = pretrain_budget(cfg.budget, dp.n_pretrain, accum)
+        pre = _pretrain_stages(cfg, name, dp, presets, cache, epochs, max_steps, total_steps)
         pre_by = {(s.preset, s.seed): s for s in pre}
         stages += pre
-        stages += _finetune_stages(cfg, name, spec, dp, out, pre_by, arch_stage)
+        if spec.task == "segment":
+            stages += _segment_stages(cfg, name, spec, dp, out, pre_by)
+        else:
+            stages += _finetune_stages(cfg, name, spec, dp, out, pre_by, arch_stage)
+            stages += _probe_stages(cfg, name, spec, dp, out, pre_by, total_steps)
     plan = Plan(cfg, out, datasets, stages)
     check_equal_budget(plan)
     return plan
@@ -398,10 +328,17 @@ def check_equal_budget(plan: Plan) -> None:
     pre_skip = set(PRESET_FIELDS) | own | {"preset", "seed", "out", "resume"}
     ft_skip = {"obs", "search_step", "mode", "method", "pretrained", "backbone", "backbone_weights", "seed", "out",
                "resume"}
+    seg_skip = {"obs", "search_step", "method", "pretrained", "decoder", "seed", "out", "resume"}
+    probe_skip = ft_skip | {"model"}
     arch_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in PRESET_FIELDS + ("mean", "std")]
     for name in plan.datasets:
         groups = [(plan.of("pretrain", name), pre_skip, "pre-training"),
-                  (plan.of("finetune", name), ft_skip, "fine-tuning")]
+                  (plan.of("finetune", name), ft_skip, "fine-tuning"),
+                  (plan.of("segment", name), seg_skip, "segmentation"),
+                  (plan.of("probe", name), probe_skip, "probe")]
+        for share in {s.share for s in plan.of("label_fraction", name)}:
+            groups.append(([s for s in plan.of("label_fraction", name) if s.share == share], ft_skip,
+                           f"fine-tuning on {share:.0%} of the labels"))
         for stages, skip, what in groups:
             if len(stages) < 2:
                 continue
@@ -460,7 +397,8 @@ def format_plan(plan: Plan) -> str:
         eff = b.pretrain_batch_size * accum
         lines.append(f"  budget, the same for every method: pre-training {steps:,} steps × batch "
                      f"{eff} = {steps * eff:,} images seen ({epochs} epoch(s)); "
-                     f"fine-tuning {b.finetune_epochs} epochs × batch {b.finetune_batch_size}, the same folds")
+                     f"{'segmentation' if dp.spec.task == 'segment' else 'fine-tuning'} {b.finetune_epochs} "
+                     f"epochs × batch {b.finetune_batch_size}, the same folds")
         if dp.overlap:
             lines.append(f"  note: {dp.overlap}")
     for m, w in plan.missing_weights().items():

@@ -15,6 +15,7 @@ import yaml
 from d2mae.eval.document import Report
 from d2mae.eval.metrics import nan_to_none
 from d2mae.eval.tables import Table
+from d2mae.experiment.curves import curve_data, curve_sections
 from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import EXPERIMENT_CONFIG, PLAN_FILE, Plan, format_seconds, pretrain_budget
 from d2mae.experiment.report_figures import FigureWriter, make_figures
@@ -30,6 +31,7 @@ from d2mae.experiment.results import (
     significance_statements,
     stage_times,
 )
+from d2mae.experiment.segment_results import overlay_figures, segment_tables
 from d2mae.method.model_config import ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
@@ -59,6 +61,27 @@ def _ablation_statements(ablations: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _segment_statements(tables: Mapping[str, Table]) -> list[str]:
+    """One line per segmentation table: the best Dice, and D²MAE against each other row (Wilcoxon P)."""
+    out = []
+    for key, t in tables.items():
+        ranked = sorted(t.data, key=lambda m: -(t.data[m]["metrics"]["dice"].get("mean") or -1.0))
+        if not ranked:
+            continue
+        best = t.data[ranked[0]]["metrics"]["dice"]["mean"]
+        line = f"{key}, segmentation: best Dice {best * 100:.1f}% ({method_for(ranked[0]).label})"
+        tests = []
+        for m in ranked:
+            v = t.data[m].get("vs_d2mae_dice")
+            if v and v.get("wilcoxon_p") is not None and math.isfinite(v["wilcoxon_p"]):
+                sig = "significant" if v["wilcoxon_p"] < SIGNIFICANCE else "not significant"
+                p = v["wilcoxon_p"]
+                tests.append(f"{method_for(m).label} − D²MAE {v['diff'] * 100:+.1f} points, Wilcoxon "
+                             f"{'P < 0.001' if p < 0.001 else f'P = {p:.3f}'} ({sig})")
+        out.append(line + (": " + "; ".join(tests) if tests else "") + ".")
+    return out
+
+
 def _metric_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     """metrics.csv: one row per run and fold."""
     rows = []
@@ -82,14 +105,22 @@ def _setup_bullets(plan: Plan, fold_problems: Sequence[str]) -> list[str]:
         folds = "; ".join(f"fold {f[0]}: {f[1]}/{f[2]}/{f[3]}" for f in actual_folds(plan, name) or dp.folds)
         setup.append(f"**{name}**: {dp.n_pretrain} pre-training images, {dp.n_labeled} labeled images, "
                      f"{dp.num_classes} classes; protocol `{dp.spec.protocol}` (train/val/test {folds}).")
-        fine = [s.payload for s in plan.of("finetune", name)]
+        segment = dp.spec.task == "segment"
+        fine = [s.payload for s in plan.of("segment" if segment else "finetune", name)]
         patience = fine[0].patience if fine else 0
         stopping = f"early stopping after {patience} epochs without a better one" if patience else "no early stopping"
-        setup.append(f"Equal budget on {name}: every pre-trained method {steps:,} optimizer steps × batch "
-                     f"{eff} = {steps * eff:,} images seen; every method "
-                     f"fine-tuned ≤ {b.finetune_epochs} epochs × batch {b.finetune_batch_size} with the same recipe "
-                     f"(the epoch with the best validation macro-F1 kept, {stopping}) on the same folds "
-                     f"({'verified on the predictions' if not fold_problems else 'NOT identical, see above'}).")
+        if segment:
+            setup.append(f"Equal budget on {name} (segmentation, {dp.num_classes} classes with the background): "
+                         f"every pre-trained method {steps:,} optimizer steps × batch {eff} = {steps * eff:,} images "
+                         f"seen; every method segments ≤ {b.finetune_epochs} epochs × batch "
+                         f"{b.finetune_batch_size} with the same recipe (Dice + cross-entropy; the epoch with the best "
+                         f"validation Dice kept, {stopping}) on the same folds.")
+        else:
+            setup.append(f"Equal budget on {name}: every pre-trained method {steps:,} optimizer steps × batch "
+                         f"{eff} = {steps * eff:,} images seen; every method "
+                         f"fine-tuned ≤ {b.finetune_epochs} epochs × batch {b.finetune_batch_size} with the same "
+                         f"recipe (the epoch with the best validation macro-F1 kept, {stopping}) on the same folds "
+                         f"({'verified on the predictions' if not fold_problems else 'NOT identical, see above'}).")
         if dp.overlap:
             setup.append(f"Note on {name}: {dp.overlap}.")
     mc = build_config(ModelConfig, (cfg.model, "model"))
@@ -171,12 +202,33 @@ def _machine_section(rep: Report, machine: Mapping[str, Any], timings: Sequence[
     rep.table(Table(["Stage", "Wall time", "Estimate"], time_rows, notes=notes, align=["l", "r", "r"]))
 
 
+def _beyond_paper_sections(rep: Report, plan: Plan, curves: Sequence[Any], seg_tables: Mapping[str, Table]) -> None:
+    """The pre-training and label-efficiency curves, and the segmentation tables with the overlay figure."""
+    for heading, text, curve_tables, curve_figs in curves:
+        rep.heading(heading)
+        rep.paragraph(text)
+        for t in curve_tables:
+            rep.table(t)
+        for path, caption in curve_figs:
+            rep.image(path, caption)
+    if seg_tables:
+        rep.heading("Lesion segmentation (beyond the paper)")
+        rep.paragraph("Each method's encoder (or the U-Net) segments with d2mae segment: the image blurred at its "
+                      "σ_{t*} with t* fed to the blur token where the method searches, the same folds and budget "
+                      "for every row (docs/segment.md).")
+        for t in seg_tables.values():
+            rep.table(t)
+        for path, caption in overlay_figures(plan):
+            rep.image(path, caption)
+
+
 def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     """Write OUT/report.md + report.html (figures embedded), metrics.csv/json, machine.json, timings.json/csv."""
     cfg, out = plan.config, plan.out
     results = collect_results(plan)
-    if not results:
-        raise D2maeError(f"{out}: no finished fine-tuning run to report on; run the experiment first")
+    seg_tables = segment_tables(plan, cfg.report.n_bootstrap, cfg.report.confidence)
+    if not results and not seg_tables:
+        raise D2maeError(f"{out}: no finished fine-tuning or segmentation run to report on; run the experiment first")
     machine = machine_info()
     timings = stage_times(plan)
     atomic_write_json(out / "machine.json", machine)
@@ -189,10 +241,12 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     statements = significance_statements({k: t for k, t in tables.items() if k in plan.datasets})
     abl_statements = _ablation_statements(ablations)
     fold_problems = check_same_folds(plan)
+    curves = curve_sections(plan, out / "figures")
     atomic_write_json(out / "metrics.json", nan_to_none({
         "format": "d2mae-experiment-results", "format_version": 1, "experiment": cfg.name,
         "per_fold": rows, "tables": {k: t.data for k, t in tables.items()},
         "ablations": {k: t.data for k, t in ablations.items()}, "significance": statements + abl_statements,
+        "segmentation": {k: t.data for k, t in seg_tables.items()}, "curves": curve_data(curves),
         "same_folds_problems": fold_problems,
         "runs": [{"dataset": r.stage.dataset, "method": r.stage.method, "seed": r.stage.seed,
                   "run": str(r.stage.folder), "over_folds": r.metrics.get("over_folds"),
@@ -211,19 +265,23 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
     if any("not significant" in s or "cannot be assessed" in s for s in bullets):
         bullets.append("Where a difference is not significant, this experiment does not show that one method is "
                        "better than the other; more folds, seeds or data would be needed.")
+    bullets += _segment_statements(seg_tables)
     rep.bullets(bullets or ["No comparison was possible (fewer than two methods)."])
     if fold_problems:
         rep.paragraph("**Warning: the methods were not evaluated on identical folds** — " + "; ".join(fold_problems))
     rep.heading("Setup")
     rep.bullets(_setup_bullets(plan, fold_problems))
-    rep.heading("Results (Table 2 style)")
-    rep.paragraph(f"Test-set metrics in %, mean ± half-width of the {cfg.report.confidence:.0%} t-interval over "
-                  "folds × seeds. Best **bold**, second <u>underlined</u>; the P-value row is the two-sided paired "
-                  "t-test of the best vs. the second method over the same folds and seeds (paper, Section 3.1).")
-    for name, t in tables.items():
-        rep.table(t)
-    for path, caption in figs.get("fig2", []):
-        rep.image(path, caption)
+    if results:
+        rep.heading("Results (Table 2 style)")
+        rep.paragraph(f"Test-set metrics in %, mean ± half-width of the {cfg.report.confidence:.0%} t-interval over "
+                      "folds × seeds. Best **bold**, second <u>underlined</u>; the P-value row is the two-sided "
+                      "paired t-test of the best vs. the second method over the same folds and seeds (paper, "
+                      "Section 3.1).")
+        for name, t in tables.items():
+            rep.table(t)
+        for path, caption in figs.get("fig2", []):
+            rep.image(path, caption)
+    _beyond_paper_sections(rep, plan, curves, seg_tables)
     if ablations:
         rep.heading("Ablations (Table 3 style)")
         rep.paragraph("Each block varies one factor of D²MAE with everything else fixed; variants that share a "
@@ -231,8 +289,9 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
         for name, t in ablations.items():
             rep.table(t)
     _figure_sections(rep, figs, draw.notes)
-    rep.heading("Per-run results")
-    rep.table(_per_run_table(results, out))
+    if results:
+        rep.heading("Per-run results")
+        rep.table(_per_run_table(results, out))
     _machine_section(rep, machine, timings, wall_seconds)
     rep.heading("Files")
     rep.bullets([f"`{EXPERIMENT_CONFIG}`: the resolved config; `{PLAN_FILE}`: the stages and their folders.",

@@ -17,10 +17,11 @@ from d2mae.eval import figures as rp
 from d2mae.eval import image_figures
 from d2mae.eval.obs import obs_strips
 from d2mae.eval.statistics import mean_ci
-from d2mae.experiment.config import LABEL_OPTIONS
+from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.methods import METHODS, method_for
-from d2mae.experiment.plan import Plan, Stage
+from d2mae.experiment.plan import Plan
 from d2mae.experiment.results import RunResult, fold_metric_values, table2_methods
+from d2mae.experiment.stage import Stage
 from d2mae.io.artifacts import load_pretrained
 from d2mae.io.obs_table import ObsTable
 from d2mae.io.predictions import load_predictions
@@ -285,6 +286,8 @@ def make_figures(plan: Plan, results: Sequence[RunResult], draw: FigureWriter) -
     f = _ReportFigures(plan, results, draw)
     f.metric_bars()
     for ds, dp in plan.datasets.items():
+        if dp.spec.task != "classify":  # segmentation runs draw their own figures (their evaluation/ folder)
+            continue
         for kind in (f.obs_strips, f.sigma_histograms, f.roc_curves, f.pretraining_curves, f.finetuning_curves,
                      f.reconstructions):
             kind(ds, dp)

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 from d2mae.eval.tables import ablation_table, comparison_table, format_p_statement
 from d2mae.experiment.config import ExperimentConfig
 from d2mae.experiment.methods import ABLATIONS, Method, method_for, table2_order
-from d2mae.experiment.plan import Plan, Stage
+from d2mae.experiment.plan import Plan
+from d2mae.experiment.stage import Stage
 from d2mae.io.predictions import PREDICTIONS, RUN_JSON
 from d2mae.method.presets import describe_preset
 
@@ -160,8 +161,12 @@ def significance_statements(tables: Mapping[str, Any], alpha: float = SIGNIFICAN
                 lines.append(f"{head}; {format_p_statement(p)} (two-sided paired t-test over {n} folds × seeds): "
                              f"significant at {alpha:g}{caveat}.")
             else:
+                mde = entry.get("mde")
+                bound = (f" With this spread, the test would detect a true gap of {mde * 100:.2f} points with 80% "
+                         "power; a gap larger than that is unlikely, a smaller one is not ruled out."
+                         if mde is not None and math.isfinite(mde) else "")
                 lines.append(f"{head}; {format_p_statement(p)} (two-sided paired t-test over {n} folds × seeds): "
-                             f"**not significant** at {alpha:g} — the difference may well be chance.")
+                             f"**not significant** at {alpha:g} — the difference may well be chance.{bound}")
     return lines
 
 

@@ -18,11 +18,12 @@ from d2mae.data.labels import labels_inputs, load_labeled
 from d2mae.data.phantom import generate_phantoms
 from d2mae.data.sources import find_images
 from d2mae.eval.evaluate import evaluate_run
-from d2mae.experiment.config import LABEL_OPTIONS, ExperimentConfig
+from d2mae.experiment.config import ExperimentConfig
+from d2mae.experiment.datasets import segment_set
 from d2mae.experiment.estimate import estimate_plan
+from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import (
-    DONE,
     EXPERIMENT_CONFIG,
     PLAN_FILE,
     Plan,
@@ -32,6 +33,7 @@ from d2mae.experiment.plan import (
     make_plan,
 )
 from d2mae.experiment.report import write_report
+from d2mae.experiment.stage import DONE
 from d2mae.io.artifacts import save_pretrained
 from d2mae.io.imports import backbone_state, check_importable
 from d2mae.method.backbones import BackboneConfig, backbone_classifier
@@ -43,8 +45,11 @@ from d2mae.runtime.locks import output_lock
 from d2mae.runtime.logs import say
 from d2mae.runtime.options import save_config
 from d2mae.runtime.outputs import claim_folder
+from d2mae.segment.evaluate import evaluate_segment_run
+from d2mae.segment.train import segment
 from d2mae.train.finetune import finetune
 from d2mae.train.pretrain import pretrain
+from d2mae.train.probe import probe
 
 # --------------------------------------------------------------------------------------------------------------------
 # running the stages
@@ -74,7 +79,8 @@ def _run_data(stage: Stage, plan: Plan) -> None:
     if "list" in stage.payload:
 
         spec = plan.config.datasets[stage.dataset]
-        labeled = load_labeled(spec.labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
+        labeled = segment_set(spec).labeled if spec.task == "segment" else load_labeled(
+            spec.labels, **{k: getattr(spec, k) for k in LABEL_OPTIONS})
         atomic_write_text(stage.payload["list"], "".join(f"{r}\n" for r in labeled.refs))
         return
 
@@ -114,8 +120,22 @@ def _run_finetune(stage: Stage, plan: Plan) -> None:
                  group_by=[spec.scanner_column] if spec.scanner_column else [], figures=True)
 
 
+def _run_segment(stage: Stage, plan: Plan) -> None:
+
+    _clear_stale(stage.folder, keep_partial=True)
+    segment(stage.payload)
+    evaluate_segment_run(stage.folder, n_bootstrap=plan.config.report.n_bootstrap, seed=0)
+
+
+def _run_probe(stage: Stage, plan: Plan) -> None:
+
+    _clear_stale(stage.folder, keep_partial=False)  # seconds of work: a stopped probe starts again
+    probe(stage.payload)
+
+
 _RUNNERS: dict[str, Callable[[Stage, Plan], None]] = {
-    "data": _run_data, "arch": _run_arch, "pretrain": _run_pretrain, "finetune": _run_finetune}
+    "data": _run_data, "arch": _run_arch, "pretrain": _run_pretrain, "finetune": _run_finetune,
+    "label_fraction": _run_finetune, "probe": _run_probe, "segment": _run_segment}
 
 
 def run_stage(stage: Stage, plan: Plan, index: int = 0, total: int = 0) -> dict[str, Any]:
@@ -155,7 +175,7 @@ def check_weights(plan: Plan) -> None:
     that cannot be read safely, holds no fitting ViT or does not fit its timm model stops the experiment now, not
     after hours of training the methods before it."""
     seen: set[tuple[str, str]] = set()
-    for stage in plan.of("finetune"):
+    for stage in plan.of("finetune"):  # segmentation stages start from this experiment's own models
         fc = stage.payload
         weights = fc.backbone_weights if fc.backbone else (fc.pretrained if method_for(stage.method).source ==
                                                            "checkpoint" else None)

@@ -406,3 +406,18 @@ def build_classifier(config: ModelConfig, num_classes: int, mode: str = "full", 
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
     return model
+
+
+def freeze_all_but_last_blocks(model: DeblurClassifier, n: int) -> DeblurClassifier:
+    """Partial fine-tuning (MAE, He et al. 2022, Fig. 9): only the last ``n`` encoder blocks, ``fc_norm`` and the
+    head keep ``requires_grad``; the stem (patch, position, CLS and BLU embeddings) and the other blocks are frozen.
+    ``n = 0`` trains the head alone (on LayerNorm-ed pooled features)."""
+    depth = len(model.encoder.blocks)
+    if n > depth:
+        raise D2maeError(f"the encoder has {depth} blocks; cannot train the last {n}", option="trainable_blocks")
+    for p in model.encoder.parameters():
+        p.requires_grad = False
+    for block in list(model.encoder.blocks)[depth - n:]:
+        for p in block.parameters():
+            p.requires_grad = True
+    return model

@@ -10,7 +10,8 @@ into one of its inputs, never over a file it did not create.
 * An earlier output of the same command is continued with ``--resume`` (pretrain, finetune, experiment) or replaced
   with ``--force`` (obs, phantoms, evaluate --out, compare, export); without either it is refused. An earlier
   attempt that stopped before its result (no ``obs.csv``, ``labels.csv``, …) is simply done again.
-* A file output (``predict --out FILE``) that exists is replaced only with ``--force``.
+* A file output (``predict --out FILE``) that exists is replaced only with ``--force``; so is a finished folder
+  output (``predict --out DIR`` of a segmentation model: ``masks.csv``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ LEGACY_FILES: dict[str, tuple[str, ...]] = {
 #: The files of a finished output of the commands that replace one only with --force.
 FINISHED: dict[str, tuple[str, ...]] = {
     "obs": ("obs.csv",), "phantoms": ("labels.csv",), "evaluate": ("metrics.json",), "compare": ("compare.json",),
-    "export": ("d2mae_export.json",),
+    "export": ("d2mae_export.json",), "predict": ("masks.csv",),
 }
 
 

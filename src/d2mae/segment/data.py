@@ -58,8 +58,13 @@ class SegmentDataset(Dataset):
 
     def image(self, i: int) -> torch.Tensor:
         """The whole-image view of image ``i``, float32 [C, S, S] (no augmentation; the mask is not read)."""
+        return self.image_and_size(i)[0]
+
+    def image_and_size(self, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The whole-image view [C, S, S] of image ``i`` and the image's own size (H, W)."""
         arr = load_image(self.refs[i], self.in_chans)  # [H, W, C]
-        return torch.from_numpy(resize_box(arr, (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])), self.img_size))
+        h, w = arr.shape[:2]
+        return torch.from_numpy(resize_box(arr, (0.0, 0.0, float(w), float(h)), self.img_size)), (h, w)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         arr = load_image(self.refs[i], self.in_chans)  # [H, W, C] in [0, 1]

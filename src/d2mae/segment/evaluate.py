@@ -5,7 +5,9 @@ Per-image values come from ``per_image.csv`` (computed at each image's own size,
 The mean over the test images has a percentile-bootstrap CI (images resampled); with more than one fold, the mean
 over folds has a t-interval. Two runs are compared image by image: the mean difference (A − B) with a paired
 bootstrap CI, the two-sided Wilcoxon signed-rank test (scipy) on the per-image differences, and the paper's paired
-t-test over folds.
+t-test over folds. Each comparison carries its minimum detectable effect: the smallest true mean difference a paired
+t-test on the same images detects at P < 0.05 with 80% power, given the measured spread
+(:func:`d2mae.eval.statistics.minimum_detectable_effect`).
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from d2mae.eval.statistics import paired_ttest
+from d2mae.eval.statistics import minimum_detectable_effect, paired_ttest
 from d2mae.io.predictions import RUN_JSON
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.outputs import claim_folder
 from d2mae.segment.figures import dice_histogram, overlay_figure
 from d2mae.segment.files import read_per_image
-from d2mae.segment.metrics import METRICS, bootstrap_mean, summarize
+from d2mae.segment.metrics import METRICS, bootstrap_mean, defined_mean, summarize
 
 LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)"}
 
@@ -115,14 +117,15 @@ def compare_segment_runs(run_a: str | Path, run_b: str | Path, split: str = "tes
         keep = np.isfinite(va) & np.isfinite(vb)
         d = va[keep] - vb[keep]
         wil = stats.wilcoxon(d) if len(d) > 1 and np.any(d != 0) else None
-        per_fold_a = [np.nanmean([a[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
-        per_fold_b = [np.nanmean([b[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
+        per_fold_a = [defined_mean([a[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
+        per_fold_b = [defined_mean([b[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
         res["metrics"][m] = {
             "mean_a": float(np.mean(va[keep])) if keep.any() else math.nan,
             "mean_b": float(np.mean(vb[keep])) if keep.any() else math.nan,
             "diff": float(d.mean()) if len(d) else math.nan, "diff_ci": list(bootstrap_mean(d, n_bootstrap, seed,
                                                                                            confidence)),
             "n_pairs": int(keep.sum()), "wilcoxon_p": float(wil.pvalue) if wil is not None else math.nan,
+            "mde": minimum_detectable_effect(d),
             "fold_ttest": paired_ttest(per_fold_a, per_fold_b).to_dict()}
     return res
 
@@ -133,5 +136,5 @@ def format_segment_comparison(res: dict[str, Any]) -> str:
         r = res["metrics"][m]
         p_fold = r["fold_ttest"].get("pvalue")
         lines.append(f"  {LABELS[m]:<10} A {_fmt(r['mean_a'])}  B {_fmt(r['mean_b'])}  A−B {_fmt(r['diff'], r['diff_ci'])}"
-                     f"  Wilcoxon P {_fmt(r['wilcoxon_p'])}  fold t-test P {_fmt(p_fold)}")
+                     f"  Wilcoxon P {_fmt(r['wilcoxon_p'])}  fold t-test P {_fmt(p_fold)}  MDE {_fmt(r['mde'])}")
     return "\n".join(lines)

@@ -77,6 +77,13 @@ def bootstrap_mean(values: np.ndarray, n_resamples: int = 2000, seed: int = 0, c
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def defined_mean(values: Sequence[float]) -> float:
+    """The mean of the defined (finite) values; NaN when none is (an HD95 undefined on every image)."""
+    arr = np.asarray(values, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if len(arr) else math.nan
+
+
 def summarize(rows: Sequence[dict[str, Any]], metric: str, n_resamples: int = 2000, seed: int = 0) -> MetricSummary:
     """``metric`` over per-image rows (``fold`` and the metric's value; NaN = undefined, left out)."""
     values = np.array([float(r[metric]) for r in rows], dtype=float)
@@ -85,7 +92,7 @@ def summarize(rows: Sequence[dict[str, Any]], metric: str, n_resamples: int = 20
     folds = sorted({str(r["fold"]) for r in rows})
     over = None
     if len(folds) > 1:
-        per_fold = [np.nanmean([float(r[metric]) for r in rows if str(r["fold"]) == f] or [math.nan]) for f in folds]
+        per_fold = [defined_mean([float(r[metric]) for r in rows if str(r["fold"]) == f]) for f in folds]
         over = mean_ci([v for v in per_fold if math.isfinite(v)])
     return MetricSummary(metric, int(defined.sum()), float(kept.mean()) if len(kept) else math.nan,
                          bootstrap_mean(kept, n_resamples, seed), int((~defined).sum()), over)

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from d2mae.data.labels import labels_inputs
 from d2mae.data.sampler import EpochBatchSampler
 from d2mae.io.artifacts import load_weights
 from d2mae.io.predictions import DONE, RUN_JSON, finished_fold
-from d2mae.runtime.device import amp_dtype, autocast, eval_mode, resolve_device
+from d2mae.runtime.device import amp_dtype, autocast, resolve_device
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text, csv_text, load_checkpoint, read_csv_rows
 from d2mae.runtime.locks import output_lock
@@ -43,7 +43,7 @@ from d2mae.runtime.seeds import derive_seed, seed_everything
 from d2mae.runtime.signals import StopSignals
 from d2mae.runtime.threads import configure_threads
 from d2mae.segment.config import RUN_CONFIG, SegmentConfig
-from d2mae.segment.data import SegmentDataset, native_logits
+from d2mae.segment.data import SegmentDataset
 from d2mae.segment.files import (
     PER_IMAGE,
     PER_IMAGE_FIELDS,
@@ -56,6 +56,7 @@ from d2mae.segment.files import (
 from d2mae.segment.masks import read_mask
 from d2mae.segment.metrics import image_scores
 from d2mae.segment.model import build_segmenter
+from d2mae.segment.predict import native_probs
 from d2mae.segment.setup import SegmentSetup
 from d2mae.train.finetune import RESUME, FoldCheckpoint, FoldState
 from d2mae.train.interrupts import Interrupted
@@ -68,23 +69,6 @@ class FoldModel:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.step = 0
-
-
-def predict_native(model: nn.Module, refs: Sequence[str], sizes: Sequence[tuple[int, int]], t: np.ndarray,
-                   device: torch.device, batch_size: int, precision: str = "auto",
-                   views: torch.Tensor | None = None) -> list[np.ndarray]:
-    """Class probabilities [K, H, W] of each image at its own size (H, W), from the whole-image view at its t."""
-    cfg = model.config
-    data = SegmentDataset(refs, [""] * len(refs), cfg.img_size, cfg.in_chans, model.num_classes)
-    out: list[np.ndarray] = []
-    with eval_mode(model), torch.inference_mode(), autocast(device, amp_dtype(device, precision)):
-        for start in range(0, len(refs), batch_size):
-            idx = range(start, min(start + batch_size, len(refs)))
-            x = views[start:idx.stop] if views is not None else torch.stack([data.image(i) for i in idx])
-            logits = model(x.to(device), torch.as_tensor(t[start:idx.stop], dtype=torch.float32, device=device))
-            for j, i in enumerate(idx):  # [K, S, S] → [K, H, W], softmax at the native size
-                out.append(torch.softmax(native_logits(logits[j], sizes[i]), dim=0).cpu().numpy())
-    return out
 
 
 class SegmentRun(SegmentSetup):
@@ -218,8 +202,8 @@ class SegmentRun(SegmentSetup):
         """Dice / IoU / HD95 of images ``idx`` at their own size against ``truths`` (their masks, read here when not
         given); ``keep`` collects the predicted masks."""
         truths = truths if truths is not None else self._truths(idx)
-        probs = predict_native(model, [self.data.labeled.refs[i] for i in idx], [m.shape for m in truths],
-                               self.t_star[idx], self.device, self.cfg.eval_batch_size, self.cfg.precision, views)
+        probs = native_probs([model], [self.data.labeled.refs[i] for i in idx], self.t_star[idx], self.device,
+                             self.cfg.eval_batch_size, self.cfg.precision, views, [m.shape for m in truths])
         scores = []
         for p, truth in zip(probs, truths):
             pred = p.argmax(axis=0).astype(np.uint8)  # [H, W]

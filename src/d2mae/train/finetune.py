@@ -66,7 +66,7 @@ from d2mae.io.obs_table import sigmas_of
 from d2mae.io.predictions import DONE, PREDICTIONS, RUN_JSON, finished_fold, prediction_fields
 from d2mae.method.backbones import BackboneConfig, backbone_classifier
 from d2mae.method.model_config import ModelConfig
-from d2mae.method.models import build_classifier
+from d2mae.method.models import build_classifier, freeze_all_but_last_blocks
 from d2mae.runtime.distributed import DistContext, barrier, distributed_run, on_main
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import (
@@ -289,6 +289,8 @@ class FinetuneRun(FinetuneSetup):
         model = build_classifier(config, len(self.labeled.classes), cfg.mode, cfg.drop_path)
         if cfg.mode != "scratch":
             model.load_encoder(self.mae.state_dict())
+        if cfg.trainable_blocks is not None:
+            freeze_all_but_last_blocks(model, cfg.trainable_blocks)
         return model
 
     def _sampler(self, fold: Fold, counts: np.ndarray) -> EpochBatchSampler:
@@ -434,7 +436,8 @@ class FinetuneRun(FinetuneSetup):
                 "weight_decay": 0.0 if cfg.mode == "linear" else cfg.weight_decay,
                 "drop_path": 0.0 if cfg.mode == "linear" else cfg.drop_path, "smoothing": cfg.smoothing,
                 "mixup": cfg.mixup, "cutmix": cfg.cutmix, "balance": cfg.balance, "augment": cfg.resolved_augment(),
-                "patience": cfg.patience, "seed": cfg.seed, "optimizer": "sgd" if cfg.mode == "linear" else "adamw"}
+                "patience": cfg.patience, "seed": cfg.seed, "optimizer": "sgd" if cfg.mode == "linear" else "adamw",
+                "label_fraction": cfg.label_fraction, "trainable_blocks": cfg.trainable_blocks}
 
 
 def finetune(cfg: FinetuneConfig) -> Path:

@@ -66,6 +66,12 @@ class FinetuneConfig(RuntimeOptions):
                                                                     "min": 1})
     mode: str = field(default="full", metadata={"help": "full, linear (probe) or scratch (no pre-training)",
                                                 "choices": list(MODES)})
+    label_fraction: float = field(default=1.0, metadata={
+        "help": "train on this share of each fold's training images (a stratified, patient-group-aware subset, the "
+                "same for every method); validation and test parts unchanged", "above": 0.0, "max": 1.0})
+    trainable_blocks: int | None = field(default=None, metadata={
+        "help": "partial fine-tuning (mode full): train only the last N encoder blocks, the pooling norm and the "
+                "head; the rest of the pre-trained encoder stays frozen", "min": 0})
     arch: str = field(default="vit_tiny_patch16", metadata={"help": "architecture for --mode scratch without "
                                                                     "--pretrained"})
     img_size: int = field(default=224, metadata={"help": "image size for --mode scratch without --pretrained",
@@ -138,6 +144,9 @@ class FinetuneConfig(RuntimeOptions):
                                  "mode full", option="mode")
         elif self.backbone_weights:
             raise D2maeError("is only used with backbone timm:NAME", option="backbone_weights")
+        if self.trainable_blocks is not None and (self.mode != "full" or self.backbone):
+            raise D2maeError("partial fine-tuning freezes part of a pre-trained D²MAE encoder: use it with mode full "
+                             "and pretrained", option="trainable_blocks")
         self.spec  # the OBS setting parses
 
     @property

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from d2mae.data.decode import check_images, compute_stats, content_hashes
-from d2mae.data.folds import crossing_pairs, make_folds
+from d2mae.data.folds import crossing_pairs, label_subset, make_folds
 from d2mae.data.labels import load_labeled
 from d2mae.eval.obs import obs_levels
 from d2mae.io.artifacts import PRETRAINED_FORMAT, load_pretrained, model_sha256, read_config
@@ -119,15 +119,7 @@ class FinetuneSetup:
             keep = set(good)
             labeled = labeled.subset([i for i, r in enumerate(labeled.refs) if r in keep])
         self.labeled = labeled
-        self.folds = make_folds(labeled, cfg.protocol, cfg.seed, cfg.folds)
-        for f in self.folds:
-            shared = {k: v for k, v in crossing_pairs(labeled, f).items() if v}
-            if shared and ctx.is_main:
-                text = ", ".join(f"{v} between {k}" for k, v in shared.items())
-                test_note = ("; patients in the test part are also trained on, so test metrics are optimistic"
-                             if any(k.endswith("test") for k in shared) else "")
-                warnings.warn(f"fold {f.name}: patient groups shared across parts ({text}){test_note}",
-                              stacklevel=2)
+        self.folds = self._make_folds()
         self.used = np.array(sorted({int(i) for f in self.folds for part in f.parts().values() for i in part}),
                              dtype=np.int64)
         n = len(labeled)
@@ -136,6 +128,25 @@ class FinetuneSetup:
         on_main(ctx, self._record_hashes)
         self.leaks = on_main(ctx, lambda: leak_check(labeled, self.folds, self.hashes, self.pretrained, self.out,
                                                      cfg.strict))
+
+    def _make_folds(self) -> list:
+        """The protocol's folds (each training part cut to ``label_fraction``), with a warning for every patient
+        group that crosses parts."""
+        cfg, labeled = self.cfg, self.labeled
+        folds = [label_subset(labeled, f, cfg.label_fraction, cfg.seed)
+                 for f in make_folds(labeled, cfg.protocol, cfg.seed, cfg.folds)]
+        if cfg.label_fraction < 1.0:
+            self.say("label fraction {:g}: training on {} of the folds' training images".format(
+                cfg.label_fraction, ", ".join(f"{len(f.train)} (fold {f.name})" for f in folds)))
+        for f in folds:
+            shared = {k: v for k, v in crossing_pairs(labeled, f).items() if v}
+            if shared and self.ctx.is_main:
+                text = ", ".join(f"{v} between {k}" for k, v in shared.items())
+                test_note = ("; patients in the test part are also trained on, so test metrics are optimistic"
+                             if any(k.endswith("test") for k in shared) else "")
+                warnings.warn(f"fold {f.name}: patient groups shared across parts ({text}){test_note}",
+                              stacklevel=3)
+        return folds
 
     def _record_hashes(self) -> None:
         """``image_hashes.txt``: every labeled image's sha256, written when the run starts and checked on resume."""

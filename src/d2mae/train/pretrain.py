@@ -22,6 +22,7 @@ The output folder is a pre-trained model folder (:func:`d2mae.io.artifacts.load_
   ``time`` (training seconds so far, summed over resumed sessions).
 * ``tensorboard/``: the same records as TensorBoard scalars (``pretrain/loss`` …) when the tensorboard package is
   installed (``--tensorboard auto``, the default; ``on`` requires it, ``off`` skips it).
+* ``checkpoints/step<N>/`` (with ``--keep-steps N …``): the model after step N, each a pre-trained folder.
 * ``init_report.json`` (with ``--init-from``): which tensors of the start checkpoint were loaded, converted or new.
 * ``resume.pt``: ``format``/``format_version``, ``model``, ``optimizer``, ``scheduler`` (timm CosineLRScheduler
   state), ``scaler`` (None: bf16 needs none), ``epoch`` + ``micro_step`` (the next micro-batch to run), ``step``,
@@ -82,6 +83,7 @@ from d2mae.train.pretrain_config import PretrainConfig
 from d2mae.train.resume import check_resumable, check_same_images, resume_file, settings_diff
 
 RESUME = "resume.pt"
+CHECKPOINTS = "checkpoints"  # kept steps (keep_steps): checkpoints/step<N>/, each a pre-trained folder
 HASHES = "pretrain_hashes.txt"  # sha256 and path of every pre-training image
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "pretrain.yaml"
@@ -335,11 +337,13 @@ class Pretrainer:
         self.saved_at = time.perf_counter()
         return path
 
-    def save_model(self) -> None:
+    def save_model(self, folder: Path | None = None) -> None:
+        """The pre-trained folder: ``out`` itself, or a kept step's ``out/checkpoints/step<N>``."""
         if self.ctx.is_main:
-            save_pretrained(self.model, self.out, extra={
+            images_seen = self.step * self.cfg.effective_batch(self.ctx.world_size)
+            save_pretrained(self.model, folder or self.out, extra={
                 "pretrain": {"preset": self.cfg.preset, "epoch": self.epoch, "step": self.step,
-                             "images": len(self.refs), "seed": self.cfg.seed}})
+                             "images": len(self.refs), "images_seen": images_seen, "seed": self.cfg.seed}})
 
     def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -425,6 +429,8 @@ class Pretrainer:
                         path = self.save_resume()
                         dist_utils.barrier(ctx)
                         raise TrainingInterrupted(int(stop.signum or signal.SIGTERM), self.step, path)
+                    if self.step in (cfg.keep_steps or ()):
+                        self.save_model(self.out / CHECKPOINTS / f"step{self.step}")
                     if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                         if last_of_epoch:
                             pending = True

@@ -70,6 +70,9 @@ class PretrainConfig(ModelConfig, RuntimeOptions):
     checkpoint_every_steps: int = field(default=500, metadata={
         "help": "also write resume.pt every N optimizer steps inside an epoch (0: only at epoch ends)", "min": 0,
         "volatile": True})
+    keep_steps: list[int] | None = field(default=None, metadata={
+        "help": "also keep the model after these optimizer steps, as pre-trained folders OUT/checkpoints/step<N> "
+                "(pre-training curves)", "min": 1})
     log_every_steps: int = field(default=20, metadata={"help": "write a metrics.jsonl record every N steps",
                                                        "min": 1, "volatile": True})
     tensorboard: str = field(default="auto", metadata={"help": TENSORBOARD_HELP,
