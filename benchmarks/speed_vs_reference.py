@@ -372,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--breakdown-steps", type=int, default=10, help="steps per side of the phase breakdown (0: none)")
     ap.add_argument("--ref-workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="the reference's DataLoader workers (default: CPU cores, at most 8)")
+    ap.add_argument("--ref-threads", type=int, default=None,
+                    help="the reference's torch threads in its rounds (default: --threads); with W loader workers on "
+                         "C cores, C - W leaves no core oversubscribed")
     ap.add_argument("--blur-backend", default="pil", choices=ref.BLUR_BACKENDS)
     ap.add_argument("--blr", type=float, default=1.5e-4, help="base lr, lr = blr × batch / 256 (MAE)")
     ap.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# model {args.model} {args.img_size} px, decoder {args.decoder_embed_dim}x{args.decoder_depth}, "
               f"batch {args.batch_size}, {len(refs)} images from {args.data}, seed {args.seed}, lr {d2.run.lr:.3g} "
               f"(warm-up {args.warmup_steps} steps, cosine over {total_steps}), T = {model_cfg.schedule.num_levels}")
-        print(f"# reference: {args.ref_workers} DataLoader workers, {args.blur_backend} blur per image, unfused "
+        print(f"# reference: {args.ref_workers} DataLoader workers, {args.ref_threads or torch.get_num_threads()} "
+              f"torch threads, {args.blur_backend} blur per image, unfused "
               f"attention, fp32; d2mae: {d2.run.data_path} data path, batched blur in the model, fused SDPA, fp32")
         print(f"# d2mae one-off setup (check images + decode cache of {len(refs)} images + model): {setup_s:.1f} s")
 
@@ -451,9 +455,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates: dict[str, float] = {}
             for side in order:
                 if side == "reference":
+                    own = torch.get_num_threads()
+                    torch.set_num_threads(args.ref_threads or own)
                     rf.start_round()  # fresh loader workers for this round only
                     rates[side] = images_per_second(rf.step, args)
                     rf.end_round()
+                    torch.set_num_threads(own)
                 else:
                     rates[side] = images_per_second(d2.step, args)
             rates["ratio"] = rates["d2mae"] / rates["reference"]

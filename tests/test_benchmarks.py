@@ -4,11 +4,14 @@ runs end to end on the CPU with a tiny model (seconds)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from d2mae.data.phantom import generate_phantoms
 from d2mae.method.blur import gaussian_blur
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import DeblurMAE
@@ -18,6 +21,7 @@ from .conftest import TINY
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import fair_reference  # noqa: E402
 import gpu_bench  # noqa: E402
 import reference_mae  # noqa: E402
 import roofline  # noqa: E402
@@ -71,3 +75,16 @@ def test_roofline_profiles_a_step_and_times_its_products_alone() -> None:
     assert r["product_calls"] > 20 and r["limit_s"] > 0 and r["fraction"] > 0
     assert {"aten::mm", "aten::bmm"} <= set(r["products_alone_s"]) or "aten::addmm" in r["products_alone_s"]
     assert r["parts_s"]["forward"] > 0 and r["parts_s"]["backward"] > 0 and r["overhead_s"] >= 0
+
+
+def test_fair_reference_runs_every_setting_pinned_and_reports_the_reference_at_its_best(tmp_path: Path) -> None:
+    """Each (cores, workers) setting is its own pinned run with C − W reference threads; the summary names the
+    fastest reference setting and compares d2mae with it."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed")
+    generate_phantoms(tmp_path / "ph", n=24, size=40, seed=0)
+    rows = fair_reference.main(["--cores", "1", "--workers", "0", "1", "--data", str(tmp_path / "ph" / "images"),
+                                "--n-images", "16", "--batch-size", "8", "--img-size", "32", "--rounds", "2",
+                                "--steps", "1", "--warm", "0", "--quiet"])
+    assert [(r["cores"], r["workers"], r["ref_threads"]) for r in rows] == [(1, 0, 1), (1, 1, 1)]
+    assert all(r["reference_img_s"] > 0 and r["d2mae_img_s"] > 0 and len(r["round_ratios"]) == 2 for r in rows)

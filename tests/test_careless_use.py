@@ -246,11 +246,14 @@ def test_every_numeric_option_of_every_command_declares_its_domain():
     from d2mae.method.model_config import ModelConfig
     from d2mae.runtime.options import _describe
     from d2mae.train.finetune_config import FinetuneConfig
+    from d2mae.segment.config import SegmentConfig
     from d2mae.train.pretrain_config import PretrainConfig
+    from d2mae.train.probe import ProbeConfig
 
     missing = []
     for cls in (ModelConfig, PretrainConfig, FinetuneConfig, ObsConfig, PredictConfig, EvaluateConfig,
-                CompareConfig, ExportConfig, PhantomConfig, BackboneConfig, BudgetSpec, ReportSpec):
+                CompareConfig, ExportConfig, PhantomConfig, BackboneConfig, BudgetSpec, ReportSpec, SegmentConfig,
+                ProbeConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if _describe(hints[f.name])[1] in (int, float) and not any(

@@ -43,6 +43,8 @@ def _commands(o: Path) -> dict[str, tuple[callable, list[Path]]]:
                                   "--epochs", "1", "--batch-size", "8", "--workers", "0", *CPU], [pt, labels, images]),
         "segment": (lambda out: ["segment", "--pretrained", str(pt), "--images", str(images), "--masks", str(images),
                                  "--out", str(out), "--epochs", "1", *CPU], [pt, images]),
+        "probe": (lambda out: ["probe", "--model", str(pt), "--labels", str(labels), "--out", str(out), "--knn-k", "3",
+                               *CPU], [pt, labels, images]),
         "evaluate": (lambda out: ["evaluate", str(ft), "--out", str(out)], [ft]),
         "compare": (lambda out: ["compare", str(ft), str(ft), "--out", str(out)], [ft]),
         "predict": (lambda out: ["predict", "--model", str(ft), str(images), "--out", str(out), *CPU],

@@ -22,7 +22,7 @@ _GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model, blur schedule and normalisation (saved in config.json; a preset sets the blur options)", MODEL_FIELDS),
     ("hardware, data loading and bookkeeping",
      ("device", "precision", "threads", "workers", "progress", "data_path", "compile", "save_every_epochs",
-      "checkpoint_every_seconds", "checkpoint_every_steps", "log_every_steps", "tensorboard")),
+      "checkpoint_every_seconds", "checkpoint_every_steps", "keep_steps", "log_every_steps", "tensorboard")),
 )
 _GROUPED = {name for _, names in _GROUPS for name in names}
 assert _GROUPED >= {f.name for f in fields(PretrainConfig)}, "every option of PretrainConfig belongs to a group"

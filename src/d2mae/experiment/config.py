@@ -102,9 +102,10 @@ class BudgetSpec:
     finetune_batch_size: int = field(default=32, metadata={"min": 1})
     checkpoints: list[float] | None = field(default=None, metadata={
         "help": "pre-training curves: shares of the pre-training budget (e.g. [0.25, 0.5, 1.0]) whose models the "
-                "probes read (1.0: the final model)"})
+                "probes read (1.0: the final model)", "above": 0.0, "max": 1.0})
     label_fractions: list[float] | None = field(default=None, metadata={
-        "help": "label efficiency: shares of each training fold to fine-tune on (e.g. [0.1, 0.25, 1.0])"})
+        "help": "label efficiency: shares of each training fold to fine-tune on (e.g. [0.1, 0.25, 1.0])",
+        "above": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
         for key in ("checkpoints", "label_fractions"):
