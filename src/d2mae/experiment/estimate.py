@@ -281,20 +281,14 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                     steps = min(steps, p.max_steps)
                 per_image = speed.get(f"pretrain_step:{p.objective}", speed["pretrain_step"])
                 s.estimate_s = steps * eff * per_image + dp.n_pretrain * speed["decode"] + 2.0
-            elif s.kind == "finetune":
+            elif s.kind in ("finetune", "label_fraction"):  # label_fraction: the training parts cut to its share
                 base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
                 levels = (len(s.payload.spec.levels(base.payload.schedule))
                           if base is not None and base.kind == "pretrain" else 0)
                 own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
-                s.estimate_s = _finetune_estimate(s.payload, dp, {**speed, **own}, levels)
-            elif s.kind == "label_fraction":
-                base = stages.get(s.needs[0]) if s.needs else None
-                levels = (len(s.payload.spec.levels(base.payload.schedule))
-                          if base is not None and base.kind == "pretrain" else 0)
-                own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
-                fewer = dataclasses.replace(dp, folds=[(f, max(1, round(tr * s.share)), va, te)
-                                                       for f, tr, va, te in dp.folds])
-                s.estimate_s = _finetune_estimate(s.payload, fewer, {**speed, **own}, levels)
+                data = dp if s.share >= 1.0 else dataclasses.replace(
+                    dp, folds=[(f, max(1, round(tr * s.share)), va, te) for f, tr, va, te in dp.folds])
+                s.estimate_s = _finetune_estimate(s.payload, data, {**speed, **own}, levels)
             elif s.kind == "probe":  # OBS and the features of every labeled image once; scikit-learn takes seconds
                 base = stages[s.needs[0]]
                 levels = len(s.payload.spec.levels(base.payload.schedule)) if s.payload.spec.mode == "search" else 0
