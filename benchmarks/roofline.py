@@ -1,14 +1,16 @@
 """How close a pre-training step is to what this CPU's matrix multiplies can do at the step's own shapes.
 
-One D²MAE pre-training step (the memory data path's crop, the per-sample blur, forward, backward, fused AdamW) is
-profiled once with ``torch.profiler`` (shapes recorded). Every matrix multiply (``aten::mm``, ``addmm``, ``bmm``) and
+One D²MAE pre-training step (the memory data path's crops of real images, the per-sample blur, forward, backward,
+fused AdamW) is profiled once with ``torch.profiler`` (shapes recorded). Every matrix multiply (``aten::mm``, ``addmm``, ``bmm``) and
 attention call (``scaled_dot_product_attention`` kernels, forward and backward) of that step is then timed in
 isolation at its own shapes and dtype, with the same threads; their sum is the step's **limit**: the time the step
 would take if it did nothing but those products at the speed they reach alone. The step's measured time (median of
 ``--steps``) over that limit is the fraction reported, with the rest broken down by the profile: data (the crop),
 blur, the products inside the step, other kernels (elementwise, norms, softmax, copies), the optimizer, and framework
-overhead (the step's wall time that no kernel accounts for). The blur's own products (two batched matrix products
-per image, Eq. 1) are among the step's products; profiled kernel times carry the profiler's own cost.
+overhead (the step's wall time that no kernel accounts for). The products of the crops (two per image) and of the
+blur (two batched matrix products per image, Eq. 1) are among the step's products; profiled kernel times carry the
+profiler's own cost. The images are the first ``--n-images`` of BUS-BRA beside the repository (or ``--data``), decoded
+once into the memory path's cache, so the crops resample windows of the sizes training sees.
 
     python benchmarks/roofline.py                  # busbra-cpu's model: ViT-Tiny, 96 px, decoder 128 × 2, batch 64
     python benchmarks/roofline.py --threads 1 2        # one table per thread count
@@ -23,21 +25,23 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from d2mae.data.cache import crop_boxes  # noqa: E402
-from d2mae.data.dataset import CROP_RATIO, CROP_SCALE  # noqa: E402
-from d2mae.data.resample import crop_resize  # noqa: E402
+from d2mae.data.cache import DecodedCache  # noqa: E402
+from d2mae.data.phantom import generate_phantoms  # noqa: E402
+from d2mae.data.sources import find_images  # noqa: E402
 from d2mae.method.model_config import ModelConfig  # noqa: E402
 from d2mae.method.models import DeblurMAE  # noqa: E402
 from d2mae.method.presets import PRESETS  # noqa: E402
@@ -50,31 +54,34 @@ ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
 
 
-def build(args: argparse.Namespace) -> tuple[DeblurMAE, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+def images_for(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The first ``--n-images`` of ``--data`` (BUS-BRA beside the repository by default); without it, phantoms at
+    BUS-BRA's stored size for this model (about 3.3 × the model's side: the memory path keeps every crop at full
+    resolution, :func:`d2mae.data.cache.stored_shape`)."""
+    folder = Path(args.data) if args.data else BUSBRA
+    if folder.is_dir():
+        return find_images([folder])[:args.n_images]
+    generate_phantoms(tmp, n=args.n_images, size=int(round(3.3 * args.img_size)), seed=0)
+    return find_images([tmp / "images"])
+
+
+def build(args: argparse.Namespace, refs: list[str]) -> tuple[DeblurMAE, torch.optim.Optimizer, DecodedCache]:
     cfg = ModelConfig(**PRESETS["d2mae"], model=args.model, img_size=args.img_size,
                       decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                       decoder_num_heads=args.decoder_num_heads, mean=[0.45], std=[0.25])
     torch.manual_seed(0)
     model = DeblurMAE(cfg).train()
     optimizer = adamw([{"params": list(model.parameters())}], lr=1e-4, betas=(0.9, 0.95))
-    side = int(round(1.8 * args.img_size))  # images cached at a BUS-BRA-like native size, as the memory path does
-    images = (torch.rand(256, 1, side, side) * 255).to(torch.uint8)
-    sizes = torch.tensor([[side, side]] * args.batch_size)
-    return model, optimizer, images, sizes
+    return model, optimizer, DecodedCache(refs, args.img_size)  # the memory data path's cache, as pretrain builds it
 
 
-def one_step(model: DeblurMAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, sizes: torch.Tensor,
-             g: torch.Generator, batch: int) -> dict[str, float]:
+def one_step(model: DeblurMAE, optimizer: torch.optim.Optimizer, cache: DecodedCache, g: torch.Generator,
+             batch: int) -> dict[str, float]:
     """One pre-training step, its parts timed with the wall clock (each part ends in a host value, so on the CPU
     the times are the parts' own)."""
     cfg = model.config
     t0 = time.perf_counter()
-    idx = torch.randint(0, images.shape[0], (batch,), generator=g)
-    cx, cy, w, h = crop_boxes(torch.ones(batch), CROP_SCALE, CROP_RATIO, g)
-    side = images.shape[-1]
-    boxes = torch.stack([(cx - w / 2) * side, (cy - h / 2) * side, (cx + w / 2) * side, (cy + h / 2) * side], 1)
-    flip = torch.rand(batch, generator=g) < 0.5
-    x = crop_resize(images[idx], sizes, boxes.double(), cfg.img_size, flip)  # [B, 1, S, S] in [0, 1]
+    x = cache.batch(torch.randint(0, len(cache), (batch,), generator=g), g)  # [B, 1, S, S]: crops + flips
     t1 = time.perf_counter()
     t = model.schedule.sample(batch, generator=g)
     noise = torch.rand(batch, cfg.num_patches, generator=g)
@@ -122,16 +129,16 @@ def attention_call(name: str, shapes: list[list[int]], dtype: torch.dtype) -> An
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def measure(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+def measure(args: argparse.Namespace, threads: int, refs: list[str]) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    model, optimizer, images, sizes = build(args)
+    model, optimizer, cache = build(args, refs)
     g = torch.Generator().manual_seed(1)
     for _ in range(args.warmup):
-        one_step(model, optimizer, images, sizes, g, args.batch_size)
-    parts = [one_step(model, optimizer, images, sizes, g, args.batch_size) for _ in range(args.steps)]
+        one_step(model, optimizer, cache, g, args.batch_size)
+    parts = [one_step(model, optimizer, cache, g, args.batch_size) for _ in range(args.steps)]
     median = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        one_step(model, optimizer, images, sizes, g, args.batch_size)
+        one_step(model, optimizer, cache, g, args.batch_size)
     self_time: dict[str, float] = defaultdict(float)
     calls: dict[tuple[str, str], int] = defaultdict(int)
     for e in prof.events():
@@ -196,15 +203,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timings of each isolated product (median)")
+    ap.add_argument("--data", default=None, help="image folder (default: BUS-BRA beside the repository, else "
+                    "phantoms at its stored size)")
+    ap.add_argument("--n-images", type=int, default=256, help="images in the memory cache")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"CPU: {info['cpu']}; torch {torch.__version__}", flush=True)
     results = []
-    for threads in args.threads:
-        r = measure(args, threads)
-        results.append(r)
-        print(table(r, args) + "\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = images_for(args, Path(tmp))
+        print(f"data: {len(refs)} images from {Path(refs[0]).parent}", flush=True)
+        for threads in args.threads:
+            r = measure(args, threads, refs)
+            results.append(r)
+            print(table(r, args) + "\n", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "args": vars(args), "results": results}, indent=1))
     return results

@@ -113,9 +113,11 @@ def test_the_circle_check_finds_a_planted_circle(tmp_path: Path) -> None:
 
 
 # Imports inside functions are kept only where they must be: the command entry point and the thread policy load
-# torch (and so OpenMP) only after the wait policy is chosen (docs/threads.md); optional extras load when used.
+# torch (and so OpenMP) only after the wait policy is chosen (docs/threads.md); optional extras load when used, and
+# so do segmentation's libraries (about 2 s of imports that classification commands never need).
 LAZY_IMPORT_FILES = {"commands/main.py", "runtime/threads.py", "__init__.py"}
-OPTIONAL_EXTRAS = ("pydicom", "transformers", "tensorboard", "torch.utils.tensorboard")
+OPTIONAL_EXTRAS = ("pydicom", "transformers", "tensorboard", "torch.utils.tensorboard", "monai",
+                   "segmentation_models_pytorch")
 
 
 def test_imports_sit_at_the_top_of_each_file() -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(BENCH))
 import fair_reference  # noqa: E402
 import gpu_bench  # noqa: E402
 import reference_mae  # noqa: E402
+import crop_speed  # noqa: E402
 import roofline  # noqa: E402
 
 
@@ -71,10 +72,17 @@ def test_gpu_bench_runs_on_cpu_tiny(tmp_path: Path) -> None:
 def test_roofline_profiles_a_step_and_times_its_products_alone() -> None:
     (r,) = roofline.main(["--img-size", "32", "--decoder-embed-dim", "32", "--decoder-depth", "1",
                           "--decoder-num-heads", "2", "--batch-size", "4", "--steps", "1", "--warmup", "0",
-                          "--repeats", "1", "--threads", "1"])
+                          "--repeats", "1", "--threads", "1", "--n-images", "8"])
     assert r["product_calls"] > 20 and r["limit_s"] > 0 and r["fraction"] > 0
     assert {"aten::mm", "aten::bmm"} <= set(r["products_alone_s"]) or "aten::addmm" in r["products_alone_s"]
     assert r["parts_s"]["forward"] > 0 and r["parts_s"]["backward"] > 0 and r["overhead_s"] >= 0
+
+
+def test_crop_speed_times_both_forms_of_the_same_crops(tmp_path: Path) -> None:
+    generate_phantoms(tmp_path / "ph", n=6, size=70, seed=0)
+    (r,) = crop_speed.main(["--data", str(tmp_path / "ph" / "images"), "--img-size", "24", "--batch-size", "4",
+                            "--threads", "1", "--rounds", "2", "--batches", "1"])
+    assert r["per_window_ms"] > 0 and r["padded_ms"] > 0 and r["max_abs_diff"] < 1e-5
 
 
 def test_fair_reference_runs_every_setting_pinned_and_reports_the_reference_at_its_best(tmp_path: Path) -> None:

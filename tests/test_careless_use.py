@@ -245,8 +245,8 @@ def test_every_numeric_option_of_every_command_declares_its_domain():
     from d2mae.method.backbones import BackboneConfig
     from d2mae.method.model_config import ModelConfig
     from d2mae.runtime.options import _describe
-    from d2mae.train.finetune_config import FinetuneConfig
     from d2mae.segment.config import SegmentConfig
+    from d2mae.train.finetune_config import FinetuneConfig
     from d2mae.train.pretrain_config import PretrainConfig
     from d2mae.train.probe import ProbeConfig
 

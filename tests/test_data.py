@@ -591,7 +591,8 @@ def test_content_hash(tmp_path: Path) -> None:
 
 def test_crop_resize_is_pils_bicubic_resize(tmp_path: Path) -> None:
     """The device resampler reproduces PIL's antialiased bicubic crop-and-resize: shrinking, enlarging, fractional
-    boxes, flips, images of different sizes padded into one batch."""
+    boxes, flips, images of different sizes padded into one batch (an accelerator's form) or given one by one (the
+    CPU's form), float or uint8."""
     from d2mae.data.resample import crop_resize
 
     rng = np.random.default_rng(0)
@@ -602,10 +603,18 @@ def test_crop_resize_is_pils_bicubic_resize(tmp_path: Path) -> None:
         batch[k, 0, :a.shape[0], :a.shape[1]] = torch.from_numpy(a[:, :, 0])
     sizes = torch.tensor([a.shape[:2] for a in arrs])
     flip = torch.tensor([False, True, False])
+    each = [torch.from_numpy(a[:, :, 0])[None] for a in arrs]  # [1, h, w] each, no padding
+    as_uint8 = [torch.from_numpy(np.rint(a * 255).astype(np.uint8)) for a in arrs]
     for s in (24, 48, 200):
-        out = crop_resize(batch, sizes, torch.tensor(boxes, dtype=torch.float64), s, flip)
-        for k, a in enumerate(arrs):
-            ref = resize_box(a, boxes[k], s, flip=bool(flip[k]))
+        box = torch.tensor(boxes, dtype=torch.float64)
+        for images in (batch, each):
+            out = crop_resize(images, sizes, box, s, flip)
+            for k, a in enumerate(arrs):
+                ref = resize_box(a, boxes[k], s, flip=bool(flip[k]))
+                assert float((out[k] - torch.from_numpy(ref)).abs().max()) < 1e-5
+        out = crop_resize([u.permute(2, 0, 1) for u in as_uint8], sizes, box, s, flip)
+        for k, u in enumerate(as_uint8):
+            ref = resize_box(u.numpy().astype(np.float32) / 255, boxes[k], s, flip=bool(flip[k]))
             assert float((out[k] - torch.from_numpy(ref)).abs().max()) < 1e-5
 
 

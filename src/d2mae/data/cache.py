@@ -155,30 +155,33 @@ class DecodedCache:
         self.labels = self.labels.to(device)
         return self
 
-    def gather(self, idx: torch.Tensor, windows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``idx`` [B] as one zero-padded uint8 batch [B, C, H_max, W_max] on the cache's device, and their
-        (h, w) [B, 2]; with ``windows`` (top, bottom, left, right) [B, 4] only those stored pixels of each image."""
-        idx = idx.cpu()
-        shapes = self.shapes[idx]  # [B, 2]
-        if windows is None:
-            windows = torch.stack([torch.zeros_like(shapes[:, 0]), shapes[:, 0], torch.zeros_like(shapes[:, 1]),
-                                   shapes[:, 1]], 1)
-        sizes = torch.stack([windows[:, 1] - windows[:, 0], windows[:, 3] - windows[:, 2]], 1)  # [B, 2]
-        hb, wb = (int(v) for v in sizes.max(0).values)
-        out = torch.zeros(len(idx), self.in_chans, hb, wb, dtype=torch.uint8, device=self.data.device)
-        for k, (i, (top, bottom, left, right)) in enumerate(zip(idx.tolist(), windows.tolist())):
-            h, w = (int(v) for v in self.shapes[i])  # copies only: the resampling is one batched operation
+    def windows(self, idx: torch.Tensor, windows: torch.Tensor) -> list[torch.Tensor]:
+        """The stored pixels (top, bottom, left, right) ``windows`` [B, 4] of images ``idx`` [B], as views
+        uint8 [C, h, w] on the cache's device (nothing is copied)."""
+        out = []
+        for i, (top, bottom, left, right) in zip(idx.cpu().tolist(), windows.tolist()):
+            h, w = (int(v) for v in self.shapes[i])
             o = int(self.offsets[i])
             image = self.data[o:o + self.in_chans * h * w].view(self.in_chans, h, w)
-            out[k, :, :bottom - top, :right - left] = image[:, top:bottom, left:right]
-        return out, sizes
+            out.append(image[:, top:bottom, left:right])
+        return out
 
-    def crops(self, idx: torch.Tensor, boxes: tuple[torch.Tensor, ...], flip: torch.Tensor | None = None
-              ) -> torch.Tensor:
+    def pad(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images [C, h, w] (:meth:`windows`) as one zero-padded uint8 batch [B, C, H_max, W_max] on their device."""
+        hb, wb = max(int(v.shape[-2]) for v in views), max(int(v.shape[-1]) for v in views)
+        out = torch.zeros(len(views), self.in_chans, hb, wb, dtype=torch.uint8, device=self.data.device)
+        for k, v in enumerate(views):  # copies only: the resampling is one batched operation
+            out[k, :, :v.shape[-2], :v.shape[-1]] = v
+        return out
+
+    def crops(self, idx: torch.Tensor, boxes: tuple[torch.Tensor, ...], flip: torch.Tensor | None = None,
+              padded: bool | None = None) -> torch.Tensor:
         """Boxes (cx, cy, w, h) in fractions of each original image [B] each, resampled to S × S as PIL would
         resample them from the original file -> float32 [B, C, S, S] in [0, 1] on the cache's device.
 
-        Only each box's window (the box and the filter's reach around it) is copied and resampled."""
+        Only each box's window (the box and the filter's reach around it) is resampled: on the CPU each window on
+        its own, which multiplies no padding; on an accelerator (or with ``padded=True``) the windows zero-padded
+        into one batch, two batched products (benchmarks/crop_speed.py compares the two)."""
         idx = idx.cpu()
         cx, cy, w, h = (b.double().cpu() for b in boxes)
         shapes = self.shapes[idx]
@@ -188,8 +191,12 @@ class DecodedCache:
         lo = torch.floor(pixels[:, :2] - reach).clamp_min(0).long()  # [B, 2] (left, top)
         hi = torch.minimum(torch.ceil(pixels[:, 2:] + reach).long(), shapes.flip(1))  # [B, 2] (right, bottom)
         windows = torch.stack([lo[:, 1], hi[:, 1], lo[:, 0], hi[:, 0]], 1)  # [B, 4] top, bottom, left, right
-        images, sizes = self.gather(idx, windows)
         local = pixels - torch.cat([lo, lo], 1).double()  # the boxes in window coordinates
+        views = self.windows(idx, windows)
+        sizes = (hi - lo).flip(1)  # [B, 2] each window's (height, width)
+        if padded is None:
+            padded = self.data.device.type != "cpu"
+        images = self.pad(views) if padded else views
         return crop_resize(images, sizes, local, self.img_size, flip)
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None,

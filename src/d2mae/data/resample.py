@@ -12,13 +12,16 @@ filter. This module reproduces Pillow's ``Image.resize(size, BICUBIC, box=…)``
   weighted by ``cubic((j − centre + ½) / max(scale, 1))`` and renormalised to sum to one (no border reflection).
 
 As matrices: ``out = R · X · Cᵀ`` with ``R`` [m, n_rows] and ``C`` [m, n_cols] per sample, built from the boxes with
-tensor ops on the device (no host sync, no loop over images) and applied as two batched matrix products in fp32.
+tensor ops on the device (no host sync, no loop over images) and applied as two matrix products in fp32: batched over
+a padded batch on an accelerator, and per image on the CPU, where the padding of a batch of differently sized windows
+would double the multiply-adds (benchmarks/crop_speed.py).
 The result equals PIL's float ('F' mode) resize to about 1e-6.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -75,13 +78,15 @@ def resize_matrices(lo: torch.Tensor, hi: torch.Tensor, in_size: torch.Tensor, o
     return out.scatter_add_(2, index, w.float())  # [B, m, W]
 
 
-def crop_resize(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, out_size: int,
-                flip: torch.Tensor | None = None) -> torch.Tensor:
+def crop_resize(images: torch.Tensor | Sequence[torch.Tensor], sizes: torch.Tensor, boxes: torch.Tensor,
+                out_size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Resize one box of each image to ``out_size`` × ``out_size`` as PIL's bicubic resize would, on the device.
 
     Args:
-        images: uint8 (read as value / 255) or float [B, C, H, W], image b in its top-left ``sizes[b]`` corner
-            (the rest is padding, which gets no weight).
+        images: uint8 (read as value / 255) or float, either one padded batch [B, C, H, W] with image b in its
+            top-left ``sizes[b]`` corner (the rest gets no weight; two batched products for the whole batch, the
+            accelerator's choice), or a list of B tensors [C, h_b, w_b] of their own sizes (two products per image
+            that multiply no padding, the CPU's choice: :class:`d2mae.data.cache.DecodedCache` on the CPU).
         sizes: each image's own (height, width) [B, 2].
         boxes: (left, top, right, bottom) in each image's pixels [B, 4] (fractional edges allowed).
         out_size: output side S.
@@ -90,17 +95,30 @@ def crop_resize(images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, 
     Returns:
         float32 [B, C, S, S] in the images' units, clamped to [0, 1].
     """
-    dev = images.device
+    padded = isinstance(images, torch.Tensor)
+    first = images if padded else images[0]
+    dev, dtype = first.device, first.dtype
     boxes = boxes.to(dev)
     sizes = sizes.to(dev)
     with torch.autocast(dev.type, enabled=False):  # resampling stays fp32 under autocast
-        x = images.float()  # [B, C, H, W]
-        _, _, h, w = x.shape
+        h, w = (images.shape[-2:] if padded else (max(int(x.shape[-2]) for x in images),
+                                                   max(int(x.shape[-1]) for x in images)))
         rows = resize_matrices(boxes[:, 1], boxes[:, 3], sizes[:, 0], out_size, h)  # [B, S, H]
-        if images.dtype == torch.uint8:
-            rows = rows / 255.0  # uint8 pixels are value / 255: folded into the small matrix
         cols = resize_matrices(boxes[:, 0], boxes[:, 2], sizes[:, 1], out_size, w)  # [B, S, W]
-        if flip is not None:
-            cols = torch.where(flip.to(dev)[:, None, None], cols.flip(1), cols)  # mirrored output columns
-        out = rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # [B, 1, S, H] @ [B, C, H, W] @ [B, 1, W, S]
+        if padded:
+            if flip is not None:
+                cols = torch.where(flip.to(dev)[:, None, None], cols.flip(1), cols)  # mirrored output columns
+            out = rows[:, None] @ images.float() @ cols[:, None].transpose(-1, -2)  # [B,1,S,H]@[B,C,H,W]@[B,1,W,S]
+        else:
+            mirror = [False] * len(images) if flip is None else flip.tolist()
+            out = torch.empty(len(images), first.shape[0], out_size, out_size, device=dev)  # [B, C, S, S]
+            for b, x in enumerate(images):
+                hb, wb = x.shape[-2:]
+                r, c = rows[b, :, :hb], cols[b, :, :wb]  # [S, h_b], [S, w_b]
+                c = (c.flip(0) if mirror[b] else c).T  # [w_b, S] (mirrored output columns)
+                x = x.float()  # [C, h_b, w_b]
+                # the same two products in the cheaper order: S·h·w + S·S·min(h, w) multiply-adds
+                out[b] = (r @ x) @ c if wb <= hb else r @ (x @ c)
+        if dtype == torch.uint8:
+            out = out.mul_(1.0 / 255.0)  # uint8 pixels are value / 255
     return out.clamp_(0.0, 1.0)

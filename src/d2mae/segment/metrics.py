@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 from d2mae.eval.statistics import MeanCI, mean_ci
 
@@ -34,6 +33,8 @@ def _one_hot(labels: np.ndarray, k: int) -> torch.Tensor:
 
 def image_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict[str, float]:
     """Dice, IoU and HD95 of prediction ``pred`` against ``truth`` (class indices [H, W], same size)."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou  # lazy (segment/model.py)
+
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in size")
     p, y = _one_hot(pred, num_classes), _one_hot(truth, num_classes)  # [1, K, H, W]

@@ -11,6 +11,9 @@ to the input size and ``UnetOutBlock`` gives K logits per pixel. A patch of 2^L 
 :class:`UNetSegmenter` is ``segmentation_models_pytorch.Unet`` (ResNet-18 encoder by default, random
 initialisation: no ImageNet weights can be fetched offline), normalised with the data set's statistics; it takes t
 and ignores it (no blur, no OBS).
+
+MONAI and segmentation_models_pytorch load when a model is built (about 2 s of imports), so that the classification
+commands, which import this module through the experiment layer, start without them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
 from d2mae.method.model_config import DROP_PATH, ModelConfig, default_stats
@@ -52,6 +53,8 @@ class ViTSegmenter(nn.Module):
 
     def __init__(self, config: ModelConfig, num_classes: int, feature_size: int = 16,
                  drop_path_rate: float = DROP_PATH) -> None:
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock  # lazy: MONAI
+
         super().__init__()
         self.config, self.num_classes = config, num_classes
         levels = int(round(math.log2(config.patch)))
@@ -141,6 +144,8 @@ class UNetSegmenter(nn.Module):
     """``smp.Unet`` from scratch with ``forward(x, t)`` (t ignored: no blur, no OBS); logits [B, K, S, S]."""
 
     def __init__(self, config: UNetConfig, num_classes: int) -> None:
+        import segmentation_models_pytorch as smp  # lazy, as MONAI (the module docstring)
+
         super().__init__()
         self.config, self.num_classes = config, num_classes
         mean, std = default_stats(config.in_chans)

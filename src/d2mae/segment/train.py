@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -155,6 +154,8 @@ class SegmentRun(SegmentSetup):
                               crop_scale=cfg.crop_scale, hflip=cfg.hflip)
         loader = DataLoader(SeededDataset(data), batch_sampler=sampler, num_workers=cfg.workers,
                             persistent_workers=cfg.workers > 0)
+        from monai.losses import DiceCELoss  # lazy (segment/model.py)
+
         return trainer, loader, sampler, DiceCELoss(to_onehot_y=True, softmax=True)
 
     def _train_epoch(self, trainer: FoldModel, loader: DataLoader, sampler: EpochBatchSampler, criterion: nn.Module,
