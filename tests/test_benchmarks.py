@@ -21,10 +21,10 @@ from .conftest import TINY
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import crop_speed  # noqa: E402
 import fair_reference  # noqa: E402
 import gpu_bench  # noqa: E402
 import reference_mae  # noqa: E402
-import crop_speed  # noqa: E402
 import roofline  # noqa: E402
 
 
