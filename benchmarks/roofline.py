@@ -1,9 +1,9 @@
 """How close a pre-training step is to what this CPU's matrix multiplies can do at the step's own shapes.
 
 One D²MAE pre-training step (the memory data path's crops of real images, the per-sample blur, forward, backward,
-fused AdamW) is profiled once with ``torch.profiler`` (shapes recorded). Every matrix multiply (``aten::mm``, ``addmm``, ``bmm``) and
-attention call (``scaled_dot_product_attention`` kernels, forward and backward) of that step is then timed in
-isolation at its own shapes and dtype, with the same threads; their sum is the step's **limit**: the time the step
+fused AdamW) is profiled once with ``torch.profiler`` (shapes recorded). Every matrix multiply (``aten::mm``,
+``addmm``, ``bmm``) and attention call (``scaled_dot_product_attention`` kernels, forward and backward) of that step
+is then timed in isolation at its own shapes and dtype, with the same threads; their sum is the step's **limit**: the time the step
 would take if it did nothing but those products at the speed they reach alone. The step's measured time (median of
 ``--steps``) over that limit is the fraction reported, with the rest broken down by the profile: data (the crop),
 blur, the products inside the step, other kernels (elementwise, norms, softmax, copies), the optimizer, and framework

@@ -101,8 +101,7 @@ def crop_resize(images: torch.Tensor | Sequence[torch.Tensor], sizes: torch.Tens
     boxes = boxes.to(dev)
     sizes = sizes.to(dev)
     with torch.autocast(dev.type, enabled=False):  # resampling stays fp32 under autocast
-        h, w = (images.shape[-2:] if padded else (max(int(x.shape[-2]) for x in images),
-                                                   max(int(x.shape[-1]) for x in images)))
+        h, w = images.shape[-2:] if padded else (int(v) for v in sizes.max(0).values)  # the matrices' widths
         rows = resize_matrices(boxes[:, 1], boxes[:, 3], sizes[:, 0], out_size, h)  # [B, S, H]
         cols = resize_matrices(boxes[:, 0], boxes[:, 2], sizes[:, 1], out_size, w)  # [B, S, W]
         if padded:
