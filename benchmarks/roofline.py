@@ -3,14 +3,15 @@
 One D²MAE pre-training step (the memory data path's crops of real images, the per-sample blur, forward, backward,
 fused AdamW) is profiled once with ``torch.profiler`` (shapes recorded). Every matrix multiply (``aten::mm``,
 ``addmm``, ``bmm``) and attention call (``scaled_dot_product_attention`` kernels, forward and backward) of that step
-is then timed in isolation at its own shapes and dtype, with the same threads; their sum is the step's **limit**: the time the step
-would take if it did nothing but those products at the speed they reach alone. The step's measured time (median of
-``--steps``) over that limit is the fraction reported, with the rest broken down by the profile: data (the crop),
-blur, the products inside the step, other kernels (elementwise, norms, softmax, copies), the optimizer, and framework
-overhead (the step's wall time that no kernel accounts for). The products of the crops (two per image) and of the
-blur (two batched matrix products per image, Eq. 1) are among the step's products; profiled kernel times carry the
-profiler's own cost. The images are the first ``--n-images`` of BUS-BRA beside the repository (or ``--data``), decoded
-once into the memory path's cache, so the crops resample windows of the sizes training sees.
+is then timed in isolation at its own shapes and dtype, with the same threads; their sum is the step's **limit**:
+the time the step would take if it did nothing but those products at the speed they reach alone. The step's measured
+time (median of ``--steps``) over that limit is the fraction reported, with the rest broken down by the profile:
+data (the crop), blur, the products inside the step, other kernels (elementwise, norms, softmax, copies), the
+optimizer, and framework overhead (the step's wall time that no kernel accounts for). The products of the crops (two
+per image) and of the blur (two batched matrix products per image, Eq. 1) are among the step's products; profiled
+kernel times carry the profiler's own cost. The images are the first ``--n-images`` of BUS-BRA beside the repository
+(or ``--data``), decoded once into the memory path's cache, so the crops resample windows of the sizes training
+sees.
 
     python benchmarks/roofline.py                  # busbra-cpu's model: ViT-Tiny, 96 px, decoder 128 × 2, batch 64
     python benchmarks/roofline.py --threads 1 2        # one table per thread count
