@@ -138,6 +138,9 @@ BREAKS: tuple[Break, ...] = (
     Break("adamw-not-fused", "AdamW runs PyTorch's fused kernel on CUDA and CPU", "runtime/device.py",
           'fused_adamw=device_type in ("cuda", "cpu")', "fused_adamw=False",
           ("tests/test_gpu_path.py::test_the_models_attention_and_optimizer_follow_the_plan",)),
+    Break("crop-window-no-mirror", "the CPU's per-window crops are PIL's resize, flips included", "data/resample.py",
+          "c = (c.flip(0) if mirror[b] else c).T", "c = c.T",
+          ("tests/test_data.py::test_crop_resize_is_pils_bicubic_resize",)),
     Break("blur-memory-path", "pre-training crops are sharp: the memory cache's path", "data/cache.py",
           "return crop_resize(images, sizes, local, self.img_size, flip)",
           f"out = crop_resize(images, sizes, local, self.img_size, flip)\n"
