@@ -16,6 +16,7 @@ sees.
     python benchmarks/roofline.py                  # busbra-cpu's model: ViT-Tiny, 96 px, decoder 128 × 2, batch 64
     python benchmarks/roofline.py --threads 1 2        # one table per thread count
     python benchmarks/roofline.py --img-size 224 --decoder-embed-dim 512 --decoder-depth 8 --batch-size 16
+    python benchmarks/roofline.py --allocator default  # glibc's own allocator rules (the command line keeps memory)
 
 Prints a Markdown table per thread count (and ``--json`` writes them).
 """
@@ -47,6 +48,7 @@ from d2mae.method.model_config import ModelConfig  # noqa: E402
 from d2mae.method.models import DeblurMAE  # noqa: E402
 from d2mae.method.presets import PRESETS  # noqa: E402
 from d2mae.runtime.machine import machine_info  # noqa: E402
+from d2mae.runtime.memory import keep_freed_memory  # noqa: E402
 from d2mae.train.optim import adamw  # noqa: E402
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -207,10 +209,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--data", default=None, help="image folder (default: BUS-BRA beside the repository, else "
                     "phantoms at its stored size)")
     ap.add_argument("--n-images", type=int, default=256, help="images in the memory cache")
+    ap.add_argument("--allocator", default="kept", choices=["kept", "default"],
+                    help="kept: freed memory stays in the process, as the d2mae command line sets it "
+                         "(d2mae.runtime.memory); default: glibc's own rules")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    kept = args.allocator == "kept" and keep_freed_memory()
     info = machine_info()
-    print(f"CPU: {info['cpu']}; torch {torch.__version__}", flush=True)
+    print(f"CPU: {info['cpu']}; torch {torch.__version__}; freed memory {'kept' if kept else 'glibc default'}",
+          flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         refs = images_for(args, Path(tmp))

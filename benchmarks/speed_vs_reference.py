@@ -52,6 +52,7 @@ from d2mae.data import decode as data_decode  # noqa: E402
 from d2mae.data import sources as data_sources
 from d2mae.method.blur import gaussian_blur
 from d2mae.runtime.errors import D2maeError
+from d2mae.runtime.memory import keep_freed_memory
 
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"
 
@@ -383,6 +384,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true",
                     help="d2mae side with torch.compile (d2mae pretrain --compile); its first warm step compiles")
+    ap.add_argument("--allocator", default="kept", choices=["kept", "default"],
+                    help="kept: freed memory stays in the process, as the d2mae command line sets it "
+                         "(d2mae.runtime.memory; both sides share the process, so the reference gets it too); "
+                         "default: glibc's own rules for both")
     ap.add_argument("--json-out", default=None, help="also write every number to this JSON file")
     args = ap.parse_args(argv)
     for name in ("rounds", "steps", "batch_size", "img_size"):
@@ -405,6 +410,8 @@ def images_per_second(step: Any, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.allocator == "kept" and not keep_freed_memory():
+        print("# NOTE: freed memory could not be kept (not glibc, or MALLOC_* set): glibc's defaults")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = loadavg()

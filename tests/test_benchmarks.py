@@ -21,6 +21,7 @@ from .conftest import TINY
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import allocator_speed  # noqa: E402
 import crop_speed  # noqa: E402
 import fair_reference  # noqa: E402
 import gpu_bench  # noqa: E402
@@ -72,10 +73,18 @@ def test_gpu_bench_runs_on_cpu_tiny(tmp_path: Path) -> None:
 def test_roofline_profiles_a_step_and_times_its_products_alone() -> None:
     (r,) = roofline.main(["--img-size", "32", "--decoder-embed-dim", "32", "--decoder-depth", "1",
                           "--decoder-num-heads", "2", "--batch-size", "4", "--steps", "1", "--warmup", "0",
-                          "--repeats", "1", "--threads", "1", "--n-images", "8"])
+                          "--repeats", "1", "--threads", "1", "--n-images", "8", "--allocator", "default"])
     assert r["product_calls"] > 20 and r["limit_s"] > 0 and r["fraction"] > 0
     assert {"aten::mm", "aten::bmm"} <= set(r["products_alone_s"]) or "aten::addmm" in r["products_alone_s"]
     assert r["parts_s"]["forward"] > 0 and r["parts_s"]["backward"] > 0 and r["overhead_s"] >= 0
+
+
+def test_allocator_speed_measures_both_settings_in_fresh_processes() -> None:
+    rows = allocator_speed.main(["--step", "finetune", "--threads", "1", "--rounds", "1", "--steps", "1",
+                                 "--warmup", "1"])
+    assert [r["setting"] for r in rows] == list(allocator_speed.SETTINGS)
+    assert all(r["step_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    assert rows[1]["applied"] or not sys.platform.startswith("linux")
 
 
 def test_crop_speed_times_both_forms_of_the_same_crops(tmp_path: Path) -> None:
@@ -86,13 +95,14 @@ def test_crop_speed_times_both_forms_of_the_same_crops(tmp_path: Path) -> None:
 
 
 def test_fair_reference_runs_every_setting_pinned_and_reports_the_reference_at_its_best(tmp_path: Path) -> None:
-    """Each (cores, workers) setting is its own pinned run with C − W reference threads; the summary names the
-    fastest reference setting and compares d2mae with it."""
+    """Each (cores, workers, allocator) setting is its own pinned run with C − W reference threads; the summary
+    names the fastest reference setting and compares d2mae with it."""
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed")
     generate_phantoms(tmp_path / "ph", n=24, size=40, seed=0)
     rows = fair_reference.main(["--cores", "1", "--workers", "0", "1", "--data", str(tmp_path / "ph" / "images"),
                                 "--n-images", "16", "--batch-size", "8", "--img-size", "32", "--rounds", "2",
-                                "--steps", "1", "--warm", "0", "--quiet"])
-    assert [(r["cores"], r["workers"], r["ref_threads"]) for r in rows] == [(1, 0, 1), (1, 1, 1)]
+                                "--steps", "1", "--warm", "0", "--allocators", "kept", "default", "--quiet"])
+    assert [(r["cores"], r["workers"], r["ref_threads"], r["allocator"]) for r in rows] == [
+        (1, 0, 1, "kept"), (1, 0, 1, "default"), (1, 1, 1, "kept"), (1, 1, 1, "default")]
     assert all(r["reference_img_s"] > 0 and r["d2mae_img_s"] > 0 and len(r["round_ratios"]) == 2 for r in rows)

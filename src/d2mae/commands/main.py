@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from d2mae.runtime.errors import D2maeError, os_error_message
+from d2mae.runtime.memory import keep_freed_memory
 from d2mae.runtime.threads import wait_policy_environment
 
 # command: (module, one-line description)
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if not helping and "torch" not in sys.modules and wait_policy_environment():  # before OpenMP loads (threads.py)
         print("note: other programs are using the CPU; OpenMP threads sleep while they wait "
               "(OMP_WAIT_POLICY=PASSIVE), so this run keeps its share", file=sys.stderr)
+    if not helping:
+        keep_freed_memory()  # tensors' freed memory is reused, not page-faulted in again (runtime/memory.py)
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     parser = None
     try:
