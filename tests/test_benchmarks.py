@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 
 import allocator_speed  # noqa: E402
 import crop_speed  # noqa: E402
+import demo_time  # noqa: E402
 import fair_reference  # noqa: E402
 import gpu_bench  # noqa: E402
 import reference_mae  # noqa: E402
@@ -85,6 +86,16 @@ def test_allocator_speed_measures_both_settings_in_fresh_processes() -> None:
     assert [r["setting"] for r in rows] == list(allocator_speed.SETTINGS)
     assert all(r["step_ms"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
     assert rows[1]["applied"] or not sys.platform.startswith("linux")
+
+
+def test_demo_time_reads_the_stage_lines_the_demo_prints() -> None:
+    from d2mae.experiment.plan import format_seconds
+
+    for seconds in (18, 62):
+        line = f"[experiment] [4/10] pre-train mae on phantoms (seed 0): done in {format_seconds(seconds)}"
+        assert demo_time.stage_seconds(line) == ("pre-train mae on phantoms (seed 0)", seconds)
+    assert demo_time.stage_seconds("[experiment] [4/10] pre-train mae on phantoms (seed 0) …") is None
+    assert len(demo_time.cpu_times()) == 8  # user … steal
 
 
 def test_crop_speed_times_both_forms_of_the_same_crops(tmp_path: Path) -> None:

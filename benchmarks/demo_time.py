@@ -1,0 +1,84 @@
+"""Time ``d2mae demo`` end to end, with what the machine did meanwhile: CPU model, load, and the host's steal time.
+
+On a virtual machine the host can take the cores away ("steal"): the same demo on the same kind of machine ran
+3 min 58 s and 5 min 20 s within three hours. This script runs the demo once into a fresh folder (``--out``, or a
+temporary one) and prints the wall time, each stage's time from the demo's log, the share of CPU time the host stole
+from the machine during the run (``/proc/stat``), the load average before it, and the CPU model, so that a slow run
+can be told apart from a slow machine.
+
+    python benchmarks/demo_time.py                      # the installed d2mae, into a temporary folder
+    python benchmarks/demo_time.py --json-out demo-time.json --keep /tmp/demo
+
+Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STAGE = re.compile(r"^\[experiment\] \[\d+/\d+\] (.+): done in (?:(\d+) min )?(\d+) s$")
+
+
+def stage_seconds(line: str) -> tuple[str, int] | None:
+    """(stage, seconds) of a ``[experiment] [i/n] STAGE: done in [M min ]S s`` line, else None."""
+    m = STAGE.match(line)
+    if m is None:
+        return None
+    mins, s = (int(v or 0) for v in m.groups()[1:])
+    return m.group(1), 60 * mins + s
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (``/proc/stat``'s first line: user … steal), in clock ticks."""
+    return [int(v) for v in open("/proc/stat").readline().split()[1:9]]
+
+
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d2mae", default=str(Path(sys.executable).with_name("d2mae")), help="the d2mae executable")
+    ap.add_argument("--keep", default=None, metavar="DIR", help="run into DIR (must not exist) and keep it")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more demo flags (e.g. --quick)")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    tmp = None if args.keep else tempfile.mkdtemp(prefix="d2mae-demo-")
+    out = Path(args.keep or tmp) / ("" if args.keep else "demo")
+    load, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    before, t0 = cpu_times(), time.perf_counter()
+    proc = subprocess.run([args.d2mae, "demo", "--out", str(out), *args.extra], capture_output=True, text=True)
+    wall, after = time.perf_counter() - t0, cpu_times()
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"d2mae demo failed with status {proc.returncode}")
+    delta = [a - b for a, b in zip(after, before)]
+    log = (proc.stderr + "\n" + proc.stdout).splitlines()
+    stages = [st for st in map(stage_seconds, log) if st]
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_before": load, "wall_s": wall,
+              "steal_share": delta[7] / max(1, sum(delta)), "stages": stages,
+              "started_utc": started}
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"# {result['cpu']}, {result['cores']} cores, load average {load[0]:.2f} before, started {started}")
+    print(f"d2mae demo: {int(wall // 60)} min {wall % 60:.0f} s wall; the host stole {100 * result['steal_share']:.1f}% "
+          "of the machine's CPU time meanwhile")
+    for name, seconds in stages:
+        print(f"  {seconds:4d} s  {name}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
