@@ -4,10 +4,10 @@
     python benchmarks/mutations.py --list     # the breaks and the tests that should catch them
     python benchmarks/mutations.py blu-index  # only these
 
-Each break replaces one exact snippet of ``src/d2mae`` (the run stops if a snippet is no longer in the code: update
-the list with the code) in a fresh copy of the repository, then runs the tests named for it there. A break is
-CAUGHT when those tests fail. Add a break here for every new property a test guards (docs/paper-map.md says which
-test guards which property).
+Each break replaces one exact snippet of ``src/d2mae`` (or, for a test of a benchmark script, of ``benchmarks/``; the
+run stops if a snippet is no longer in the code: update the list with the code) in a fresh copy of the repository,
+then runs the tests named for it there. A break is CAUGHT when those tests fail. Add a break here for every new
+property a test guards (docs/paper-map.md says which test guards which property).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ BLUR_05 = "__import__('d2mae.method.blur', fromlist=['x']).gaussian_blur"
 class Break:
     name: str
     property: str
-    file: str  # under src/d2mae
+    file: str  # under src/d2mae, or a repository path under benchmarks/
     old: str
     new: str
     tests: tuple[str, ...]
@@ -198,6 +198,15 @@ BREAKS: tuple[Break, ...] = (
           "        enc.blur = lambda x, t, e=enc: e.normalize(x.float())\n        z, _, _ = enc.embed(x, t)  #",
           ("tests/test_segment.py::test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the"
            "_blur_token",)),
+    Break("blur-in-bf16", "the blur stays fp32 under bf16 autocast (the GPU path)", "method/blur.py",
+          "    with torch.autocast(x.device.type, enabled=False):\n        x = x.float()\n        sigma = sigma.to",
+          "    with torch.autocast(x.device.type, enabled=torch.is_autocast_enabled(x.device.type)):\n"
+          "        x = x.float()\n        sigma = sigma.to",
+          ("tests/test_blur.py::test_blur_is_fp32_under_autocast",)),
+    Break("compiled-another-model", "the compiled step is the eager step compiled (same weights, same loss)",
+          "benchmarks/gpu_bench.py", "train_model = torch.compile(model) if",
+          "train_model = torch.compile(type(model)(model.config)) if",
+          ("tests/test_gpu_path.py::test_the_gpu_script_dry_run_runs_every_pass_and_compiled_matches_eager",)),
     Break("memory-trimmed", "freed tensor memory stays in the process (no page faults a step)", "runtime/memory.py",
           "M_TRIM_THRESHOLD: 2**31 - 1, ", "",
           ("tests/test_memory.py::test_kept_memory_stops_the_page_faults_of_a_repeated_step",)),
@@ -208,10 +217,10 @@ BREAKS: tuple[Break, ...] = (
 
 
 def _copy_repo(dest: Path) -> None:
-    for name in ("src", "tests", "pyproject.toml"):
+    for name in ("src", "tests", "benchmarks", "pyproject.toml"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "gpu_results"))
         else:
             shutil.copy2(src, dest / name)
 
@@ -223,10 +232,11 @@ def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
     catch."""
     copy = workdir / b.name
     _copy_repo(copy)
-    path = copy / "src" / "d2mae" / b.file
+    where = b.file if b.file.startswith("benchmarks/") else f"src/d2mae/{b.file}"
+    path = copy / where
     text = path.read_text(encoding="utf-8")
     if text.count(b.old) != 1:
-        raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in src/d2mae/{b.file} "
+        raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in {where} "
                          "(expected once); update benchmarks/mutations.py with the code")
     path.write_text(text.replace(b.old, b.new), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1",
@@ -254,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown break(s) {sorted(unknown)}; see --list")
     if args.list:
         for b in chosen:
-            print(f"{b.name:<24} {b.property}\n{'':<24} src/d2mae/{b.file}; tests: {', '.join(b.tests)}")
+            where = b.file if b.file.startswith("benchmarks/") else f"src/d2mae/{b.file}"
+            print(f"{b.name:<24} {b.property}\n{'':<24} {where}; tests: {', '.join(b.tests)}")
         return 0
     survived = []
     total = time.perf_counter()
