@@ -1,7 +1,7 @@
 """Time ``d2mae demo`` end to end, with what the machine did meanwhile: CPU model, load, and the host's steal time.
 
 On a virtual machine the host can take the cores away ("steal"): the same demo on the same kind of machine ran
-3 min 58 s and 5 min 20 s within three hours. This script runs the demo once into a fresh folder (``--out``, or a
+3 min 58 s and 5 min 20 s within three hours. This script runs the demo once into a fresh folder (``--keep DIR``, or a
 temporary one) and prints the wall time, each stage's time from the demo's log, the share of CPU time the host stole
 from the machine during the run (``/proc/stat``), the load average before it, and the CPU model, so that a slow run
 can be told apart from a slow machine.
@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more demo flags (e.g. --quick)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
+    if args.keep and Path(args.keep).exists():
+        ap.error(f"--keep {args.keep} exists: a demo there would reuse its finished stages; name a new folder")
     tmp = None if args.keep else tempfile.mkdtemp(prefix="d2mae-demo-")
-    out = Path(args.keep or tmp) / ("" if args.keep else "demo")
+    out = Path(args.keep) if args.keep else Path(tmp) / "demo"
     load, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     before, t0 = cpu_times(), time.perf_counter()
     proc = subprocess.run([args.d2mae, "demo", "--out", str(out), *args.extra], capture_output=True, text=True)
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"# {result['cpu']}, {result['cores']} cores, load average {load[0]:.2f} before, started {started}")
-    print(f"d2mae demo: {int(wall // 60)} min {wall % 60:.0f} s wall; the host stole {100 * result['steal_share']:.1f}% "
-          "of the machine's CPU time meanwhile")
+    print(f"d2mae demo: {int(wall // 60)} min {wall % 60:.0f} s wall; the host stole "
+          f"{100 * result['steal_share']:.1f}% of the machine's CPU time meanwhile")
     for name, seconds in stages:
         print(f"  {seconds:4d} s  {name}")
     if args.json_out:
