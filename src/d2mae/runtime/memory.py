@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from ``malloc``. With its defaults, glibc serves a la
 threshold*: 128 KiB at first, raised as large blocks are freed) with a fresh ``mmap`` and returns freed memory at the
 top of the heap to the kernel (above the *trim threshold*). Either way the next step's activations land on pages the
 kernel must fault in and zero again: 8,000-15,000 minor page faults per step of ``configs/busbra-cpu.yaml``'s model
-(ViT-Tiny, 96 px, batch 64), and each ``munmap`` interrupts the other cores to flush their TLBs. Measured on a 2-core
+(ViT-Tiny, 96 px, batch 64), and an ``munmap`` can make the other cores flush their TLBs. Measured on a 2-core
 AMD EPYC (``benchmarks/allocator_speed.py``, numbers in ``benchmarks/RESULTS.md``): with the memory kept, the step
 page-faults almost never and runs faster, most at 2 threads.
 
