@@ -30,13 +30,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
+
+from demo_time import cpu_model  # noqa: E402  (neither imports torch: the parent process stays light)
+from d2mae.runtime.memory import keep_freed_memory, user_chose  # noqa: E402
+
 SETTINGS = ("glibc default", "kept (d2mae)")
 
 
 def worker(args: argparse.Namespace) -> None:
-    sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
-    from d2mae.runtime.memory import keep_freed_memory
-
     applied = keep_freed_memory() if args.setting == SETTINGS[1] else False
     import torch
 
@@ -89,7 +91,7 @@ def finetune_step():
 
 
 def measure(step: str, setting: str, threads: int, args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if not user_chose({k: v})}  # each setting as the command line sees it
     cmd = [sys.executable, __file__, "--worker", "--step", step, "--setting", setting, "--threads", str(threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.step = args.step[0]
         worker(args)
         return []
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    cpu = cpu_model()
     print(f"# {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
     rows = []
     for step in args.step:

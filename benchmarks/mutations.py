@@ -36,6 +36,11 @@ class Break:
     new: str
     tests: tuple[str, ...]
 
+    @property
+    def path(self) -> str:
+        """The planted file, relative to the repository root."""
+        return self.file if self.file.startswith("benchmarks/") else f"src/d2mae/{self.file}"
+
 
 PB = "tests/test_planted_breaks.py"
 BREAKS: tuple[Break, ...] = (
@@ -232,11 +237,10 @@ def run_break(b: Break, workdir: Path) -> tuple[str, float, str]:
     catch."""
     copy = workdir / b.name
     _copy_repo(copy)
-    where = b.file if b.file.startswith("benchmarks/") else f"src/d2mae/{b.file}"
-    path = copy / where
+    path = copy / b.path
     text = path.read_text(encoding="utf-8")
     if text.count(b.old) != 1:
-        raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in {where} "
+        raise SystemExit(f"{b.name}: the snippet to replace occurs {text.count(b.old)} times in {b.path} "
                          "(expected once); update benchmarks/mutations.py with the code")
     path.write_text(text.replace(b.old, b.new), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(copy / "src"), "OMP_NUM_THREADS": "1",
@@ -264,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown break(s) {sorted(unknown)}; see --list")
     if args.list:
         for b in chosen:
-            where = b.file if b.file.startswith("benchmarks/") else f"src/d2mae/{b.file}"
-            print(f"{b.name:<24} {b.property}\n{'':<24} {where}; tests: {', '.join(b.tests)}")
+            print(f"{b.name:<24} {b.property}\n{'':<24} {b.path}; tests: {', '.join(b.tests)}")
         return 0
     survived = []
     total = time.perf_counter()
