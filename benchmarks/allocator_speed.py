@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "src"), str(HERE)]
 
 from demo_time import cpu_model  # noqa: E402  (neither imports torch: the parent process stays light)
+
 from d2mae.runtime.memory import keep_freed_memory, user_chose  # noqa: E402
 
 SETTINGS = ("glibc default", "kept (d2mae)")
@@ -77,7 +78,7 @@ def finetune_step():
     from d2mae.train.optim import adamw
 
     torch.manual_seed(0)
-    model = DeblurClassifier(ModelConfig(model="vit_tiny_patch16", img_size=64, mean=[0.45], std=[0.25]), 2).train()
+    model = DeblurClassifier(ModelConfig(arch="vit_tiny_patch16", img_size=64, mean=[0.45], std=[0.25]), 2).train()
     optimizer = adamw([{"params": list(model.parameters())}], lr=1e-4, betas=(0.9, 0.999))
     x, y = torch.rand(32, 1, 64, 64), torch.randint(0, 2, (32,))  # [B, 1, S, S], [B]
     t = torch.randint(1, 12, (32,)).float()  # [B], each image's t*

@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     import types
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config(data=refs, out=str(Path(tmp) / "run"), model="vit_tiny_patch16", img_size=96,
+        cfg = make_config(data=refs, out=str(Path(tmp) / "run"), arch="vit_tiny_patch16", img_size=96,
                           decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, batch_size=64, mean=[0.3],
                           std=[0.2], device="cpu", precision="fp32", data_path="memory", epochs=1000,
                           warmup_epochs=0, checkpoint_every_steps=0, log_every_steps=10**6, tensorboard="off")

@@ -46,7 +46,7 @@ BF16_DENSE_TFLOPS = {"H200": 790.0, "H100": 989.0}
 THYROID_IMAGES = 10_675  # the paper's thyroid pre-training set
 THYROID_EPOCHS = 8_000
 NATIVE = 1.8  # stored image side / model input side: BUS-BRA's ~400 px images for a 224 px model
-TINY = dict(model="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32,
+TINY = dict(arch="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=2)
 
 
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(TINY) if args.tiny else dict(model=args.model, img_size=args.img_size)
+    return dict(TINY) if args.tiny else dict(arch=args.model, img_size=args.img_size)
 
 
 def synthetic_images(n: int, side: int, device: Any, seed: int) -> Any:
@@ -238,7 +238,8 @@ def measure_training(args: argparse.Namespace, device: Any, batch: int, mode: st
     elapsed = time.perf_counter() - t0
     step_s = elapsed / args.steps
     result = {
-        "model": model_cfg.model + (" (tiny test)" if args.tiny else ""), "img_size": model_cfg.img_size, "batch": batch, "mode": mode,
+        "model": model_cfg.arch + (" (tiny test)" if args.tiny else ""), "img_size": model_cfg.img_size,
+        "batch": batch, "mode": mode,
         "precision": "bf16" if amp is not None else "fp32", "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "images_per_s": batch / step_s, "step_ms": 1000 * step_s, "first_step_s": first_step_s,
         "gflop_per_step": flops / 1e9, "achieved_tflops": flops / step_s / 1e12,

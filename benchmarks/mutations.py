@@ -68,7 +68,7 @@ BREAKS: tuple[Break, ...] = (
           "method/models.py",
           "        tokens = self.patch_embed(self.blur(x, t))  # [B, N, D]",
           "        if mask_ratio > 0 and noise is not None:\n"
-          "            g, p = self.config.img_size // self.config.patch, self.config.patch\n"
+          "            g, p = self.config.img_size // self.config.patch_size, self.config.patch_size\n"
           "            keep = int(g * g * (1 - mask_ratio))\n"
           "            m = (torch.argsort(torch.argsort(noise, 1), 1) >= keep).float().view(-1, 1, g, g)\n"
           "            x = x * (1 - m.repeat_interleave(p, 2).repeat_interleave(p, 3))\n"
@@ -215,6 +215,20 @@ BREAKS: tuple[Break, ...] = (
     Break("memory-trimmed", "freed tensor memory stays in the process (no page faults a step)", "runtime/memory.py",
           "M_TRIM_THRESHOLD: 2**31 - 1, ", "",
           ("tests/test_memory.py::test_kept_memory_stops_the_page_faults_of_a_repeated_step",)),
+    Break("segment-config-copies-a-field", "segmentation adds only its own fields to the shared config",
+          "train/config.py", '''    images: str | None = _f(None, "folder of images''',
+          "    epochs: int = _f(30, \"most epochs per fold\", TRAIN, min=1)\n"
+          "    images: str | None = _f(None, \"folder of images",
+          ("tests/test_engine.py::test_no_field_is_declared_in_both_the_segmentation_and_the_classification_config",)),
+    Break("old-spelling-silent", "an old option name works and says its new name", "runtime/options.py",
+          "            warnings.warn(f\"{old} is now {new}; the old name still works in this release\", FutureWarning,",
+          "            (lambda *a, **k: None)(f\"{old} is now {new}; the old name still works in this release\", "
+          "FutureWarning,",
+          ("tests/test_engine.py::test_one_name_per_concept_and_old_spellings_still_work_with_a_note",)),
+    Break("help-lists-everything", "--help lists the common options; --help-all the rest", "commands/flags.py",
+          "    hidden = (advanced or f.metadata.get(\"advanced\")) and not SHOW_ALL",
+          "    hidden = False",
+          ("tests/test_engine.py::test_each_commands_help_fits_on_a_screen_and_help_all_lists_the_rest",)),
     Break("memory-not-kept-by-cli", "the command line keeps freed memory before a command runs", "commands/main.py",
           "        keep_freed_memory()  #", "        pass  #",
           ("tests/test_memory.py::test_the_command_line_keeps_freed_memory_before_a_command_runs",)),

@@ -39,7 +39,7 @@ from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import DeblurMAE, build_classifier
 from d2mae.method.obs import ObsSpec, search_losses
 from d2mae.runtime.device import resolve_device
-from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.config import FinetuneConfig
 from d2mae.train.optim import make_optimizer
 
 BUSBRA = REPO.parent / "shared" / "data" / "bus-bra" / "images"
@@ -81,7 +81,7 @@ def main() -> None:
     if args.model:
         model = load_pretrained(args.model, device)
     else:
-        model = DeblurMAE(ModelConfig(model="vit_tiny_patch16", img_size=args.img_size)).to(device).eval()
+        model = DeblurMAE(ModelConfig(arch="vit_tiny_patch16", img_size=args.img_size)).to(device).eval()
     cfg = model.config
     refs = find_images([args.data])[: args.n]
     ds = ImageDataset(refs, cfg.img_size, cfg.in_chans, augment="none")
@@ -138,7 +138,7 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"Load average (1/5/15 min) before: {' '.join(f'{v:.1f}' for v in load_before)}, after: "
           f"{' '.join(f'{v:.1f}' for v in load_after)} (a shared machine slows every row alike)  ")
-    print(f"Model: {cfg.model} {cfg.img_size} px ({'pre-trained ' + args.model if args.model else 'random weights'}),"
+    print(f"Model: {cfg.arch} {cfg.img_size} px ({'pre-trained ' + args.model if args.model else 'random weights'}),"
           f" s = {args.search_step} → L = {n_levels} levels, {n} images\n")
     print("| OBS variant | seconds | images/s | speed-up |")
     print("|---|---|---|---|")

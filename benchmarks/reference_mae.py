@@ -166,8 +166,8 @@ class ReferenceConfig:
     @classmethod
     def from_d2mae(cls, cfg: "object") -> "ReferenceConfig":
         """The same sizes as a :class:`d2mae.method.models.ModelConfig`."""
-        return cls(img_size=cfg.img_size, patch_size=cfg.patch, in_chans=cfg.in_chans, embed_dim=cfg.dim,
-                   depth=cfg.blocks, num_heads=cfg.heads, decoder_embed_dim=cfg.decoder_embed_dim,
+        return cls(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                   depth=cfg.depth, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_embed_dim,
                    decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio)
 
 

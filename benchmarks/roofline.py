@@ -69,7 +69,7 @@ def images_for(args: argparse.Namespace, tmp: Path) -> list[str]:
 
 
 def build(args: argparse.Namespace, refs: list[str]) -> tuple[DeblurMAE, torch.optim.Optimizer, DecodedCache]:
-    cfg = ModelConfig(**PRESETS["d2mae"], model=args.model, img_size=args.img_size,
+    cfg = ModelConfig(**PRESETS["d2mae"], arch=args.model, img_size=args.img_size,
                       decoder_embed_dim=args.decoder_embed_dim, decoder_depth=args.decoder_depth,
                       decoder_num_heads=args.decoder_num_heads, mean=[0.45], std=[0.25])
     torch.manual_seed(0)

@@ -101,7 +101,7 @@ class D2maeSide:
 
         steps_per_epoch = len(refs) // args.batch_size
         self.cfg = make_config(
-            data=list(refs), out=str(out), model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+            data=list(refs), out=str(out), arch=args.model, img_size=args.img_size, batch_size=args.batch_size,
             seed=args.seed, mean=mean, std=std, device="cpu", precision="fp32", data_path=data_path,
             epochs=max(1, -(-total_steps // max(1, steps_per_epoch))) + 1, max_steps=total_steps,
             warmup_epochs=args.warmup_steps / max(1, steps_per_epoch), blr=args.blr, lr=args.lr,

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("D2MAE_SHARED", REPO.parent / "shared"))  # benchmarks/mutations.py runs copies
 BUSBRA = SHARED / "data" / "bus-bra"
 
-TINY = dict(model="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2,
+TINY = dict(arch="vit_tiny_patch16", img_size=32, depth=2, embed_dim=64, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 

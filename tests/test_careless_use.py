@@ -30,7 +30,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.locks import LOCK_NAME
 from tests.conftest import REPO
 
-TINY_FLAGS = ["--model", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads",
+TINY_FLAGS = ["--arch", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads",
               "2", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
 
 
@@ -156,9 +156,9 @@ def test_a_read_only_output_is_one_line_before_any_work(phantoms, pretrained, tm
     monkeypatch.setattr("builtins.open", read_only)
     out = tmp_path / "ro"
     argv = {"pretrain": pretrain_args(phantoms, out),
-            "obs": ["obs", "--model", str(pretrained), "--data", str(phantoms / "images"), "--out", str(out)],
+            "obs": ["obs", "--pretrained", str(pretrained), "--data", str(phantoms / "images"), "--out", str(out)],
             "finetune": finetune_args(phantoms, pretrained, out),
-            "export": ["export", "--model", str(pretrained), "--out", str(out)]}[command]
+            "export": ["export", "--pretrained", str(pretrained), "--out", str(out)]}[command]
     assert cli.main(argv) == 2
     one_error_line(capsys, "--out", "cannot be written", "read-only")
     assert not [p for p in out.iterdir() if not p.name.startswith(".")] if out.exists() else True
@@ -211,13 +211,13 @@ def test_export_refuses_a_folder_of_other_files_unless_forced(pretrained, tmp_pa
     out = tmp_path / "mine"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"the user's own weights")
-    assert cli.main(["export", "--model", str(pretrained), "--out", str(out)]) == 2
+    assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out)]) == 2
     one_error_line(capsys, "--out", "files d2mae did not write", "--force")
     assert (out / "model.safetensors").read_bytes() == b"the user's own weights"
-    assert cli.main(["export", "--model", str(pretrained), "--out", str(out), "--force"]) == 0
-    assert cli.main(["export", "--model", str(pretrained), "--out", str(out)]) == 2  # an earlier export: kept
+    assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out), "--force"]) == 0
+    assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out)]) == 2  # an earlier export: kept
     one_error_line(capsys, "--out", "earlier output of d2mae export", "--force")
-    assert cli.main(["export", "--model", str(pretrained), "--out", str(out), "--force"]) == 0  # replaced
+    assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out), "--force"]) == 0  # replaced
 
 
 # ------------------------------------------------------------------------------------------- 4. option domains
@@ -245,8 +245,7 @@ def test_every_numeric_option_of_every_command_declares_its_domain():
     from d2mae.method.backbones import BackboneConfig
     from d2mae.method.model_config import ModelConfig
     from d2mae.runtime.options import _describe
-    from d2mae.segment.config import SegmentConfig
-    from d2mae.train.finetune_config import FinetuneConfig
+    from d2mae.train.config import FinetuneConfig, SegmentConfig
     from d2mae.train.pretrain_config import PretrainConfig
     from d2mae.train.probe import ProbeConfig
 
@@ -270,7 +269,7 @@ def test_a_saved_config_json_outside_the_domain_is_refused(pretrained, tmp_path,
     config = json.loads((bad / "config.json").read_text())
     config["model"]["depth"] = 0
     (bad / "config.json").write_text(json.dumps(config))
-    assert cli.main(["export", "--model", str(bad), "--out", str(tmp_path / "e")]) == 2
+    assert cli.main(["export", "--pretrained", str(bad), "--out", str(tmp_path / "e")]) == 2
     one_error_line(capsys, "config.json", "depth")
 
 
@@ -287,7 +286,7 @@ def test_nan_in_a_weight_is_named_when_loaded(phantoms, pretrained, tmp_path, ca
     state = load_weights(bad / WEIGHTS)
     state[tensor][0, 0] = float("nan")
     save_weights(state, bad / WEIGHTS)
-    argv = (["obs", "--model", str(bad), "--data", str(phantoms / "images"), "--out", str(tmp_path / "o")]
+    argv = (["obs", "--pretrained", str(bad), "--data", str(phantoms / "images"), "--out", str(tmp_path / "o")]
             if command == "obs" else finetune_args(phantoms, bad, tmp_path / "o"))
     assert cli.main(argv) == 2
     one_error_line(capsys, f"tensor {tensor}", "NaN")
@@ -298,7 +297,7 @@ def test_obs_losses_that_are_not_finite_stop_the_search(phantoms, pretrained, tm
 
     monkeypatch.setattr(obs, "search_losses", lambda model, x, levels, max_rows: torch.full(
         (x.shape[0], len(levels)), float("nan")))
-    assert cli.main(["obs", "--model", str(pretrained), "--data", str(phantoms / "images"), "--out",
+    assert cli.main(["obs", "--pretrained", str(pretrained), "--data", str(phantoms / "images"), "--out",
                      str(tmp_path / "o")]) == 2
     one_error_line(capsys, "NaN or infinite", "phantom_")
     assert not (tmp_path / "o" / "obs.csv").exists()

@@ -23,7 +23,7 @@ def test_packaged_demo_config_is_the_repository_one():
 def test_demo_plans_the_four_table2_methods_on_phantoms(tmp_path, quick):
     cfg = ex.load_experiment(demo.demo_config(), demo.QUICK_OVERRIDES if quick else ())
     assert cfg.methods == ["supervised", "mae", "deblurrmae", "d2mae"]
-    assert cfg.model["model"] == "vit_tiny_patch16" and cfg.model["img_size"] <= 96
+    assert cfg.model["arch"] == "vit_tiny_patch16" and cfg.model["img_size"] <= 96
     (ds,) = cfg.datasets.values()
     assert ds.phantoms is not None and ds.pretrain_phantoms is not None
     assert ds.protocol.startswith("kfold:") and int(ds.protocol.split(":")[1]) >= 3  # CIs and P-values need folds

@@ -89,7 +89,7 @@ def test_blur_levels_and_masks_do_not_depend_on_the_rank_layout():
     from d2mae.method.model_config import ModelConfig
     from d2mae.method.models import DeblurMAE
 
-    small = dict(model="vit_tiny_patch16", img_size=32, depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=16,
+    small = dict(arch="vit_tiny_patch16", img_size=32, depth=1, embed_dim=32, num_heads=2, decoder_embed_dim=16,
                  decoder_depth=1, decoder_num_heads=2)
     plain = dict(small, blur=False, blur_embed="none")
     for model in (DeblurMAE(ModelConfig(**small)), MoCoV3(ModelConfig(**plain, objective="moco-v3", moco_dim=8,
@@ -214,14 +214,14 @@ def _commands_worker(rank: int, world: int, port: int, commands: list[list[str]]
     from d2mae.data.dataset import SeededDataset
     from d2mae.method.models import GlobalBatchNorm1d
     from d2mae.runtime import distributed as du
-    from d2mae.train import fold
+    from d2mae.train import tasks
 
     du.init_distributed("cpu")
     try:
         seen, spy = _training_image_spy()
         SeededDataset.__getitem__ = spy  # this process only
         states: list[dict[str, torch.Tensor]] = []
-        fold.class_probabilities = _recording_predict(states)
+        tasks.class_probabilities = _recording_predict(states)
         seen_first: list[int] = []  # the images of the first fine-tuning
         for args in commands:
             assert main(args) == 0
@@ -243,9 +243,9 @@ def _commands_worker(rank: int, world: int, port: int, commands: list[list[str]]
 def _recording_predict(states: list[dict[str, torch.Tensor]]) -> Any:
     """A replacement for the fold trainer's ``class_probabilities`` that first appends a copy of the model's weights
     to ``states`` (fine-tuning calls it after each epoch, then with the best epoch's weights for val and test)."""
-    from d2mae.train import fold
+    from d2mae.train import tasks
 
-    real = fold.class_probabilities
+    real = tasks.class_probabilities
 
     def predict(model, *args, **kwargs):
         states.append({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
@@ -278,7 +278,7 @@ def _files(folder: Path) -> list[str]:
 def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkeypatch):
     from d2mae.commands.main import main
     from d2mae.data.dataset import SeededDataset
-    from d2mae.train import fold
+    from d2mae.train import tasks
     from tests.test_labels import write_labeled
     from tests.test_obs import make_pretrained
 
@@ -286,7 +286,8 @@ def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkey
     common = ["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "split:3:1:1",
               "--epochs", "2", "--warmup-epochs", "1", "--augment", "none", "--drop-path", "0", "--workers", "0",
               "--device", "cpu", "--no-progress", "--blr", "5e-2"]
-    obs = ["obs", "--model", str(pre), "--labels", str(labels), "--workers", "0", "--strips", "0", "--device", "cpu"]
+    obs = ["obs", "--pretrained", str(pre), "--labels", str(labels), "--workers", "0", "--strips", "0", "--device",
+           "cpu"]
     results = tmp_path / "results"
     results.mkdir()
     linear = [*common, "--mode", "linear", "--obs", "none", "--epochs", "1", "--blr", "1.0"]  # SGD, BatchNorm
@@ -300,7 +301,7 @@ def test_two_process_obs_finetune_and_predict_match_one_process(tmp_path, monkey
     seen, spy = _training_image_spy()
     monkeypatch.setattr(SeededDataset, "__getitem__", spy)
     states: list[dict[str, torch.Tensor]] = []
-    monkeypatch.setattr(fold, "class_probabilities", _recording_predict(states))
+    monkeypatch.setattr(tasks, "class_probabilities", _recording_predict(states))
     assert main([*common, "--out", str(single), "--batch-size", "8"]) == 0
     seen = list(seen)  # the full fine-tuning's images
     assert main([*linear, "--out", str(single / "lin"), "--batch-size", "8"]) == 0

@@ -122,7 +122,7 @@ def test_missing_dataset_path_is_a_clear_error_at_plan_time(tmp_path):
 def test_paper_configs_parse_and_plan_names_the_placeholder_path(tmp_path, capsys, name):
     path = REPO / "configs" / name
     cfg = ex.load_experiment(path)
-    assert cfg.model["model"] == "vit_base_patch16" and cfg.model["img_size"] == 224
+    assert cfg.model["arch"] == "vit_base_patch16" and cfg.model["img_size"] == 224
     effective = cfg.budget.pretrain_batch_size * cfg.pretrain.get("accum_iter", 1)
     assert effective == 1024 and cfg.budget.finetune_batch_size == 32
     assert cfg.methods == list(ex.TABLE2_METHODS)

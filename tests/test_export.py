@@ -127,16 +127,16 @@ def test_refuses_to_overwrite_a_model_folder(tmp_path):
 def test_cli_export(tmp_path, capsys):
     _pretrained(tmp_path / "pre")
     out = tmp_path / "timm"
-    assert main(["export", "--model", str(tmp_path / "pre"), "--format", "timm", "--out", str(out),
+    assert main(["export", "--pretrained", str(tmp_path / "pre"), "--format", "timm", "--out", str(out),
                  "--blur-level", "3"]) == 0
     printed = capsys.readouterr().out
     assert "local-dir:" in printed and "σ=0.3" in printed
     assert (out / "export.yaml").is_file() and (out / "model.safetensors").is_file()
-    assert main(["export", "--model", str(tmp_path / "pre"), "--out", str(out), "--blur-level", "1",
+    assert main(["export", "--pretrained", str(tmp_path / "pre"), "--out", str(out), "--blur-level", "1",
                  "--sigma", "0.1"]) == 2
     assert "both given" in capsys.readouterr().err
     assert main(["export", "--out", str(out)]) == 2
-    assert "option --model: is required" in capsys.readouterr().err
+    assert "option --pretrained: is required" in capsys.readouterr().err
 
 
 def test_hf_needs_transformers(tmp_path, monkeypatch):

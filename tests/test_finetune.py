@@ -22,8 +22,10 @@ from d2mae.io.obs_table import ObsTable
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import DeblurClassifier, build_classifier
 from d2mae.runtime.errors import D2maeError
-from d2mae.train import finetune as ft
+from d2mae.train import engine as ft
+from d2mae.train.config import FinetuneConfig
 from d2mae.train.optim import make_optimizer, param_groups
+from d2mae.train.tasks import Classify
 from tests.conftest import TINY
 from tests.test_labels import write_labeled
 from tests.test_obs import make_pretrained
@@ -43,7 +45,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_blur_token_is_in_the_stem_group_without_weight_decay() -> None:
     model = DeblurClassifier(ModelConfig(**TINY), 2)
-    cfg = ft.FinetuneConfig(layer_decay=0.65, weight_decay=0.05)
+    cfg = FinetuneConfig(layer_decay=0.65, weight_decay=0.05)
     groups = param_groups(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     where = {names[id(p)]: g for g in groups for p in g["params"]}
@@ -195,7 +197,7 @@ def test_a_stop_signal_writes_the_resume_state_whatever_the_checkpoint_interval(
     """Resume states are written at most every checkpoint_every_seconds (default 30 s: short epochs do not pay a
     checkpoint each), but a SIGTERM always writes the last finished epoch's state before the run stops."""
     pre, labels = data
-    real_validate = ft.FoldTrainer.validate
+    real_validate = Classify.validate
     written = []
     real_save = ft.save_checkpoint
     monkeypatch.setattr(ft, "save_checkpoint", lambda state, path: (written.append(state["epoch"]),
@@ -209,7 +211,7 @@ def test_a_stop_signal_writes_the_resume_state_whatever_the_checkpoint_interval(
             os.kill(os.getpid(), signal.SIGTERM)
         return real_validate(self, *args, **kwargs)
 
-    monkeypatch.setattr(ft.FoldTrainer, "validate", validate_then_term)
+    monkeypatch.setattr(Classify, "validate", validate_then_term)
     out = tmp_path / "run"
     assert main(["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "split:3:1:1", *FAST,
                  "--obs", "none", "--out", str(out), "--epochs", "4", "--checkpoint-every-seconds", "3600"]) == 143
@@ -224,7 +226,7 @@ def test_a_stop_signal_mid_epoch_keeps_the_last_finished_epoch(data, tmp_path: P
     base = ["finetune", "--pretrained", str(pre), "--labels", str(labels), "--protocol", "split:3:1:1", *FAST,
             "--obs", "none", "--epochs", "4", "--checkpoint-every-seconds", "3600"]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
-    real_validate, real_step = ft.FoldTrainer.validate, ft.FoldTrainer.train_step
+    real_validate, real_step = Classify.validate, ft.FoldTrainer.train_step
     validated, stepped_after = [], []
 
     def validate(self, *args, **kwargs):  # noqa: ANN001
@@ -238,11 +240,11 @@ def test_a_stop_signal_mid_epoch_keeps_the_last_finished_epoch(data, tmp_path: P
                 os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(ft.FoldTrainer, "validate", validate)
+    monkeypatch.setattr(Classify, "validate", validate)
     monkeypatch.setattr(ft.FoldTrainer, "train_step", step)
     assert main(base + ["--out", str(tmp_path / "b")]) == 143
     assert torch.load(tmp_path / "b" / "fold_1" / "resume.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(ft.FoldTrainer, "validate", real_validate)
+    monkeypatch.setattr(Classify, "validate", real_validate)
     monkeypatch.setattr(ft.FoldTrainer, "train_step", real_step)
     assert main(base + ["--out", str(tmp_path / "b"), "--resume"]) == 0
     wa = load_weights(tmp_path / "a" / "fold_1" / "model" / "classifier.safetensors")
@@ -335,12 +337,12 @@ def test_bad_inputs_fail_before_training(data, tmp_path: Path, capsys) -> None:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(labels.parent / "img" / "im005.png")
     assert "im005.png is 8x8 pixels" in error("--pretrained", str(pre), *common)
     with pytest.raises(D2maeError, match="batch_size: must be even with Mixup/CutMix, got 7"):
-        ft.FinetuneConfig(batch_size=7, mixup=0.8)
+        FinetuneConfig(batch_size=7, mixup=0.8)
 
 
 def test_finetune_reuses_an_obs_table_instead_of_searching(data, tmp_path: Path, capsys) -> None:
     pre, labels = data
-    assert main(["obs", "--model", str(pre), "--labels", str(labels), "--out", str(tmp_path / "obs"),
+    assert main(["obs", "--pretrained", str(pre), "--labels", str(labels), "--out", str(tmp_path / "obs"),
                  "--workers", "0", "--strips", "0"]) == 0
     table = ObsTable.load(tmp_path / "obs")
     capsys.readouterr()
@@ -381,7 +383,7 @@ def test_train_step_is_algorithm_1_lines_11_to_14(data) -> None:
     line 12's token), the loss is the cross-entropy of those logits (line 13), and the weights move (line 14)."""
     from torch import nn
 
-    from d2mae.train.fold import FoldTrainer
+    from d2mae.train.engine import FoldTrainer
     from d2mae.train.optim import warmup_cosine_scheduler
 
     pre, _ = data
@@ -407,30 +409,31 @@ def test_train_step_is_algorithm_1_lines_11_to_14(data) -> None:
 
 
 def test_validate_selects_by_the_macro_f1_evaluate_reports(data, tmp_path: Path) -> None:
-    """FoldTrainer.validate scores the validation images with d2mae.metrics.macro_f1 (the classes present in the
-    labels or predictions), the rule evaluation uses, on their deterministic view at their t*."""
-    from torch import nn
+    """The classification task's validation scores the validation images with d2mae.metrics.macro_f1 (the classes
+    present in the labels or predictions), the rule evaluation uses, on their deterministic view at their t*."""
+    from types import SimpleNamespace
 
+    from d2mae.data.folds import Fold
     from d2mae.eval.infer import class_probabilities
     from d2mae.eval.metrics import macro_f1
-    from d2mae.train.fold import FoldTrainer
-    from d2mae.train.optim import warmup_cosine_scheduler
+    from d2mae.runtime.distributed import DistContext
 
     pre, labels = data
     mae = load_pretrained(pre)
     clf = build_classifier(mae.config, 3, "full", 0.0)  # three classes, the validation part has two
     clf.load_encoder(mae.state_dict())
     torch.nn.init.normal_(clf.head.weight)
-    optimizer = torch.optim.SGD(clf.parameters(), lr=0.1)
-    trainer = FoldTrainer(clf, optimizer, warmup_cosine_scheduler(optimizer, 10, 0, 0.0), nn.CrossEntropyLoss(),
-                          torch.device("cpu"))
     rows = _rows(labels)[:12]
     refs = [str((labels.parent / r["path"]).absolute()) for r in rows]
     y = np.array([int(r["label"] == "malignant") for r in rows])
     t = np.linspace(1, 11, len(refs))
-    v = trainer.validate(refs, t, y)
+    run = SimpleNamespace(labeled=SimpleNamespace(refs=refs, labels=y), t_star=t, device=torch.device("cpu"),
+                          ctx=DistContext())
+    fold = Fold("1", np.arange(0), np.arange(len(refs)), np.arange(0))
+    v = Classify(FinetuneConfig(workers=0)).validate(run, clf, fold)
     pred = class_probabilities(clf, refs, t, torch.device("cpu")).argmax(axis=1)
-    assert v.macro_f1 == pytest.approx(macro_f1(y, pred)) and v.accuracy == pytest.approx(float(np.mean(pred == y)))
+    assert v["val_macro_f1"] == pytest.approx(macro_f1(y, pred))
+    assert v["val_accuracy"] == pytest.approx(float(np.mean(pred == y)))
 
 
 def test_resume_keeps_what_changes_results_and_may_change_the_rest(data, tmp_path: Path, capsys) -> None:

@@ -75,7 +75,7 @@ def _tiny_timm(chans: int = 3, depth: int = 2) -> torch.nn.Module:
 
 def test_official_mae_vit_b_loads_with_every_key_used(mae_vit_b):
     path, state = mae_vit_b
-    model = DeblurMAE(ModelConfig(model="vit_base_patch16", in_chans=3))
+    model = DeblurMAE(ModelConfig(arch="vit_base_patch16", in_chans=3))
     blur_token = model.encoder.blur_token.detach().clone()
     report = init_from_checkpoint(model, path)
     assert report.missing == [] and report.unexpected == []
@@ -98,7 +98,7 @@ def test_official_mae_vit_b_loads_with_every_key_used(mae_vit_b):
 
 def test_official_mae_vit_b_at_160_and_one_channel(mae_vit_b):
     path, state = mae_vit_b
-    model = DeblurMAE(ModelConfig(model="vit_base_patch16", in_chans=1, img_size=160))
+    model = DeblurMAE(ModelConfig(arch="vit_base_patch16", in_chans=1, img_size=160))
     report = init_from_checkpoint(model, path)
     assert report.missing == [] and report.unexpected == []
     sd = model.state_dict()

@@ -36,12 +36,12 @@ def old(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("folder", ["pt", "pt-moco", "pt-diffmae"])
 def test_old_pretrained_folders_load(old: Path, folder: str) -> None:
     model = load_pretrained(old / folder, "cpu")
-    assert model.config.img_size == 32 and model.config.dim == 16
+    assert model.config.img_size == 32 and model.config.embed_dim == 16
 
 
 def test_old_pretrained_model_gives_the_same_obs_table(old: Path, tmp_path: Path) -> None:
     """OBS with the old D²MAE folder picks the same t* per image, with the same losses, as d2mae 0.2.0 did."""
-    assert main(["obs", "--model", str(old / "pt"), "--labels", str(old / "ph" / "labels.csv"), "--out",
+    assert main(["obs", "--pretrained", str(old / "pt"), "--labels", str(old / "ph" / "labels.csv"), "--out",
                  str(tmp_path / "obs"), "--strips", "0", *CPU]) == 0
     before, after = _rows(old / "obs" / "obs.csv"), _rows(tmp_path / "obs" / "obs.csv")
     assert set(before) == set(after) and len(after) == 24
@@ -71,7 +71,7 @@ def test_old_pretrained_folder_fine_tunes_and_exports(old: Path, tmp_path: Path)
                  str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "0",
                  "--no-progress", *CPU]) == 0
     assert (tmp_path / "ft" / "predictions.csv").is_file()
-    assert main(["export", "--model", str(old / "pt"), "--out", str(tmp_path / "timm")]) == 0
+    assert main(["export", "--pretrained", str(old / "pt"), "--out", str(tmp_path / "timm")]) == 0
     assert any((tmp_path / "timm").iterdir())
 
 

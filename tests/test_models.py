@@ -26,7 +26,7 @@ def test_token_mode_adds_exactly_d_parameters():
 
 
 def test_vit_base_blur_token_is_768_parameters():
-    cfg = ModelConfig(model="vit_base_patch16", blur_embed="token", decoder_depth=1)
+    cfg = ModelConfig(arch="vit_base_patch16", blur_embed="token", decoder_depth=1)
     enc = DeblurMAE(cfg).encoder
     assert enc.blur_token.numel() == 768
     assert enc.pos_embed.shape == (1, 196 + 2, 768)  # P covers N + 2 tokens (Eq. 2)
@@ -229,7 +229,7 @@ def test_newer_format_is_refused(tmp_path, tiny_config):
 
 
 @pytest.mark.parametrize("kwargs,option,match", [
-    (dict(model="vit_huge"), "model", "unknown value 'vit_huge'"),
+    (dict(arch="vit_huge"), "arch", "unknown value 'vit_huge'"),
     (dict(img_size=40), "img_size", "multiple of the patch"),
     (dict(img_size=8), "img_size", "multiple of the patch"),
     (dict(blur_embed="concat"), "blur_embed", "unknown value 'concat'"),

@@ -17,7 +17,7 @@ from d2mae.data.shards import INDEX, ShardSet, split_member
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import load_checkpoint
 
-TINY_FLAGS = ["--model", "vit_tiny_patch16", "--img-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads",
+TINY_FLAGS = ["--arch", "vit_tiny_patch16", "--img-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads",
               "2", "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2", "--epochs", "1",
               "--batch-size", "4", "--device", "cpu", "--workers", "0"]
 
@@ -172,7 +172,7 @@ def test_a_saved_config_with_a_wrong_type_names_the_file_and_the_key(labeled, ca
     data = json.loads(config.read_text())
     data["model"]["img_size"] = value
     config.write_text(json.dumps(data))
-    assert main(["obs", "--model", str(labeled / "pt"), "--data", str(labeled / "ph" / "images"), "--out",
+    assert main(["obs", "--pretrained", str(labeled / "pt"), "--data", str(labeled / "ph" / "images"), "--out",
                  str(labeled / "obs"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(config) in err and words in err and "Traceback" not in err

@@ -183,7 +183,7 @@ def test_obs_command_writes_table_summary_and_figures(setup, tmp_path: Path, cap
     labels.write_text("path,label,scanner\n" + "".join(
         f"{r},{'benign' if i % 2 else 'malignant'},{'AB'[i % 3 == 0]}\n" for i, r in enumerate(refs)))
     out = tmp_path / "obs_out"
-    rc = main(["obs", "--model", str(pre), "--labels", str(labels), "--group-by", "scanner", "--out", str(out),
+    rc = main(["obs", "--pretrained", str(pre), "--labels", str(labels), "--group-by", "scanner", "--out", str(out),
                "--workers", "0", "--strips", "1"])
     assert rc == 0
     for name in ("obs.csv", "obs.json", "obs_summary.md", "obs_summary.json", "obs_sigma_hist.png",
@@ -201,15 +201,16 @@ def test_obs_command_writes_table_summary_and_figures(setup, tmp_path: Path, cap
 def test_obs_command_bad_inputs(setup, tmp_path: Path, capsys) -> None:
     pre, refs, _ = setup
     imgs = str(Path(refs[0]).parent)
-    assert main(["obs", "--model", str(tmp_path / "nope"), "--data", imgs, "--out", str(tmp_path / "o")]) == 2
+    assert main(["obs", "--pretrained", str(tmp_path / "nope"), "--data", imgs, "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     broken = tmp_path / "broken"
     shutil.copytree(pre, broken)
     (broken / "model.safetensors").unlink()
-    assert main(["obs", "--model", str(broken), "--data", imgs, "--out", str(tmp_path / "o")]) == 2
+    assert main(["obs", "--pretrained", str(broken), "--data", imgs, "--out", str(tmp_path / "o")]) == 2
     assert "model.safetensors does not exist" in capsys.readouterr().err
-    assert main(["obs", "--model", str(pre), "--data", imgs, "--out", str(tmp_path / "o"), "--obs", "fixed:3"]) == 2
+    assert main(["obs", "--pretrained", str(pre), "--data", imgs, "--out", str(tmp_path / "o"), "--obs",
+                 "fixed:3"]) == 2
     assert "outside the model's blur schedule" in capsys.readouterr().err
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(Path(imgs) / "tiny.png")
-    assert main(["obs", "--model", str(pre), "--data", imgs, "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert main(["obs", "--pretrained", str(pre), "--data", imgs, "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "tiny.png is 6x6 pixels" in capsys.readouterr().err

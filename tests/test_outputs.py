@@ -14,7 +14,7 @@ from d2mae.commands.main import COMMANDS, main
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-0.2.0"
 CPU = ["--device", "cpu"]
-TINY = ["--model", "vit_tiny_patch16", "--img-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
+TINY = ["--arch", "vit_tiny_patch16", "--img-size", "32", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
         "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2", "--epochs", "1",
         "--batch-size", "8", "--workers", "0", *CPU]
 
@@ -37,19 +37,19 @@ def _commands(o: Path) -> dict[str, tuple[callable, list[Path]]]:
     return {
         "phantoms": (lambda out: ["phantoms", "--out", str(out), "--n", "8", "--size", "32"], []),
         "pretrain": (lambda out: ["pretrain", "--data", str(images), "--out", str(out), *TINY], [images]),
-        "obs": (lambda out: ["obs", "--model", str(pt), "--labels", str(labels), "--out", str(out), *CPU],
+        "obs": (lambda out: ["obs", "--pretrained", str(pt), "--labels", str(labels), "--out", str(out), *CPU],
                 [pt, labels, images]),
         "finetune": (lambda out: ["finetune", "--pretrained", str(pt), "--labels", str(labels), "--out", str(out),
                                   "--epochs", "1", "--batch-size", "8", "--workers", "0", *CPU], [pt, labels, images]),
         "segment": (lambda out: ["segment", "--pretrained", str(pt), "--images", str(images), "--masks", str(images),
                                  "--out", str(out), "--epochs", "1", *CPU], [pt, images]),
-        "probe": (lambda out: ["probe", "--model", str(pt), "--labels", str(labels), "--out", str(out), "--knn-k", "3",
-                               *CPU], [pt, labels, images]),
+        "probe": (lambda out: ["probe", "--pretrained", str(pt), "--labels", str(labels), "--out", str(out),
+                               "--knn-k", "3", *CPU], [pt, labels, images]),
         "evaluate": (lambda out: ["evaluate", str(ft), "--out", str(out)], [ft]),
         "compare": (lambda out: ["compare", str(ft), str(ft), "--out", str(out)], [ft]),
         "predict": (lambda out: ["predict", "--model", str(ft), str(images), "--out", str(out), *CPU],
                     [ft, images]),
-        "export": (lambda out: ["export", "--model", str(pt), "--out", str(out)], [pt]),
+        "export": (lambda out: ["export", "--pretrained", str(pt), "--out", str(out)], [pt]),
         "shards": (lambda out: ["shards", str(images), "--out", str(out)], [images]),
         "experiment": (lambda out: ["experiment", str(o / "exp.yaml"), "--out", str(out), "--no-estimate"],
                        [labels, images]),
@@ -93,7 +93,7 @@ def test_no_command_writes_into_its_inputs_or_over_other_files(old: Path, tmp_pa
 
 
 def test_an_earlier_output_is_replaced_only_with_force(old: Path, tmp_path: Path, capsys) -> None:
-    obs = ["obs", "--model", str(old / "pt"), "--labels", str(old / "ph" / "labels.csv"), "--out",
+    obs = ["obs", "--pretrained", str(old / "pt"), "--labels", str(old / "ph" / "labels.csv"), "--out",
            str(tmp_path / "obs"), "--strips", "0", *CPU]
     assert main(obs) == 0
     assert main(obs) == 2 and "give --force" in capsys.readouterr().err

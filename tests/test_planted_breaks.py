@@ -79,7 +79,7 @@ def test_diffmae_target_is_the_clean_masked_patches() -> None:
     model = DiffMAE(cfg)
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     drawn = _params(model, 3, 0)
-    p, n = cfg.patch, cfg.num_patches
+    p, n = cfg.patch_size, cfg.num_patches
     xn = (x - model.encoder.pixel_mean) / model.encoder.pixel_std
     patches = torch.nn.functional.unfold(xn, kernel_size=p, stride=p).transpose(1, 2)  # [B, N, p*p] row by row
     masked = torch.argsort(drawn["noise"], dim=1)[:, int(n * (1 - cfg.mask_ratio)):]  # [B, M]

@@ -26,7 +26,7 @@ from d2mae.train.pretrain import pretrain
 from d2mae.train.pretrain_config import make_config
 from tests.conftest import REPO, TINY
 
-TINY_FLAGS = ["--model", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64",
+TINY_FLAGS = ["--arch", "vit_tiny_patch16", "--img-size", "32", "--depth", "2", "--embed-dim", "64",
               "--num-heads", "2", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2"]
 
 

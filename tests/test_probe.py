@@ -35,7 +35,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 def _probe(data: tuple[Path, Path], out: Path, *extra: str) -> list[dict[str, str]]:
     ph, pre = data
-    assert main(["probe", "--model", str(pre), "--labels", str(ph / "labels.csv"), "--out", str(out), "--protocol",
+    assert main(["probe", "--pretrained", str(pre), "--labels", str(ph / "labels.csv"), "--out", str(out), "--protocol",
                  "kfold:2", "--knn-k", "5", "--no-progress", "--threads", "1", *extra]) == 0
     return list(csv.DictReader(open(out / "probe.csv")))
 

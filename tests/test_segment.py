@@ -20,12 +20,12 @@ from d2mae.io.artifacts import save_pretrained
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError
-from d2mae.segment.config import SegmentConfig
 from d2mae.segment.data import SegmentDataset
 from d2mae.segment.files import load_segmenter
 from d2mae.segment.masks import load_segment_set
 from d2mae.segment.metrics import image_scores
 from d2mae.segment.model import ViTSegmenter
+from d2mae.train.config import SegmentConfig
 from tests.conftest import SHARED, TINY
 
 BUSI = SHARED / "data" / "busi-seg"

@@ -159,7 +159,7 @@ def test_a_stopped_run_on_shards_resumes_to_the_same_weights(corpus, tmp_path, m
     from d2mae.train import pretrain as pt
 
     _, shards = corpus
-    flags = ["pretrain", "--data", str(shards), "--model", "vit_tiny_patch16", "--img-size", "32", "--depth", "2",
+    flags = ["pretrain", "--data", str(shards), "--arch", "vit_tiny_patch16", "--img-size", "32", "--depth", "2",
              "--embed-dim", "64", "--num-heads", "2", "--decoder-embed-dim", "32", "--decoder-depth", "1",
              "--decoder-num-heads", "2", "--batch-size", "4", "--epochs", "2", "--warmup-epochs", "0",
              "--tensorboard", "off", "--num-workers", "0", "--data-path", "loader"]

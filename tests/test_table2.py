@@ -159,7 +159,7 @@ def test_diffmae_noise_reaches_the_masked_patches_only():
     assert torch.equal(seen["enc_in"], x)  # the encoder sees the clean image (its visible patches)
     n, keep = model.config.num_patches, int(model.config.num_patches * 0.25)
     masked = torch.argsort(drawn["noise"], dim=1)[:, keep:]
-    assert seen["xt"].shape == (4, n - keep, model.config.patch ** 2)  # one noisy token per masked patch, no more
+    assert seen["xt"].shape == (4, n - keep, model.config.patch_size ** 2)  # one noisy token per masked patch, no more
     target = model.patchify(model.encoder.normalize(x))
     x0 = torch.gather(target, 1, masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
     eps = seeded_normal(drawn["eps_seed"], tuple(x0.shape[1:]), torch.device("cpu"))
@@ -203,7 +203,7 @@ def test_official_mae_checkpoint_loads_with_every_encoder_key(tmp_path):
     used = set(vit) - set(report["unexpected"])
     assert used == set(vit)  # every tensor of the release was used
     assert torch.allclose(model.encoder.patch_embed.proj.weight, vit["patch_embed.proj.weight"].sum(1, keepdim=True))
-    assert model.config.model == "vit_tiny_patch16" and model.config.objective == "mae"
+    assert model.config.arch == "vit_tiny_patch16" and model.config.objective == "mae"
 
 
 def test_official_moco_v3_checkpoint_loads_its_query_vit(tmp_path):

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 def test_importing_d2mae_changes_no_environment_variable():
     code = ("import os, sklearn, timm, torch; before = dict(os.environ)  # the libraries' own variables are theirs\n"
-            "import d2mae, d2mae.commands.main, d2mae.experiment, d2mae.train.pretrain, d2mae.train.finetune\n"
+            "import d2mae, d2mae.commands.main, d2mae.experiment, d2mae.train.pretrain, d2mae.train.tasks\n"
             "import d2mae.eval.obs, d2mae.eval.predict\n"
             "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())\n")
     env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_VARIABLES}

@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.io.export import EXPORT_INFO, ExportConfig, export_encoder
 from d2mae.runtime.options import save_config
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="YAML", help="YAML file with any of the options below")
+    add_common(parser)
     add_arguments(parser, ExportConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_cli(ExportConfig, args)
-    out = export_encoder(cfg.model, cfg.out, cfg.format, cfg.blur_level, sigma=cfg.sigma, obs_table=cfg.obs_table,
+    out = export_encoder(cfg.pretrained, cfg.out, cfg.format, cfg.blur_level, sigma=cfg.sigma, obs_table=cfg.obs_table,
                          force=cfg.force)
     save_config(cfg, out / "export.yaml")
     info = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))

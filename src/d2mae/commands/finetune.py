@@ -1,19 +1,19 @@
-"""``d2mae finetune``: flags of :class:`d2mae.train.finetune_config.FinetuneConfig`, and the call."""
+"""``d2mae finetune``: flags of :class:`d2mae.train.config.FinetuneConfig`, and the call."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.runtime.distributed import context_from_env
-from d2mae.train.finetune import finetune
-from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.train.config import FinetuneConfig
 from d2mae.train.interrupts import Interrupted
+from d2mae.train.tasks import finetune
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_common(parser)
     add_arguments(parser, FinetuneConfig)
 
 

@@ -48,7 +48,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"d2mae: warning: {message}\n"
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
+def build_parser(command: str, show_all: bool = False) -> argparse.ArgumentParser:
+    """The command's parser; ``show_all`` lists its advanced options too (``--help-all``)."""
+    from d2mae.commands import flags
+
+    flags.SHOW_ALL = show_all
     module_name, description = COMMANDS[command]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"d2mae {command}", description=description)
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"d2mae: error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
         return 2
-    helping = any(a in ("-h", "--help") for a in argv[1:])  # help computes nothing: no policy, no note
+    helping = any(a in ("-h", "--help", "--help-all") for a in argv[1:])  # help computes nothing: no policy, no note
     if not helping and "torch" not in sys.modules and wait_policy_environment():  # before OpenMP loads (threads.py)
         print("note: other programs are using the CPU; OpenMP threads sleep while they wait "
               "(OMP_WAIT_POLICY=PASSIVE), so this run keeps its share", file=sys.stderr)
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     parser = None
     try:
+        if "--help-all" in argv[1:]:
+            build_parser(command, show_all=True).print_help()
+            return 0
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.eval.obs import ObsConfig, search_dataset
 from d2mae.io.obs_table import META_NAME
 from d2mae.runtime.distributed import context_from_env
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_common(parser)
     add_arguments(parser, ObsConfig)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.data.phantom import PhantomConfig, write_phantoms
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_common(parser)
     add_arguments(parser, PhantomConfig)
 
 

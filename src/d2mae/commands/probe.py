@@ -1,4 +1,4 @@
-"""``d2mae probe``: flags of :class:`d2mae.train.probe.ProbeConfig`, the call, and the table of its readouts."""
+"""``d2mae probe``: flags of :class:`d2mae.train.config.ProbeConfig`, the call, and the table of its readouts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from collections import defaultdict
 
 import numpy as np
 
-from d2mae.commands.flags import add_arguments, config_from_cli
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.runtime.files import read_csv_rows
-from d2mae.train.probe import PROBE_CSV, ProbeConfig, probe
+from d2mae.train.config import ProbeConfig
+from d2mae.train.probe import PROBE_CSV, probe
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the options below")
-    add_arguments(parser, ProbeConfig)
+    add_common(parser)
+    add_arguments(parser, ProbeConfig, advanced=("epochs", "batch_size", "blr", "resume"))  # partial fine-tuning's
 
 
 def run(args: argparse.Namespace) -> int:

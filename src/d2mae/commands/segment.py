@@ -1,20 +1,20 @@
-"""``d2mae segment``: flags of :class:`d2mae.segment.config.SegmentConfig`, and the call."""
+"""``d2mae segment``: flags of :class:`d2mae.train.config.SegmentConfig`, and the call."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from d2mae.commands.flags import add_arguments, config_from_cli
-from d2mae.segment.config import SegmentConfig
+from d2mae.commands.flags import add_arguments, add_common, config_from_cli
 from d2mae.segment.evaluate import evaluate_segment_run, print_summary
-from d2mae.segment.train import segment
+from d2mae.train.config import SegmentConfig
 from d2mae.train.interrupts import Interrupted
+from d2mae.train.tasks import segment
 
 
 def add(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with any of the options below")
-    add_arguments(parser, SegmentConfig)
+    add_common(parser)
+    add_arguments(parser, SegmentConfig, advanced=("path_column", "image_root", "image_ext"))  # a labels CSV's
 
 
 def run(args: argparse.Namespace) -> int:

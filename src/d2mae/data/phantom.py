@@ -90,13 +90,14 @@ class PhantomConfig:
     n: int = field(default=200, metadata={"help": "number of images", "min": 1})
     size: int = field(default=96, metadata={"help": "image side in pixels (square)", "min": 16, "max": 1024})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same images", "min": 0})
-    malignant_fraction: float = field(default=0.4, metadata={"help": "share of patients with a malignant lesion",
-                                                             "min": 0.0, "max": 1.0})
-    scanners: list[str] = field(default_factory=lambda: list(SCANNERS), metadata={
+    malignant_fraction: float = field(default=0.4, metadata={
+        "advanced": True, "help": "share of patients with a malignant lesion", "min": 0.0, "max": 1.0})
+    scanners: list[str] = field(default_factory=lambda: list(SCANNERS), metadata={"advanced": True, 
         "help": f"simulated scanners to use ({', '.join(SCANNERS)})"})
-    scanner_weights: list[float] | None = field(default=None, metadata={
+    scanner_weights: list[float] | None = field(default=None, metadata={"advanced": True, 
         "help": "relative share of each scanner, in the order of --scanners; unset: equal shares", "min": 0.0})
-    max_views: int = field(default=2, metadata={"help": "images per simulated patient: 1 to this many", "min": 1})
+    max_views: int = field(default=2, metadata={
+        "advanced": True, "help": "images per simulated patient: 1 to this many", "min": 1})
     masks: bool = field(default=False, metadata={
         "help": "also write each lesion's mask (masks/, 0/255 PNGs named like the images; a mask column in "
                 "labels.csv) for d2mae segment"})

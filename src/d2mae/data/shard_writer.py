@@ -87,7 +87,7 @@ class ShardsConfig:
     seed: int = field(default=0, metadata={"help": "seed of the order images are shuffled into shards", "min": 0})
     skip_bad: bool = field(default=False, metadata={"help": "leave out unreadable images (listed in "
                                                               "OUT/bad_images.txt) instead of stopping"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"advanced": True, "help": "show a progress bar"})
 
     def __post_init__(self) -> None:
         check_fields(self)

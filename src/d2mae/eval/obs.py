@@ -3,7 +3,7 @@
 The rule is :mod:`d2mae.method.obs` (Eqs. 4-5); here it runs over images. :func:`run_obs` turns any OBS setting
 into each image's level t — the search itself (every searched level of a batch in one forward pass, Eq. 4; the
 argmin, Eq. 5), or the one level ``none``/``fixed`` give every image — and returns an
-:class:`~d2mae.io.obs_table.ObsTable`. Fine-tuning (:mod:`d2mae.train.finetune`) and prediction
+:class:`~d2mae.io.obs_table.ObsTable`. Fine-tuning (:mod:`d2mae.train.engine`) and prediction
 (:mod:`d2mae.eval.predict`) take their t from it; OBS runs once, before fine-tuning.
 
 More than one process: under torchrun each rank searches its block of the images (:func:`d2mae.eval.infer.infer`)
@@ -268,33 +268,37 @@ def write_summary(table: ObsTable, groups: Sequence[str] | None, group_name: str
 class ObsConfig(RuntimeOptions):
     """What ``d2mae obs`` takes: every field is a YAML key and a flag (``search_step`` ↔ ``--search-step``)."""
 
-    model: str = field(default="", metadata={"help": "pre-trained D²MAE folder (model.safetensors + config.json)",
-                                             "metavar": "DIR"})
+    pretrained: str = field(default="", metadata={
+        "help": "pre-trained D²MAE folder (model.safetensors + config.json)", "metavar": "DIR", "group": "model",
+        "old_names": ["model"]})
     data: list[str] | None = field(default=None, metadata={
         "help": "images: folders, files or .csv/.txt lists (or use --labels)", "metavar": "SRC"})
     out: str = field(default="", metadata={"help": "output folder for obs.csv, obs.json, obs_summary.md, PNGs",
                                            "metavar": "DIR"})
     obs: str = field(default="search", metadata={"help": "search, none or fixed:SIGMA (Table 3c)"})
-    search_step: int = field(default=DEFAULT_SEARCH_STEP, metadata={"help": "OBS search step s (Table 3d)",
-                                                                    "min": 1})
-    batch_size: int = field(default=32, metadata={"help": "images per batch (× searched levels per forward pass)",
-                                                  "min": 1, "volatile": True})
-    max_rows: int = field(default=256, metadata={"help": "most (image, level) pairs per forward pass", "min": 1,
-                                                 "volatile": True})
+    search_step: int = field(default=DEFAULT_SEARCH_STEP, metadata={
+        "advanced": True, "help": "OBS search step s (Table 3d)", "min": 1})
+    batch_size: int = field(default=32, metadata={
+        "advanced": True, "help": "images per batch (× searched levels per forward pass)", "min": 1, "volatile": True})
+    max_rows: int = field(default=256, metadata={
+        "advanced": True, "help": "most (image, level) pairs per forward pass", "min": 1, "volatile": True})
     labels: str | None = field(default=None, metadata={
         "help": "labels CSV or class-per-folder tree instead of --data (then --group-by can name any column)"})
-    path_column: str = field(default="path", metadata={"help": "labels CSV column with the image path or ID"})
-    label_column: str = field(default="label", metadata={"help": "labels CSV column with the class"})
+    path_column: str = field(default="path", metadata={
+        "advanced": True, "help": "labels CSV column with the image path or ID"})
+    label_column: str = field(default="label", metadata={"advanced": True, "help": "labels CSV column with the class"})
     image_root: str | None = field(default=None, metadata={"help": "folder the labels CSV paths are relative to"})
-    image_ext: str = field(default="", metadata={"help": "extension added to path values that lack it (e.g. .png)"})
-    allow_outside_root: bool = field(default=False, metadata={
+    image_ext: str = field(default="", metadata={
+        "advanced": True, "help": "extension added to path values that lack it (e.g. .png)"})
+    allow_outside_root: bool = field(default=False, metadata={"advanced": True, 
         "help": "follow labels CSV paths that lead outside --image-root (absolute, ../, links); refused by default",
         "volatile": True})
     group_by: str | None = field(default=None, metadata={
         "help": "labels CSV column to summarise σ* by (e.g. Device); default: the class"})
     force: bool = field(default=False, metadata={
         "help": "replace an earlier output of this command in --out (or write beside other files there)"})
-    strips: int = field(default=3, metadata={"help": "images in the OBS strip figure (0: none)", "min": 0})
+    strips: int = field(default=3, metadata={
+        "advanced": True, "help": "images in the OBS strip figure (0: none)", "min": 0})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -310,15 +314,15 @@ def search_dataset(cfg: ObsConfig) -> Path:
 
     Under torchrun every rank searches its block and rank 0 writes. Returns the table's path (``obs.csv``).
     """
-    if not cfg.model:
-        raise D2maeError("is required: the pre-trained D²MAE folder", option="model")
+    if not cfg.pretrained:
+        raise D2maeError("is required: the pre-trained D²MAE folder", option="pretrained")
     if not cfg.out:
         raise D2maeError("is required: the folder for the OBS table", option="out")
     if bool(cfg.data) == bool(cfg.labels):
         raise D2maeError("give the images either as data (folders, files, lists) or as labels (a labels CSV)",
                          option="data")
     with distributed_run(cfg.device) as (ctx, device):
-        inputs = [cfg.model, *(cfg.data or []), *labels_inputs(cfg.labels, cfg.path_column, cfg.image_root,
+        inputs = [cfg.pretrained, *(cfg.data or []), *labels_inputs(cfg.labels, cfg.path_column, cfg.image_root,
                                                                      cfg.image_ext)]
         on_main(ctx, lambda: claim_folder(cfg.out, "obs", inputs, force=cfg.force))
         return _obs_command(cfg, ctx, device)
@@ -328,7 +332,7 @@ def _obs_command(cfg: ObsConfig, ctx: DistContext, device: torch.device) -> Path
     """``d2mae obs`` in its claimed output folder (see :func:`search_dataset`)."""
     with output_lock(cfg.out, "obs", ctx):
         configure_threads(cfg.threads)
-        model = load_pretrained(cfg.model, device)
+        model = load_pretrained(cfg.pretrained, device)
         refs, groups, group_name = _images(cfg)
         out = Path(cfg.out)
         good = on_main(ctx, lambda: check_images(refs, model.config.in_chans, skip_bad=cfg.skip_bad, out_dir=out))
@@ -339,8 +343,8 @@ def _obs_command(cfg: ObsConfig, ctx: DistContext, device: torch.device) -> Path
             save_config(cfg, out / "obs.yaml")
         table = run_obs(model, good, spec=cfg.spec, batch_size=cfg.batch_size, device=device,
                         precision=cfg.precision, workers=cfg.workers, max_rows=cfg.max_rows,
-                        model_hash=model_sha256(cfg.model), progress=cfg.progress, ctx=ctx)
-        table.meta["model_dir"] = str(Path(cfg.model).absolute())
+                        model_hash=model_sha256(cfg.pretrained), progress=cfg.progress, ctx=ctx)
+        table.meta["model_dir"] = str(Path(cfg.pretrained).absolute())
         if ctx.is_main:
             table.save(out)
             write_summary(table, groups, group_name, out)

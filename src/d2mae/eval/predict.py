@@ -55,8 +55,9 @@ class PredictConfig(RuntimeOptions):
                                                             "model: a folder for the mask PNGs and masks.csv)",
                                                     "metavar": "PATH"})
     fold: str | None = field(default=None, metadata={"help": "with a run folder: use only this fold's model"})
-    batch_size: int = field(default=32, metadata={"help": "images per batch", "min": 1})
-    show: int = field(default=20, metadata={"help": "rows printed on the terminal (all go to --out)", "min": 0})
+    batch_size: int = field(default=32, metadata={"advanced": True, "help": "images per batch", "min": 1})
+    show: int = field(default=20, metadata={
+        "advanced": True, "help": "rows printed on the terminal (all go to --out)", "min": 0})
     force: bool = field(default=False, metadata={"help": "replace the --out file if it exists"})
 
     def __post_init__(self) -> None:

@@ -18,9 +18,8 @@ from d2mae.experiment.overrides import apply_overrides, expand_env
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError, shown
-from d2mae.runtime.options import build_config, check_fields, coerce, field_types, load_yaml, to_dict
-from d2mae.segment.config import SegmentConfig
-from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.runtime.options import build_config, canonical_key, check_fields, coerce, field_types, load_yaml, to_dict
+from d2mae.train.config import FinetuneConfig, SegmentConfig
 from d2mae.train.pretrain_config import MODEL_FIELDS, PretrainConfig
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -79,14 +78,14 @@ class DatasetSpec:
     def segment_options(self, labels: str | None = None) -> dict[str, Any]:
         """The data options of a ``d2mae segment`` run on this dataset (``labels``: the phantoms' labels CSV, whose
         ``mask`` column names each image's mask)."""
+        column = None if self.stratify == "lesion" else self.stratify
+        folds = ",".join(self.folds) if self.folds else None
         if self.phantoms is not None:
-            return {"labels": labels, "mask_column": "mask", "stratify": self.stratify,
-                    "num_classes": self.num_classes, "protocol": self.protocol,
-                    "folds": ",".join(self.folds) if self.folds else None}
+            return {"labels": labels, "mask_column": "mask", "label_column": column, "num_classes": self.num_classes,
+                    "protocol": self.protocol, "folds": folds}
         keys = ("images", "labels", "masks", "mask_column", "mask_suffix", "path_column", "image_root", "image_ext",
-                "allow_outside_root", "group_column", "split_column", "fold_column", "stratify", "num_classes",
-                "protocol")
-        return {**{k: getattr(self, k) for k in keys}, "folds": ",".join(self.folds) if self.folds else None}
+                "allow_outside_root", "group_column", "split_column", "fold_column", "num_classes", "protocol")
+        return {**{k: getattr(self, k) for k in keys}, "label_column": column, "folds": folds}
 
 
 @dataclass
@@ -337,7 +336,8 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     """Check and parse an experiment mapping (the YAML file's content); errors name the key and ``source``."""
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     flat = _parse_top(data, source)
-    model = _section(data, "model", source)
+    model = {canonical_key(ModelConfig, k, f"{source}, section model"): v
+             for k, v in _section(data, "model", source).items()}
     for key in model:
         if key in PRESET_FIELDS:
             raise D2maeError(f"option 'model.{key}' in {source} is not allowed: each method's pre-training preset "

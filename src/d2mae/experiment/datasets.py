@@ -15,8 +15,8 @@ from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.stage import DatasetPlan, config_hash, refs_digest
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import build_config
-from d2mae.segment.config import SegmentConfig
 from d2mae.segment.masks import load_segment_set
+from d2mae.train.config import SegmentConfig
 
 
 def _approx_folds(n: int, protocol: str, folds: list[str] | None) -> list[tuple[str, int, int, int]]:

@@ -133,7 +133,7 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     gen = torch.Generator().manual_seed(0)
     out: dict[str, float] = {}
     # per-image work of one encoder pass ~ width² × tokens × blocks; ~1.1e9 ≈ a batch of 64 ViT-Tiny images at 96 px
-    work = model_cfg.dim ** 2 * (model_cfg.num_patches + 2) * model_cfg.blocks
+    work = model_cfg.embed_dim ** 2 * (model_cfg.num_patches + 2) * model_cfg.depth
     cap = max(4, int(1.1e9 // max(1, work)))
     bp = max(1, min(pretrain_batch, cap))
     bf = max(1, min(finetune_batch, cap))
@@ -178,7 +178,7 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
             clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, *default_stats(c)), num_classes)
         else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
             found = os.path.exists(fc.pretrained)
-            arch = encoder_architecture(fc.pretrained) if found else {"model": "vit_base_patch16"}
+            arch = encoder_architecture(fc.pretrained) if found else {"arch": "vit_base_patch16"}
             clf = DeblurClassifier(ModelConfig(**arch, img_size=fc.img_size, in_chans=c, blur=False,
                                                blur_embed="none"), num_classes)
         x = torch.rand(min(fc.batch_size, 8), c, fc.img_size, fc.img_size, generator=gen).to(dev)

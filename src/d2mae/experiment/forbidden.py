@@ -39,7 +39,7 @@ FINETUNE_FORBIDDEN = {
     "protocol": "set datasets.<name>.protocol",
     "folds": "set datasets.<name>.folds",
     "keep_columns": "set datasets.<name>.scanner_column",
-    "arch": "set model.model",
+    "arch": "set model.arch",
     "img_size": "set model.img_size",
     "in_chans": "set model.in_chans",
     **{k: f"set datasets.<name>.{k}" for k in LABEL_OPTIONS},

@@ -14,16 +14,14 @@ from d2mae.experiment.config import PRESET_FIELDS, BudgetSpec, DatasetSpec, Expe
 from d2mae.experiment.datasets import dataset_plan
 from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.stage import DatasetPlan, Stage, config_hash, refs_digest
-from d2mae.method.model_config import ModelConfig
+from d2mae.method.model_config import ARCHITECTURES, ModelConfig
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.machine import machine_info
-from d2mae.runtime.options import build_config, result_fields, to_dict
-from d2mae.segment.config import SegmentConfig
-from d2mae.train.finetune_config import FinetuneConfig
+from d2mae.runtime.options import build_config, field_types, result_fields, to_dict
+from d2mae.train.config import FinetuneConfig, ProbeConfig, SegmentConfig, own_fields
 from d2mae.train.pretrain import CHECKPOINTS
 from d2mae.train.pretrain_config import PretrainConfig
-from d2mae.train.probe import ProbeConfig
 
 #: pre-training options that are the budget: every method's must agree, whatever its preset says
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "accum_iter", "data", "img_size")
@@ -63,14 +61,35 @@ class Plan:
 
 #: options added after d2mae 0.2.0: at these defaults they stay out of a stage's key, so earlier experiments resume
 LATER_DEFAULTS: dict[str, Any] = {"label_fraction": 1.0, "trainable_blocks": None, "keep_steps": None}
+#: the options segmentation took from fine-tuning when the two came to share one config
+SEGMENT_LATER_DEFAULTS: dict[str, Any] = {**LATER_DEFAULTS, "classes": None, "folds_csv": None, "keep_columns": None,
+                                          "strict": False}
 
 
 def _result_options(cfg: Any) -> dict[str, Any]:
     """The options of a stage's config that change what it computes (a stage's cache key; the ``volatile`` ones —
-    devices, workers, logging, output folders — are left out, as a resumed run may change them too)."""
+    devices, workers, logging, output folders — are left out, as a resumed run may change them too).
+
+    They are recorded as d2mae 0.2.0 recorded them, so that a finished experiment resumes with every stage skipped:
+    renamed options under their old name, and settings now resolved when a config is made (a named ViT's width, a
+    default column) at the value that stood for them then."""
     values = to_dict(cfg)
-    return {k: values[k] for k in result_fields(type(cfg))
-            if not (k in LATER_DEFAULTS and values[k] == LATER_DEFAULTS[k])}
+    model = isinstance(cfg, ModelConfig)  # pre-training: the architecture was 'model', its shape None
+    renames = {"arch": "model"} if model else {"label_column": "stratify"} if isinstance(cfg, SegmentConfig) else {}
+    later = SEGMENT_LATER_DEFAULTS if isinstance(cfg, SegmentConfig) else LATER_DEFAULTS
+    out = {renames.get(k, k): values[k] for k in result_fields(type(cfg)) if not (k in later and values[k] == later[k])}
+    if model:
+        out.update(_shape_as_recorded(cfg))
+    elif isinstance(cfg, SegmentConfig):
+        out.update(stratify=out["stratify"] or "lesion", blr=5e-4 if cfg.blr is None else cfg.blr)
+    else:
+        out.update(label_column=out["label_column"] or "label", labels=out["labels"] or "")
+    return out
+
+
+def _shape_as_recorded(mc: ModelConfig) -> dict[str, Any]:
+    """A named ViT's own patch size, width, depth and heads as d2mae 0.2.0 recorded them: None."""
+    return {k: None for k, v in ARCHITECTURES[mc.arch]._asdict().items() if getattr(mc, k) == v}
 
 
 def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> tuple[int, int | None, int]:
@@ -86,6 +105,12 @@ def pretrain_budget(budget: BudgetSpec, n_images: int, accum_iter: int = 1) -> t
         return epochs, None, epochs * steps_per_epoch
     steps = max(1, math.ceil(budget.pretrain_images / batch))
     return max(1, math.ceil(steps / max(1, steps_per_epoch))), steps, steps
+
+
+def _scratch_arch(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The architecture of the rows trained from scratch: the experiment's ``model:`` section."""
+    return {"arch": cfg.model.get("arch", "vit_base_patch16"), "img_size": int(cfg.model.get("img_size", 224)),
+            "in_chans": int(cfg.model.get("in_chans", 1))}
 
 
 def _start_options(method: Any, base: Stage | None, weights: str | None) -> dict[str, Any]:
@@ -171,9 +196,7 @@ def _finetune_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Da
               "method": m.name, "seed": seed, "epochs": cfg.budget.finetune_epochs,
               "batch_size": cfg.budget.finetune_batch_size, "device": cfg.device, "resume": True,
               "threads": cfg.threads, "label_fraction": share,
-              "arch": cfg.model.get("model", "vit_base_patch16"),
-              "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
-             f"method {m.name}"))
+              **_scratch_arch(cfg)}, f"method {m.name}"))
         origin = base.key if base is not None else refs_digest([weights] if weights else [])
         key = config_hash({"dataset": name, "data": dp.data_key, "base": origin,
                            "finetune": _result_options(fcfg)})
@@ -204,15 +227,20 @@ def _probe_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Datas
                 options = {k: getattr(spec, k) for k in LABEL_OPTIONS}
                 options.update(labels=dp.labels, protocol=spec.protocol,
                                folds=",".join(spec.folds) if spec.folds else None)
-                pcfg = _build(
-                    ProbeConfig, "finetune", cfg.source, (cfg.finetune, f"{cfg.source}, section finetune"),
-                    (options, f"{cfg.source}, section datasets.{name}"),
-                    ({"model": str(model), "out": "-", "obs": m.obs, "search_step": m.search_step, "method": m.name,
-                      "seed": seed, "device": cfg.device, "threads": cfg.threads, "mode": "full",
-                      "epochs": cfg.budget.finetune_epochs, "batch_size": cfg.budget.finetune_batch_size},
-                     f"method {m.name}"))
+                layers = ((cfg.finetune, f"{cfg.source}, section finetune"),
+                          (options, f"{cfg.source}, section datasets.{name}"),
+                          ({"pretrained": str(model), "out": "-", "obs": m.obs, "search_step": m.search_step,
+                            "method": m.name, "seed": seed, "device": cfg.device, "threads": cfg.threads,
+                            "epochs": cfg.budget.finetune_epochs, "batch_size": cfg.budget.finetune_batch_size},
+                           f"method {m.name}"))
+                probe_keys = set(field_types(ProbeConfig))
+                own = [({k: v for k, v in layer.items() if k in probe_keys}, where) for layer, where in layers]
+                pcfg = _build(ProbeConfig, "finetune", cfg.source, *own)
+                # the key of d2mae 0.2.0, whose probe took every fine-tuning option (and fine-tunes with them)
+                recorded = _result_options(_build(FinetuneConfig, "finetune", cfg.source, *layers))
+                recorded.update({k: getattr(pcfg, k) for k in own_fields(ProbeConfig)})
                 key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key, "step": step,
-                                   "probe": _result_options(pcfg)})
+                                   "probe": recorded})
                 folder = out / "runs" / name / "probes" / f"{m.name}-seed{seed}-step{step}-{key[:8]}"
                 stages.append(Stage("probe", name, f"probe {m.name} at {share:.0%} of pre-training on {name} "
                                                    f"(seed {seed})", folder, key,
@@ -242,9 +270,7 @@ def _segment_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Dat
                 ({**start, "out": "-", "obs": m.obs, "search_step": m.search_step, "method": m.name, "seed": seed,
                   "epochs": cfg.budget.finetune_epochs, "batch_size": cfg.budget.finetune_batch_size,
                   "device": cfg.device, "resume": True, "threads": cfg.threads,
-                  "arch": cfg.model.get("model", "vit_base_patch16"),
-                  "img_size": int(cfg.model.get("img_size", 224)), "in_chans": int(cfg.model.get("in_chans", 1))},
-                 f"method {m.name}"))
+                  **_scratch_arch(cfg)}, f"method {m.name}"))
             key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key if base else m.source,
                                "segment": _result_options(scfg)})
             folder = out / "runs" / name / f"{m.name}-seed{seed}-{key[:8]}"
@@ -288,7 +314,9 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
                                     (cfg.model, f"{cfg.source}, section model"))
             # every field, as before config.json dropped the other objectives' settings: the same keys
-            arch_key = config_hash({"data": dp.data_key, "model": to_dict(arch_cfg), "stats_seed": 0})
+            recorded = {("model" if k == "arch" else k): v for k, v in to_dict(arch_cfg).items()}
+            arch_key = config_hash({"data": dp.data_key, "model": {**recorded, **_shape_as_recorded(arch_cfg)},
+                                    "stats_seed": 0})
             arch_stage = Stage("arch", name, f"untrained ViT for the supervised floor ({name})",
                                cache / name / f"scratch-vit-{arch_key[:12]}", arch_key,
                                {"model": arch_cfg, "data": dp.pretrain_data})

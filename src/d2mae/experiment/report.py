@@ -124,7 +124,8 @@ def _setup_bullets(plan: Plan, fold_problems: Sequence[str]) -> list[str]:
         if dp.overlap:
             setup.append(f"Note on {name}: {dp.overlap}.")
     mc = build_config(ModelConfig, (cfg.model, "model"))
-    setup.append(f"Model: {mc.model} ({mc.blocks} blocks, width {mc.dim}, {mc.heads} heads, patch {mc.patch}), "
+    setup.append(f"Model: {mc.arch} ({mc.depth} blocks, width {mc.embed_dim}, {mc.num_heads} heads, "
+                 f"patch {mc.patch_size}), "
                  f"{mc.img_size} px, {mc.in_chans} channel(s); decoder {mc.decoder_depth} × {mc.decoder_embed_dim}; "
                  f"mask ratio {mc.mask_ratio:.0%}.")
     return setup

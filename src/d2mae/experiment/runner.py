@@ -46,10 +46,10 @@ from d2mae.runtime.logs import say
 from d2mae.runtime.options import save_config
 from d2mae.runtime.outputs import claim_folder
 from d2mae.segment.evaluate import evaluate_segment_run
-from d2mae.segment.train import segment
-from d2mae.train.finetune import finetune
+from d2mae.train.pretrain import RESUME as PRETRAIN_RESUME
 from d2mae.train.pretrain import pretrain
 from d2mae.train.probe import probe
+from d2mae.train.tasks import finetune, segment
 
 # --------------------------------------------------------------------------------------------------------------------
 # running the stages
@@ -150,6 +150,8 @@ def run_stage(stage: Stage, plan: Plan, index: int = 0, total: int = 0) -> dict[
     _RUNNERS[stage.kind](stage, plan)
     seconds = time.perf_counter() - t0
     _write_done(stage, seconds)
+    if stage.kind == "pretrain":  # finished and marked: its resume state (3× the model's size) is of no more use
+        (stage.folder / PRETRAIN_RESUME).unlink(missing_ok=True)
     _say(f"{where}{stage.label}: done in {format_seconds(seconds)}")
     return {**(stage.done_info() or {}), "skipped": False}
 

@@ -56,15 +56,15 @@ DEFAULT_BLUR_LEVEL = 1  # σ_1: the lightest blur of the schedule; an identity a
 class ExportConfig:
     """Options of ``d2mae export`` (every field is also a flag and a YAML key)."""
 
-    model: str = field(default="", metadata={"help": "pre-trained d2mae folder (written by d2mae pretrain)",
-                                             "metavar": "DIR"})
+    pretrained: str = field(default="", metadata={"help": "pre-trained d2mae folder (written by d2mae pretrain)",
+                                                  "metavar": "DIR", "old_names": ["model"]})
     out: str = field(default="", metadata={"help": "output folder for the exported model", "metavar": "DIR"})
     format: str = field(default="timm", metadata={"help": "target library: timm or hf (transformers)",
                                                   "choices": list(EXPORT_FORMATS)})
     blur_level: float | None = field(default=None, metadata={
         "help": "blur level t whose BLU(t) is baked in (0..T; default: most common t* of --obs-table, else 1)",
         "metavar": "T", "min": 0.0})
-    sigma: float | None = field(default=None, metadata={
+    sigma: float | None = field(default=None, metadata={"advanced": True,
         "help": "give the blur level as its σ instead of --blur-level", "metavar": "S", "min": 0.0})
     obs_table: str | None = field(default=None, metadata={
         "help": "CSV with a t_star column (e.g. a fine-tuning run's predictions.csv); its most common t* is used",
@@ -74,8 +74,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if not self.model:
-            raise D2maeError("is required: the pre-trained d2mae folder to export", option="model")
+        if not self.pretrained:
+            raise D2maeError("is required: the pre-trained d2mae folder to export", option="pretrained")
         if not self.out:
             raise D2maeError("is required: the folder to write the exported model to", option="out")
         if self.format not in EXPORT_FORMATS:
@@ -145,18 +145,18 @@ def resolve_blur_level(config: ModelConfig, t: float | None = None, sigma: float
 
 def timm_architecture(config: ModelConfig) -> str:
     """The timm registry name of the architecture (``vit_base_patch16`` → ``vit_base_patch16_224``)."""
-    return f"{config.model}_224"
+    return f"{config.arch}_224"
 
 
 def timm_model_args(config: ModelConfig) -> dict[str, Any]:
     """``timm.create_model`` keyword arguments that rebuild the encoder's architecture exactly."""
     return {
         "img_size": config.img_size,
-        "patch_size": config.patch,
+        "patch_size": config.patch_size,
         "in_chans": config.in_chans,
-        "embed_dim": config.dim,
-        "depth": config.blocks,
-        "num_heads": config.heads,
+        "embed_dim": config.embed_dim,
+        "depth": config.depth,
+        "num_heads": config.num_heads,
         "mlp_ratio": config.mlp_ratio,
         "qkv_bias": True,
         "class_token": True,
@@ -173,12 +173,12 @@ def encoder_to_timm_state(encoder: DeblurEncoder, t: float) -> dict[str, torch.T
     config = encoder.config
     state = {k: v.detach().float().clone() for k, v in encoder.state_dict().items()
              if k not in ("pixel_mean", "pixel_std", "blur_token")}
-    emb = sinusoidal_embedding(torch.tensor([t]), config.dim)[0]  # [D], the fixed part of BLU(t)
+    emb = sinusoidal_embedding(torch.tensor([t]), config.embed_dim)[0]  # [D], the fixed part of BLU(t)
     if config.blur_embed == "token":
         state["reg_token"] = (encoder.blur_token.detach().float() + emb).clone()  # [1, 1, D] = BLU(t)
     elif config.blur_embed == "add":
         state["patch_embed.proj.bias"] = state["patch_embed.proj.bias"] + emb  # E_i + sin-emb(t), exact
-    state["pos_embed"] = state["pos_embed"].reshape(1, -1, config.dim)  # [1, prefix + N, D]
+    state["pos_embed"] = state["pos_embed"].reshape(1, -1, config.embed_dim)  # [1, prefix + N, D]
     return state
 
 
@@ -249,7 +249,7 @@ def export_timm(encoder: DeblurEncoder, out_dir: Path, t: float, source: Path) -
     timm_config = {
         "architecture": timm_architecture(config),
         "num_classes": 0,
-        "num_features": config.dim,
+        "num_features": config.embed_dim,
         "global_pool": model_args["global_pool"],
         "model_args": model_args,
         "pretrained_cfg": _timm_pretrained_cfg(encoder),
@@ -273,7 +273,7 @@ def timm_to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     ``token`` mode → ``Dinov2WithRegistersModel`` (register token = BLU(t) + P_1, layer scale 1);
     ``add`` / ``none`` → ``ViTModel``.
     """
-    dim, registers = config.dim, config.blur_embed == "token"
+    dim, registers = config.embed_dim, config.blur_embed == "token"
     pos = state["pos_embed"]  # [1, prefix + N, D]
     out = {
         "embeddings.cls_token": state["cls_token"],
@@ -289,7 +289,7 @@ def timm_to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
         out["embeddings.mask_token"] = torch.zeros(1, dim)  # unused at inference, always present in the layout
     else:
         out["embeddings.position_embeddings"] = pos
-    for i in range(config.blocks):
+    for i in range(config.depth):
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
         q, k, v = state[src + "attn.qkv.weight"].chunk(3, dim=0)  # [D, D] each
         qb, kb, vb = state[src + "attn.qkv.bias"].chunk(3, dim=0)
@@ -325,9 +325,9 @@ def hf_config(encoder: DeblurEncoder) -> Any:
     transformers = _import_transformers()
     config = encoder.config
     ratio = config.mlp_ratio
-    common = dict(hidden_size=config.dim, num_hidden_layers=config.blocks, num_attention_heads=config.heads,
+    common = dict(hidden_size=config.embed_dim, num_hidden_layers=config.depth, num_attention_heads=config.num_heads,
                   hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                  layer_norm_eps=encoder.norm.eps, image_size=config.img_size, patch_size=config.patch,
+                  layer_norm_eps=encoder.norm.eps, image_size=config.img_size, patch_size=config.patch_size,
                   num_channels=config.in_chans, qkv_bias=True)
     if config.blur_embed == "token":
         if not hasattr(transformers, "Dinov2WithRegistersConfig"):
@@ -339,7 +339,8 @@ def hf_config(encoder: DeblurEncoder) -> Any:
             num_register_tokens=1, **common)
         cfg.architectures = ["Dinov2WithRegistersModel"]
     else:
-        cfg = transformers.ViTConfig(intermediate_size=int(config.dim * config.mlp_ratio), encoder_stride=config.patch,
+        cfg = transformers.ViTConfig(intermediate_size=int(config.embed_dim * config.mlp_ratio),
+                                     encoder_stride=config.patch_size,
                                      **common)
         cfg.architectures = ["ViTModel"]
     return cfg

@@ -209,7 +209,7 @@ def _source_names(state: dict[str, torch.Tensor], path: str | Path = "") -> dict
 
 
 def encoder_architecture(path: str | Path) -> dict[str, Any]:
-    """The ViT of a checkpoint's encoder as :class:`~d2mae.method.models.ModelConfig` options (``model`` and, when
+    """The ViT of a checkpoint's encoder as :class:`~d2mae.method.models.ModelConfig` options (``arch`` and, when
     it differs from that architecture's, ``patch_size``), from its tensor shapes; an unknown size is a clear error."""
 
     source = _source_names(load_checkpoint_file(path), path)
@@ -220,7 +220,7 @@ def encoder_architecture(path: str | Path) -> dict[str, Any]:
     patch = int(source["patch_embed.proj.weight"].shape[-1])
     for name, (p, d, blocks, _) in ARCHITECTURES.items():
         if (d, blocks) == (dim, depth):
-            return {"model": name, **({"patch_size": patch} if patch != p else {})}
+            return {"arch": name, **({"patch_size": patch} if patch != p else {})}
     known = ", ".join(f"{n} ({d} wide, {b} blocks)" for n, (_, d, b, _) in ARCHITECTURES.items())
     raise D2maeError(f"checkpoint {path} holds a ViT {dim} wide with {depth} blocks; d2mae knows {known}")
 
@@ -339,8 +339,8 @@ def init_from_checkpoint(model: DeblurMAE | DeblurClassifier, path: str | Path, 
     if strict_encoder and problems["encoder"]:
         first = problems["encoder"][0]
         more = f" (and {len(problems['encoder']) - 1} more)" if len(problems["encoder"]) > 1 else ""
-        raise D2maeError(f"checkpoint {path} does not fit this model's encoder ({cfg.model}, {cfg.img_size}px, "
-                         f"{cfg.in_chans} channel(s)): {first}{more}; choose the model options (--model, --embed-dim, "
+        raise D2maeError(f"checkpoint {path} does not fit this model's encoder ({cfg.arch}, {cfg.img_size}px, "
+                         f"{cfg.in_chans} channel(s)): {first}{more}; choose the model options (--arch, --embed-dim, "
                          "--depth, --patch-size) the checkpoint was trained with")
     decoder_missing = any(_DECODER.match(k) for k in report.missing)
     if isinstance(model, DeblurMAE) and not any(_role(k) == "decoder" for k in source):

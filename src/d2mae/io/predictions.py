@@ -1,4 +1,4 @@
-"""The fine-tuning run format: written by :mod:`d2mae.train.finetune`, read by :mod:`d2mae.eval.evaluate`,
+"""The fine-tuning run format: written by :mod:`d2mae.train.engine`, read by :mod:`d2mae.eval.evaluate`,
 :mod:`d2mae.eval.predict` and the experiment report. One home for the file names, the columns of
 ``predictions.csv`` and the checks of a run folder::
 
@@ -37,9 +37,9 @@ def saved_run(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def finished_fold(fold_dir: Path) -> dict[str, Any] | None:
-    """A fold's ``done.json`` when it finished (its predictions written), else ``None``."""
-    if (fold_dir / DONE).is_file() and (fold_dir / PREDICTIONS).is_file():
+def finished_fold(fold_dir: Path, table: str = PREDICTIONS) -> dict[str, Any] | None:
+    """A fold's ``done.json`` when it finished (its per-image ``table`` written), else ``None``."""
+    if (fold_dir / DONE).is_file() and (fold_dir / table).is_file():
         return json.loads((fold_dir / DONE).read_text(encoding="utf-8"))
     return None
 

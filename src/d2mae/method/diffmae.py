@@ -89,11 +89,11 @@ class DiffMAE(Objective):
         super().__init__()
         self.config = config
         self.encoder = DeblurEncoder(config)
-        ddim, pixels = config.decoder_embed_dim, config.patch ** 2 * config.in_chans
-        self.memory_embed = nn.Linear(config.dim, ddim)
+        ddim, pixels = config.decoder_embed_dim, config.patch_size ** 2 * config.in_chans
+        self.memory_embed = nn.Linear(config.embed_dim, ddim)
         self.noisy_embed = nn.Linear(pixels, ddim)
         self.time_embed = nn.Sequential(nn.Linear(ddim, ddim), nn.SiLU(), nn.Linear(ddim, ddim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(ddim, config.img_size // config.patch, 0))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(ddim, config.img_size // config.patch_size, 0))
         self.decoder_blocks = nn.ModuleList(CrossSelfBlock(ddim, config.decoder_num_heads, config.mlp_ratio)
                                             for _ in range(config.decoder_depth))
         self.decoder_norm = LAYER_NORM(ddim)
@@ -117,7 +117,7 @@ class DiffMAE(Objective):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] → [B, N, p*p*C] (MAE's order)."""
-        return patchify(imgs, self.config.patch)
+        return patchify(imgs, self.config.patch_size)
 
     def noised(self, x0: torch.Tensor, step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε for patches x₀ [B, M, P] at steps ``step`` [B]."""

@@ -85,7 +85,7 @@ class MoCoV3(Objective):
         self.config = config
         self.encoder = DeblurEncoder(config)
         self.encoder.patch_embed.proj.requires_grad_(False)  # random patch projection, frozen (Section 4.2)
-        self.projector = mlp(3, config.dim, config.moco_mlp_dim, config.moco_dim, last_bn=True)
+        self.projector = mlp(3, config.embed_dim, config.moco_mlp_dim, config.moco_dim, last_bn=True)
         self.predictor = mlp(2, config.moco_dim, config.moco_mlp_dim, config.moco_dim, last_bn=False)
         self.momentum_encoder = copy.deepcopy(self.encoder)
         self.momentum_projector = copy.deepcopy(self.projector)

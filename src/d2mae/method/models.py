@@ -85,20 +85,20 @@ class DeblurEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.schedule = config.schedule
-        dim, prefix = config.dim, config.num_prefix_tokens
+        dim, prefix = config.embed_dim, config.num_prefix_tokens
         self.num_prefix_tokens = prefix
-        self.patch_embed = PatchEmbed(config.img_size, config.patch, config.in_chans, dim)
+        self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blur_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.blur_embed == "token" else None
-        pos = sincos_pos_embed_2d(dim, config.img_size // config.patch, prefix)  # [1, prefix + N, D]
+        pos = sincos_pos_embed_2d(dim, config.img_size // config.patch_size, prefix)  # [1, prefix + N, D]
         if learn_pos_embed:
             self.pos_embed = nn.Parameter(pos)
         else:
             self.register_buffer("pos_embed", pos)
-        dpr = torch.linspace(0, drop_path_rate, config.blocks).tolist()
+        dpr = torch.linspace(0, drop_path_rate, config.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim, config.heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM, drop_path=dpr[i])
-            for i in range(config.blocks))
+            Block(dim, config.num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM, drop_path=dpr[i])
+            for i in range(config.depth))
         self.norm = LAYER_NORM(dim) if final_norm else nn.Identity()
         default_mean, default_std = default_stats(config.in_chans)
         mean = config.mean if config.mean is not None else default_mean
@@ -127,7 +127,7 @@ class DeblurEncoder(nn.Module):
 
     def blur_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """The fixed sinusoidal part of BLU(t), [B, D]."""
-        return sinusoidal_embedding(t, self.config.dim)
+        return sinusoidal_embedding(t, self.config.embed_dim)
 
     @staticmethod
     def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
@@ -201,15 +201,16 @@ class DeblurMAE(Objective):
         super().__init__()
         self.config = config
         self.encoder = DeblurEncoder(config)
-        dim, ddim, prefix = config.dim, config.decoder_embed_dim, config.num_prefix_tokens
+        dim, ddim, prefix = config.embed_dim, config.decoder_embed_dim, config.num_prefix_tokens
         self.decoder_embed = nn.Linear(dim, ddim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(ddim, config.img_size // config.patch, prefix))
+        grid = config.img_size // config.patch_size
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(ddim, grid, prefix))
         self.decoder_blocks = nn.ModuleList(
             Block(ddim, config.decoder_num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=LAYER_NORM)
             for _ in range(config.decoder_depth))
         self.decoder_norm = LAYER_NORM(ddim)
-        self.decoder_pred = nn.Linear(ddim, config.patch ** 2 * config.in_chans)
+        self.decoder_pred = nn.Linear(ddim, config.patch_size ** 2 * config.in_chans)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -227,11 +228,11 @@ class DeblurMAE(Objective):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] → [B, N, p*p*C]."""
-        return patchify(imgs, self.config.patch)
+        return patchify(imgs, self.config.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, p*p*C] → [B, C, H, W]."""
-        p, c = self.config.patch, self.config.in_chans
+        p, c = self.config.patch_size, self.config.in_chans
         g = int(math.isqrt(x.shape[1]))
         x = x.reshape(x.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], c, g * p, g * p)
@@ -329,8 +330,8 @@ class DeblurClassifier(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True, final_norm=False)
-        self.fc_norm = LAYER_NORM(config.dim)
-        self.head = nn.Linear(config.dim, num_classes)
+        self.fc_norm = LAYER_NORM(config.embed_dim)
+        self.head = nn.Linear(config.embed_dim, num_classes)
         trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning
         nn.init.zeros_(self.head.bias)
 

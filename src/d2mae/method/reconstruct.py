@@ -22,7 +22,7 @@ def masked_reconstruction(model: DeblurMAE, x: torch.Tensor, t: torch.Tensor, no
     latent, mask, ids_restore = model.encoder(x, t, cfg.mask_ratio, noise=noise)  # mask [B, N], 1 = removed
     recon = model.to_image(model.forward_decoder(latent, ids_restore), x)  # [B, C, S, S] in [0, 1]
     blurred = gaussian_blur(x, model.schedule.sigma(t)).clamp(0, 1)  # [B, C, S, S]
-    b, grid, p = x.shape[0], cfg.img_size // cfg.patch, cfg.patch
+    b, grid, p = x.shape[0], cfg.img_size // cfg.patch_size, cfg.patch_size
     pix = mask.reshape(b, 1, grid, grid).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [B, 1, S, S]
     hidden = pix.expand_as(blurred) > 0  # [B, C, S, S] True where a patch was masked
     masked = blurred.clone()

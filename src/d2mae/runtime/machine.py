@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,6 @@ import numpy
 import sklearn
 import timm
 import torch
-
-import d2mae
 
 
 def machine_info() -> dict[str, Any]:
@@ -47,4 +46,13 @@ def machine_info() -> dict[str, Any]:
             "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "memory_gib": memory, "gpus": gpus or ["none"],
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "d2mae": d2mae.__version__}
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "d2mae": _version()}
+
+
+def _version() -> str:
+    """d2mae's installed version (read from the package's metadata: importing ``d2mae`` from here would be a
+    circle of imports, since ``d2mae`` reaches every module)."""
+    try:
+        return metadata.version("d2mae")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -140,19 +141,57 @@ def _count_values(data: Any, limit: int) -> int:
     return count
 
 
+#: The sections a nested YAML file may group its options in (each field's ``group``; flat keys work as well).
+SECTIONS = ("data", "model", "obs", "optim", "runtime")
+
+
+def flatten_sections(cls: type, mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping with its nested sections (``model: {arch: …}``, ``optim: {epochs: …}``) merged into one
+    level. A key that is also a field of ``cls`` is a section only when its value is a mapping and the field is
+    not one (``data: [images/]`` is pre-training's image list, ``model: vit_base_patch16`` its old spelling)."""
+    types_ = field_types(cls)
+    flat: dict[str, Any] = {}
+    for raw_key, value in mapping.items():
+        key = str(raw_key).replace("-", "_")
+        own = types_.get(key)
+        if key in SECTIONS and isinstance(value, Mapping) and (own is None or _describe(own)[0] is not dict):
+            flat.update(value)
+        else:
+            flat[raw_key] = value
+    return flat
+
+
+def canonical_key(cls: type, raw_key: Any, source: str) -> str:
+    """The field name of a key as written (dashes or underscores, an alias, or an old spelling). An old spelling
+    (a field's ``old_names``) works, with a one-line note that names the new one."""
+    key = str(raw_key).replace("-", "_")
+    for f in dataclasses.fields(cls):
+        if key in f.metadata.get("aliases", ()):
+            return f.name
+        if key in f.metadata.get("old_names", ()):
+            new = f"--{f.name.replace('_', '-')}" if source == CLI else f"'{f.name}'"
+            old = f"--{key.replace('_', '-')}" if source == CLI else f"'{raw_key}' in {source}"
+            warnings.warn(f"{old} is now {new}; the old name still works in this release", FutureWarning,
+                          stacklevel=3)
+            return f.name
+    return key
+
+
+CLI = "the command line"  # the source name of flags
+
+
 def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> Any:
     """Merge (mapping, source-name) layers over the dataclass defaults, checking keys and types.
 
-    Keys may be written with dashes or underscores. Later layers win. The dataclass's ``__post_init__`` runs its
-    own value checks (ranges, choices) and raises :class:`D2maeError`.
+    Keys may be written with dashes or underscores, in nested sections (:func:`flatten_sections`) or by an older
+    name (:func:`canonical_key`). Later layers win. The dataclass's ``__post_init__`` runs its own value checks
+    (ranges, choices) and raises :class:`D2maeError`.
     """
     types_ = field_types(cls)
-    aliases = field_aliases(cls)
     merged: dict[str, Any] = {}
     for mapping, source in layers:
-        for raw_key, value in (mapping or {}).items():
-            key = str(raw_key).replace("-", "_")
-            key = aliases.get(key, key)
+        for raw_key, value in flatten_sections(cls, mapping or {}).items():
+            key = canonical_key(cls, raw_key, source)
             if key not in types_:
                 close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; known options: {', '.join(types_)}"
@@ -190,11 +229,6 @@ def check_saved_types(cls: type, data: Mapping[str, Any], source: str) -> None:
                 raise D2maeError(f"{source}: '{key}' must be {what}, got {shown(value)}")
 
 
-def field_aliases(cls: type) -> dict[str, str]:
-    """Other names a field answers to (its metadata's ``aliases``, e.g. an older spelling) → the field's name."""
-    return {alias: f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
-
-
 THREADS_HELP = ("CPU threads of PyTorch (default: $OMP_NUM_THREADS, else one per core this process may use, shared "
                 "among torchrun's processes on the node; docs/threads.md)")
 
@@ -216,7 +250,8 @@ class RuntimeOptions:
     skip_bad: bool = dataclasses.field(default=False, metadata={
         "help": "leave out unreadable images (listed in bad_images.txt in the output folder) instead of stopping",
         "volatile": True})
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show progress bars", "volatile": True})
+    progress: bool = dataclasses.field(default=True, metadata={
+        "advanced": True, "help": "show progress bars", "volatile": True})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,7 +21,6 @@ from d2mae.data.decode import image_shape, map_threads
 from d2mae.data.labels import LabeledSet, first_few, load_labeled, read_table_csv
 from d2mae.data.sources import find_images
 from d2mae.runtime.errors import D2maeError, reason
-from d2mae.segment.config import LESION, SegmentConfig
 
 
 @dataclass
@@ -103,7 +102,7 @@ def _pair_by_column(labeled: LabeledSet, column: str, csv_path: Path) -> list[st
     if empty:
         raise D2maeError(f"{csv_path}: {len(empty)} image(s) have no mask in column '{column}' "
                          f"(first: {first_few(empty)}); every image needs one", option="mask_column")
-    masks = [v if os.path.isabs(v) else str(csv_path.parent / v) for v in values]
+    masks = [os.path.abspath(v if os.path.isabs(v) else csv_path.parent / v) for v in values]
     absent = [m for m in masks if not os.path.isfile(m)]
     if absent:
         raise D2maeError(f"{csv_path}: {len(absent)} mask file(s) in column '{column}' do not exist "
@@ -111,24 +110,26 @@ def _pair_by_column(labeled: LabeledSet, column: str, csv_path: Path) -> list[st
     return masks
 
 
-def _images(cfg: SegmentConfig) -> LabeledSet:
-    """The images as a :class:`LabeledSet` (labels filled in later: the strata)."""
+def _images(cfg: Any) -> LabeledSet:
+    """The images as a :class:`LabeledSet` (its labels: the classes of ``label_column``, or filled in later with
+    whether each mask holds a lesion)."""
     if cfg.labels:
         if not Path(cfg.labels).is_file():
             raise D2maeError(f"{cfg.labels} does not exist", option="labels")
         header, _ = read_table_csv(Path(cfg.labels))
-        column = cfg.stratify if cfg.stratify != LESION else cfg.path_column  # unique ids: one "class" each, for now
+        column = cfg.label_column or cfg.path_column  # unique ids: one "class" each, until the masks are read
         if column not in header:
-            raise D2maeError(f"{cfg.labels} has no column '{column}'; its columns are: {', '.join(header)} "
-                             f"(or stratify by '{LESION}')", option="stratify")
+            raise D2maeError(f"{cfg.labels} has no column '{column}'; its columns are: {', '.join(header)} (leave "
+                             "label_column unset to stratify by lesion presence)", option="label_column")
         return load_labeled(cfg.labels, path_column=cfg.path_column, label_column=column,
                             group_column=cfg.group_column, split_column=cfg.split_column,
                             fold_column=cfg.fold_column, image_root=cfg.image_root, image_ext=cfg.image_ext,
                             allow_outside_root=cfg.allow_outside_root)
     if not cfg.images:
         raise D2maeError("is required: a folder of images, or a labels CSV with --labels", option="images")
-    if cfg.stratify != LESION:
-        raise D2maeError(f"stratifying by column '{cfg.stratify}' needs a labels CSV (--labels)", option="stratify")
+    if cfg.label_column:
+        raise D2maeError(f"a class column ('{cfg.label_column}') needs a labels CSV (--labels)",
+                         option="label_column")
     refs = find_images(cfg.images)
     root = os.path.abspath(cfg.images)
     ids = [os.path.relpath(r, root) for r in refs]
@@ -136,8 +137,9 @@ def _images(cfg: SegmentConfig) -> LabeledSet:
                       source=str(cfg.images))
 
 
-def load_segment_set(cfg: SegmentConfig) -> SegmentSet:
-    """Images and masks of ``cfg``, every mask read and checked against its image (size, channels, values).
+def load_segment_set(cfg: Any) -> SegmentSet:
+    """Images and masks of ``cfg`` (a :class:`~d2mae.train.config.SegmentConfig`), every mask read and checked
+    against its image (size, channels, values).
 
     Raises:
         D2maeError: the problem and the file, one line (module docstring).
@@ -164,7 +166,7 @@ def load_segment_set(cfg: SegmentConfig) -> SegmentSet:
         return bool(mask.any())
 
     lesion = np.array(list(map_threads(check, range(len(masks)))), dtype=bool)  # [n]
-    if cfg.stratify == LESION:
+    if not cfg.label_column:  # the folds are stratified by whether the mask holds a lesion
         names = ["lesion" if v else "no lesion" for v in lesion]
         classes = sorted(set(names))
         labeled.labels = np.array([classes.index(n) for n in names], dtype=np.int64)

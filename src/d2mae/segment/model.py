@@ -57,13 +57,14 @@ class ViTSegmenter(nn.Module):
 
         super().__init__()
         self.config, self.num_classes = config, num_classes
-        levels = int(round(math.log2(config.patch)))
-        if 2 ** levels != config.patch or levels < 2:
-            raise D2maeError(f"the UNETR decoder needs a patch size that is a power of 2 (≥ 4), got {config.patch}")
+        levels = int(round(math.log2(config.patch_size)))
+        if 2 ** levels != config.patch_size or levels < 2:
+            raise D2maeError(f"the UNETR decoder needs a patch size that is a power of 2 (≥ 4), got "
+                             f"{config.patch_size}")
         self.levels = levels
         self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True, final_norm=False)
-        self.taps = skip_blocks(config.blocks, levels)
-        dim, fs = config.dim, feature_size
+        self.taps = skip_blocks(config.depth, levels)
+        dim, fs = config.embed_dim, feature_size
         self.stem = UnetrBasicBlock(2, config.in_chans, fs, kernel_size=3, stride=1, norm_name=NORM, res_block=True)
         # skip k (k = 1 … L-1) at 1/2^k of the input, fs·2^k channels, from tap k-1 at 1/2^L
         self.skips = nn.ModuleList(

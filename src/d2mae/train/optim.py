@@ -59,7 +59,7 @@ def param_groups(model: torch.nn.Module, cfg: Any) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any, world_size: int = 1) -> torch.optim.Optimizer:
-    """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.finetune_config.FinetuneConfig`): AdamW over timm's
+    """Fine-tuning's optimiser (``cfg``: a :class:`d2mae.train.config.DownstreamConfig`): AdamW over timm's
     layer-wise decay groups, or for the linear probe SGD with momentum on the head alone (MAE's recipes)."""
     lr = cfg.resolved_lr(world_size)
     if cfg.mode == "linear":

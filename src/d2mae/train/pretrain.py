@@ -178,7 +178,7 @@ class Pretrainer:
                 return shards.refs, shards.hashes, max(shards.shard_sizes)
             refs = find_images(cfg.data)
             return check_images(refs, in_chans=cfg.in_chans, skip_bad=cfg.skip_bad, out_dir=out,
-                                min_size=cfg.patch), None, 0
+                                min_size=cfg.patch_size), None, 0
 
         self.refs, hashes, shard_size = dist_utils.on_main(ctx, images)
         if ctx.is_main:  # for the data-leak guard of d2mae finetune; a resumed run must see the same images
@@ -290,7 +290,7 @@ class Pretrainer:
         if self.warmup_steps >= self.total_steps and self.total_steps > 1:
             say(ctx, f"note: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run; the lr never "
                      "reaches its peak (lower warmup_epochs)")
-        say(ctx, f"pre-training {cfg.preset} ({cfg.model}, {cfg.img_size} px, T = "
+        say(ctx, f"pre-training {cfg.preset} ({cfg.arch}, {cfg.img_size} px, T = "
                  f"{model_cfg.schedule.num_levels}) on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch "
                  f"× {cfg.epochs} epochs, effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, "
                  f"{self.device}{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: "

@@ -17,11 +17,9 @@ so any other scikit-learn model can be fitted on exactly what the probes saw.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +38,12 @@ from d2mae.method.models import DeblurClassifier
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_text, csv_text, read_csv_rows
 from d2mae.runtime.locks import output_lock
-from d2mae.runtime.options import check_fields, save_config
+from d2mae.runtime.options import save_config
 from d2mae.runtime.outputs import claim_folder
 from d2mae.runtime.threads import configure_threads
-from d2mae.train.finetune import finetune
-from d2mae.train.finetune_config import FinetuneConfig
-from d2mae.train.finetune_setup import FinetuneSetup
+from d2mae.train.config import ProbeConfig
+from d2mae.train.engine import Run
+from d2mae.train.tasks import Classify, finetune
 
 RUN_CONFIG = "probe.yaml"
 PROBE_CSV = "probe.csv"
@@ -53,24 +51,17 @@ FEATURES = "features.npz"
 PROBE_FIELDS = ["fold", "readout", "n_train", "n_test", "accuracy", "macro_f1", "auroc", "seconds"]
 
 
-@dataclass
-class ProbeConfig(FinetuneConfig):
-    """What ``d2mae probe`` takes: ``finetune``'s options (labels, protocol, OBS; the fine-tuning ones are used by
-    ``--trainable-blocks``) and the probes' own."""
+class Probe(Classify):
+    """The classification task's set-up (labels, folds, leaks, OBS once) for readouts of a frozen encoder."""
 
-    model: str = field(default="", metadata={"help": "pre-trained folder (model.safetensors + config.json)",
-                                             "metavar": "DIR", "volatile": True})
-    probe_c: float = field(default=1.0, metadata={"help": "inverse L2 strength of the logistic regression",
-                                                  "above": 0.0})
-    probe_max_iter: int = field(default=5000, metadata={"help": "iterations of the logistic regression's solver",
-                                                        "min": 10})
-    knn_k: int = field(default=20, metadata={"help": "neighbours of the kNN readout", "min": 1})
+    command, noun, run_config = "probe", "probe", RUN_CONFIG
 
-    def __post_init__(self) -> None:
-        if self.model:
-            self.pretrained = self.model
-        super().__post_init__()
-        check_fields(self)
+    def check(self, run: Run) -> None:
+        if not self.cfg.labels:
+            raise D2maeError("is required: a labels CSV or a class-per-folder tree", option="labels")
+        if not self.cfg.pretrained:
+            raise D2maeError("is required: the pre-trained folder whose encoder the probes read",
+                             option="pretrained")
 
 
 def _readouts(cfg: ProbeConfig) -> dict[str, Any]:
@@ -90,72 +81,54 @@ def _row(fold: str, readout: str, n_train: int, n_test: int, scores: dict[str, f
             **{k: f"{v:.6f}" for k, v in scores.items()}, "seconds": f"{seconds:.3f}"}
 
 
-class ProbeRun(FinetuneSetup):
-    """:class:`FinetuneSetup` (labels, folds, leaks, OBS once), then the features and the readouts per fold."""
+def features(run: Run, t: np.ndarray) -> np.ndarray:
+    """Pooled features [n, D] of every labeled image at its t* (zeros for images outside the chosen folds)."""
+    clf = DeblurClassifier(run.model_config, len(run.labeled.classes))
+    clf.load_encoder(run.mae.state_dict())
+    refs = [run.labeled.refs[i] for i in run.used]
+    cfg, rc = clf.config, run.cfg
+    out = np.zeros((len(run.labeled), cfg.embed_dim))
+    out[run.used] = infer(clf, lambda x, levels: clf.features(x, levels).float(), refs, t[run.used],
+                          img_size=cfg.img_size, in_chans=cfg.in_chans, out_shape=(cfg.embed_dim,), device=run.device,
+                          batch_size=rc.eval_batch_size, workers=rc.workers, precision=rc.precision,
+                          progress=rc.progress, desc="features")
+    return out
 
-    cfg: ProbeConfig
 
-    def run(self) -> Path:
-        self.setup()
-        if self.mae is None or self.model_config is None:
-            raise D2maeError("is required: the pre-trained folder whose encoder the probes read", option="model")
-        save_config(self.cfg, self.out / RUN_CONFIG)
-        t, _ = self.blur_levels()
-        feats = self.features(t)  # [n, D]
-        lab, classes = self.labeled, self.labeled.classes
-        parts = {f"{f.name}/{k}": v for f in self.folds for k, v in f.parts().items()}
-        buf = _npz(features=feats, labels=lab.labels, t_star=t, refs=np.array(lab.refs), **parts)
-        atomic_write_bytes(self.out / FEATURES, buf)
-        rows = []
-        for fold in self.folds:
-            for name, model in _readouts(self.cfg).items():
-                started = time.perf_counter()
-                if name == "knn":
-                    model.set_params(n_neighbors=min(self.cfg.knn_k, len(fold.train)))
-                model.fit(feats[fold.train], lab.labels[fold.train])
-                probs = np.zeros((len(fold.test), len(classes)))
-                probs[:, model.classes_] = model.predict_proba(feats[fold.test])  # [n_test, K]
-                rows.append(_row(fold.name, name, len(fold.train), len(fold.test),
-                                 _scores(lab.labels[fold.test], probs, classes), time.perf_counter() - started))
-                self.say(f"fold {fold.name} {name}: " + ", ".join(f"{k} {rows[-1][k]}" for k in
-                                                                  ("accuracy", "macro_f1", "auroc")))
-        if self.cfg.trainable_blocks is not None:
-            rows += self.partial()
-        atomic_write_text(self.out / PROBE_CSV, csv_text(PROBE_FIELDS, rows))
-        return self.out
+def readout_rows(run: Run, feats: np.ndarray) -> list[dict[str, Any]]:
+    """The linear probe and kNN fitted on each fold's training part, scored on its test part."""
+    lab, classes, cfg, rows = run.labeled, run.labeled.classes, run.cfg, []
+    for fold in run.folds:
+        for name, model in _readouts(cfg).items():
+            started = time.perf_counter()
+            if name == "knn":
+                model.set_params(n_neighbors=min(cfg.knn_k, len(fold.train)))
+            model.fit(feats[fold.train], lab.labels[fold.train])
+            probs = np.zeros((len(fold.test), len(classes)))
+            probs[:, model.classes_] = model.predict_proba(feats[fold.test])  # [n_test, K]
+            rows.append(_row(fold.name, name, len(fold.train), len(fold.test),
+                             _scores(lab.labels[fold.test], probs, classes), time.perf_counter() - started))
+            run.say(f"fold {fold.name} {name}: " + ", ".join(f"{k} {rows[-1][k]}" for k in
+                                                             ("accuracy", "macro_f1", "auroc")))
+    return rows
 
-    def features(self, t: np.ndarray) -> np.ndarray:
-        """Pooled features [n, D] of every labeled image at its t* (zeros for images outside the chosen folds)."""
-        clf = DeblurClassifier(self.model_config, len(self.labeled.classes))
-        clf.load_encoder(self.mae.state_dict())
-        refs = [self.labeled.refs[i] for i in self.used]
-        cfg = clf.config
-        out = np.zeros((len(self.labeled), cfg.dim))
-        out[self.used] = infer(clf, lambda x, levels: clf.features(x, levels).float(), refs, t[self.used],
-                               img_size=cfg.img_size, in_chans=cfg.in_chans, out_shape=(cfg.dim,),
-                               device=self.device, batch_size=self.cfg.eval_batch_size, workers=self.cfg.workers,
-                               precision=self.cfg.precision, progress=self.cfg.progress, desc="features")
-        return out
 
-    def partial(self) -> list[dict[str, Any]]:
-        """Partial fine-tuning in ``OUT/partial`` (the OBS table of this run reused), scored per fold."""
-        cfg = self.cfg
-        table = self.out / "obs" / TABLE_NAME
-        fcfg = FinetuneConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FinetuneConfig)})
-        fcfg = dataclasses.replace(fcfg, out=str(self.out / "partial"), mode="full",
-                                   obs_table=str(table) if table.is_file() else None)
-        started = time.perf_counter()
-        run = finetune(fcfg)
-        seconds = time.perf_counter() - started
-        preds = read_csv_rows(run / PREDICTIONS)
-        classes, rows = self.labeled.classes, []
-        for fold in self.folds:
-            test = [r for r in preds if r["fold"] == fold.name and r["split"] == "test"]
-            y = np.array([int(r["label"]) for r in test])
-            probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in test])
-            rows.append(_row(fold.name, f"partial-{cfg.trainable_blocks}", len(fold.train), len(test),
-                             _scores(y, probs, classes), seconds / len(self.folds)))
-        return rows
+def partial_rows(run: Run) -> list[dict[str, Any]]:
+    """Partial fine-tuning in ``OUT/partial`` (``d2mae finetune`` with this run's OBS table), scored per fold."""
+    cfg = run.cfg
+    table = run.out / "obs" / TABLE_NAME
+    started = time.perf_counter()
+    out = finetune(cfg.finetune_config(out=str(run.out / "partial"), obs_table=str(table) if table.is_file() else None))
+    seconds = time.perf_counter() - started
+    preds = read_csv_rows(out / PREDICTIONS)
+    classes, rows = run.labeled.classes, []
+    for fold in run.folds:
+        test = [r for r in preds if r["fold"] == fold.name and r["split"] == "test"]
+        y = np.array([int(r["label"]) for r in test])
+        probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in test])
+        rows.append(_row(fold.name, f"partial-{cfg.trainable_blocks}", len(fold.train), len(test),
+                         _scores(y, probs, classes), seconds / len(run.folds)))
+    return rows
 
 
 def _npz(**arrays: Any) -> bytes:
@@ -175,4 +148,15 @@ def probe(cfg: ProbeConfig) -> Path:
                                                                    cfg.image_ext)], resumable=True, forceable=False)
     with output_lock(cfg.out, "probe"):
         configure_threads(cfg.threads)
-        return ProbeRun(cfg).run()
+        run = Run(cfg, Probe(cfg))
+        run.setup()
+        save_config(cfg, run.out / RUN_CONFIG)
+        t, _ = run.blur_levels()
+        feats = features(run, t)  # [n, D]
+        lab = run.labeled
+        parts = {f"{f.name}/{k}": v for f in run.folds for k, v in f.parts().items()}
+        atomic_write_bytes(run.out / FEATURES, _npz(features=feats, labels=lab.labels, t_star=t,
+                                                    refs=np.array(lab.refs), **parts))
+        rows = readout_rows(run, feats) + (partial_rows(run) if cfg.trainable_blocks is not None else [])
+        atomic_write_text(run.out / PROBE_CSV, csv_text(PROBE_FIELDS, rows))
+        return run.out
