@@ -213,8 +213,13 @@ def test_export_refuses_a_folder_of_other_files_unless_forced(pretrained, tmp_pa
     (out / "model.safetensors").write_bytes(b"the user's own weights")
     assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out)]) == 2
     one_error_line(capsys, "--out", "files d2mae did not write", "--force")
+    assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out), "--force"]) == 2  # never over it
+    one_error_line(capsys, "model.safetensors", "d2mae did not write")
     assert (out / "model.safetensors").read_bytes() == b"the user's own weights"
+    (out / "model.safetensors").rename(tmp_path / "kept.safetensors")
+    (out / "notes.txt").write_text("mine")  # beside the export, with --force
     assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
     assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out)]) == 2  # an earlier export: kept
     one_error_line(capsys, "--out", "earlier output of d2mae export", "--force")
     assert cli.main(["export", "--pretrained", str(pretrained), "--out", str(out), "--force"]) == 0  # replaced

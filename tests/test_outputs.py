@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from d2mae.commands.main import COMMANDS, main
+from d2mae.commands.main import COMMANDS, build_parser, main
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run-0.2.0"
 CPU = ["--device", "cpu"]
@@ -78,13 +78,17 @@ def test_no_command_writes_into_its_inputs_or_over_other_files(old: Path, tmp_pa
     _experiment_config(old)
     argv, inputs = _commands(old)[command]
     before = {str(p): _tree(p) for p in inputs}
-    targets = [p for p in inputs] + [p / "sub" for p in inputs if p.is_dir()]  # an input, and a folder inside one
+    # an input, a folder inside one, and the folder that holds one (beside the inputs)
+    targets = [p for p in inputs] + [p / "sub" for p in inputs if p.is_dir()] + [p.parent for p in inputs]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     targets.append(foreign if command != "predict" else foreign / "notes.txt")
-    for target in targets:
-        assert main(argv(target)) == 2, target
+    forceable = "--force" in build_parser(command).format_help()
+    for target, force in [(t, f) for t in targets for f in ([False, True] if forceable else [False])]:
+        if force and target == foreign:
+            continue  # --force may write beside files it did not write (test_replacing.py: never over them)
+        assert main(argv(target) + (["--force"] if force else [])) == 2, (target, force)
         err = capsys.readouterr().err
         assert str(target) in err or str(target.parent) in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
+        from d2mae.runtime.files import release  # torch: after the OpenMP wait policy (runtime/threads.py)
+
+        release()  # what an earlier command in this process kept or claimed is not this one's
         return int(args._run(args) or 0)
     except D2maeError as exc:
         print(f"d2mae {command}: error: {error_line(exc, parser)}", file=sys.stderr)

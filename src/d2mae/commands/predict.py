@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from d2mae.commands.flags import add_with_positional, config_from_cli
+from d2mae.data.sources import find_images
 from d2mae.eval.predict import PredictConfig, predict
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.distributed import distributed_run
@@ -16,7 +18,7 @@ from d2mae.runtime.files import atomic_write_text
 from d2mae.runtime.outputs import check_output_path, claim_folder
 from d2mae.runtime.threads import configure_threads
 from d2mae.segment.files import is_segmenter
-from d2mae.segment.predict import MASKS_CSV, predict_masks
+from d2mae.segment.predict import MASKS_CSV, mask_names, predict_masks
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if is_segmenter(cfg.model):
         return _segment(cfg)
     if cfg.out:
-        check_output_path(cfg.out, [cfg.model, *cfg.inputs], force=cfg.force)  # before any image is classified
+        check_output_path(cfg.out, [cfg.model, *cfg.inputs], force=cfg.force,  # before any image is classified
+                          header="path,pred,")
     with distributed_run(cfg.device) as (ctx, device):
         configure_threads(cfg.threads)
         result = predict(cfg.model, cfg.inputs, fold=cfg.fold, batch_size=cfg.batch_size, device=device,
@@ -54,7 +57,9 @@ def _segment(cfg: PredictConfig) -> int:
                          option="out")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise D2maeError("d2mae predict with a segmentation model runs in one process; start it without torchrun")
-    claim_folder(cfg.out, "predict", [cfg.model, *cfg.inputs], force=cfg.force)  # before any image is segmented
+    names = mask_names(find_images(cfg.inputs)) + [MASKS_CSV]
+    claim_folder(cfg.out, "predict", [cfg.model, *cfg.inputs], force=cfg.force,  # before any image is segmented
+                 outputs=[Path(cfg.out) / n for n in names])
     configure_threads(cfg.threads)
     result = predict_masks(cfg.model, cfg.inputs, cfg.out, fold=cfg.fold, batch_size=cfg.batch_size,
                            device=resolve_device(cfg.device), precision=cfg.precision, workers=cfg.workers,

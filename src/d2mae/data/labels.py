@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -302,6 +303,12 @@ def load_labeled(labels: str | Path, *, path_column: str = "path", label_column:
             fold_roles = _fold_roles(columns, fold, ids, labels)
 
     class_names = sorted(set(names)) if classes is None else list(classes)
+    alike: dict[str, list[str]] = {}
+    for c in sorted(set(names)):
+        alike.setdefault(" ".join(c.lower().split()), []).append(c)
+    for spellings in (v for v in alike.values() if len(v) > 1):
+        warnings.warn(f"{labels}: labels {' and '.join(repr(c) for c in spellings)} differ only in case or spaces, "
+                      f"so they are {len(spellings)} classes; fix the spelling if they are one", stacklevel=2)
     unknown = sorted(set(names) - set(class_names))
     if unknown:
         raise D2maeError(f"{labels}: label(s) {first_few(unknown)} are not among the classes given ({class_names})")

@@ -194,7 +194,7 @@ def new_image_levels(folder: Path, meta: dict[str, Any], model: Any, refs: Seque
     one recorded in ``meta`` at training); ``none`` and ``fixed`` need only the schedule of ``model`` (the trained
     model itself).
     """
-    spec = ObsSpec.from_dict(meta.get("obs"))
+    spec = ObsSpec.from_dict(meta.get("obs"), str(folder / "config.json"))
     obs_model: Any = model
     expected = meta.get("pretrained_sha256")
     if spec.mode == "search":

@@ -238,7 +238,8 @@ def _probe_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Datas
                 pcfg = _build(ProbeConfig, "finetune", cfg.source, *own)
                 # the key of d2mae 0.2.0, whose probe took every fine-tuning option (and fine-tunes with them)
                 recorded = _result_options(_build(FinetuneConfig, "finetune", cfg.source, *layers))
-                recorded.update({k: getattr(pcfg, k) for k in own_fields(ProbeConfig)})
+                kept = set(result_fields(ProbeConfig))
+                recorded.update({k: getattr(pcfg, k) for k in own_fields(ProbeConfig) if k in kept})
                 key = config_hash({"dataset": name, "data": dp.data_key, "base": base.key, "step": step,
                                    "probe": recorded})
                 folder = out / "runs" / name / "probes" / f"{m.name}-seed{seed}-step{step}-{key[:8]}"

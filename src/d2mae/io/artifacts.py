@@ -35,7 +35,7 @@ from d2mae.method.models import build_classifier
 from d2mae.method.objectives import build_objective
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.errors import D2maeError
-from d2mae.runtime.files import atomic_write_bytes, atomic_write_json, file_sha256
+from d2mae.runtime.files import atomic_write_bytes, atomic_write_json, check_replaceable, file_sha256, record_written
 from d2mae.runtime.options import check_saved_types
 
 FORMAT_VERSION = 1
@@ -197,7 +197,9 @@ def save_classifier(model: torch.nn.Module, folder: str | Path, classes: Sequenc
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (no extra disk for k folds) or copy; atomic either way."""
+    """Hard link (no extra disk for k folds) or copy; atomic either way, and kept to the rule of
+    :func:`d2mae.runtime.files.atomic_writer` (never over a path to keep; recorded in its folder's ledger)."""
+    check_replaceable(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():
@@ -207,6 +209,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    record_written(dst)
 
 
 def pretraining_hashes(folder: str | Path) -> tuple[set[str] | None, str]:

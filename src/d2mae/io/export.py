@@ -70,7 +70,7 @@ class ExportConfig:
         "help": "CSV with a t_star column (e.g. a fine-tuning run's predictions.csv); its most common t* is used",
         "metavar": "CSV"})
     force: bool = field(default=False, metadata={
-        "help": "write into an existing folder that is not a d2mae export (its model files are replaced)"})
+        "help": "replace an earlier export in --out, or write beside other files there (never over them)"})
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -81,7 +81,7 @@ class ObsTable:
 
     @property
     def spec(self) -> ObsSpec:
-        return ObsSpec.from_dict(self.meta)
+        return ObsSpec.from_dict(self.meta, META_NAME)
 
     @property
     def schedule(self) -> BlurSchedule:

@@ -26,6 +26,7 @@ import torch
 from d2mae.method.blur import BlurSchedule
 from d2mae.method.models import DeblurMAE
 from d2mae.runtime.errors import D2maeError, shown
+from d2mae.runtime.options import saved_value
 
 DEFAULT_SEARCH_STEP = 2  # the paper's s (Section 3.1, Table 3d)
 OBS_MODES = ("search", "none", "fixed")
@@ -67,13 +68,23 @@ class ObsSpec:
         return cls(word, search_step)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "ObsSpec":
-        """The stored form (:meth:`to_dict`) back; ``None`` or ``{}`` is ``none`` (a model fine-tuned without OBS)."""
-        data = data or {"mode": "none"}
-        step = data.get("search_step")
-        sigma = data.get("sigma")
-        return cls(str(data.get("mode", "none")), DEFAULT_SEARCH_STEP if step is None else int(step),
-                   None if sigma is None else float(sigma))
+    def from_dict(cls, data: Any, source: str = "config.json") -> "ObsSpec":
+        """The stored form (:meth:`to_dict`) back; ``None`` or ``{}`` is ``none`` (a model fine-tuned without OBS).
+
+        Raises:
+            D2maeError: a stored form that is not one (``obs: "search"``), naming ``source``.
+        """
+        if not isinstance(data, dict):
+            if data not in (None, {}):
+                raise D2maeError(f"{source}: 'obs' must be a mapping (mode, search_step, sigma), got {data!r}; the "
+                                 "file is damaged — write it again with d2mae")
+            data = {"mode": "none"}
+        mode = saved_value(data, "mode", str, f"{source} (obs)", "none", choices=OBS_MODES)
+        step = saved_value(data, "search_step", int, f"{source} (obs)", DEFAULT_SEARCH_STEP, low=1)
+        sigma = saved_value(data, "sigma", float, f"{source} (obs)", None, low=0.0)
+        if mode == "fixed" and sigma is None:
+            raise D2maeError(f"{source}: a fixed OBS setting needs its 'sigma'; the file is damaged")
+        return cls(mode, step, sigma)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "search_step": self.search_step if self.mode == "search" else None,

@@ -1,7 +1,10 @@
 """How artefacts reach disk: atomic writes, file hashes, resume states loadable with ``weights_only=True``.
 
-Every file d2mae writes goes through :func:`atomic_write_bytes` (temp file in the same folder, fsync, rename), so a
-run killed at any instant leaves either the old file or the new one, never half of one.
+Every file d2mae writes goes through :func:`atomic_writer` (temp file in the same folder, fsync, rename), so a
+run killed at any instant leaves either the old file or the new one, never half of one. It is also where the rule
+of :mod:`d2mae.runtime.outputs` holds for every write: a path this process was told to keep (an input, a file in
+its output folder that d2mae did not write) is never replaced, and each file written into a claimed output folder
+is added to that folder's ledger, the list of what d2mae wrote there.
 """
 
 from __future__ import annotations
@@ -31,12 +34,57 @@ def _default_mode(fd: int) -> None:
         os.fchmod(fd, 0o666 & ~umask)
 
 
+_KEEP: set[str] = set()  # real paths this process must not replace: its inputs, files d2mae did not write
+_LEDGERS: dict[str, Path] = {}  # a claimed output folder (real path) → its ledger (the marker file)
+
+
+def keep(paths: Iterable[str | Path]) -> None:
+    """Never replace these files in this process (:func:`check_replaceable`)."""
+    _KEEP.update(os.path.realpath(str(p)) for p in paths)
+
+
+def keep_ledger(folder: str | Path, ledger: Path) -> None:
+    """From now on, append every file written into ``folder`` to ``ledger`` (one JSON line each)."""
+    _LEDGERS[os.path.realpath(str(folder))] = ledger
+
+
+def release() -> None:
+    """Forget the kept paths and the ledgers: a new command starts (the command line calls it)."""
+    _KEEP.clear()
+    _LEDGERS.clear()
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Refuse to write ``path`` when this process must keep it: one of its inputs, or a file in its output folder
+    that d2mae did not write.
+
+    Raises:
+        D2maeError: naming the file and what to do.
+    """
+    if os.path.realpath(str(path)) in _KEEP:
+        raise D2maeError(f"{path} is an input or a file d2mae did not write; d2mae never replaces it, with --force "
+                         "or without — move it away or choose another output folder")
+
+
+def record_written(path: str | Path, folder: bool = False) -> None:
+    """Add ``path`` (with ``folder``: everything under it) to the ledger of the innermost claimed folder that
+    holds it."""
+    real = os.path.realpath(str(path))
+    owners = [f for f in _LEDGERS if real.startswith(f + os.sep)]
+    if owners:
+        root = max(owners, key=len)
+        with open(_LEDGERS[root], "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"file": os.path.relpath(real, root) + ("/" if folder else "")}) + "\n")
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path) -> Iterator[Any]:
     """A binary file handle whose content replaces ``path`` atomically when the block ends without error: a temp
     file in the same folder, fsync, then a rename over the target (and an fsync of the folder, so the rename lasts).
-    It streams: a ViT-B resume state is over a gigabyte, with no second copy in memory."""
+    It streams: a ViT-B resume state is over a gigabyte, with no second copy in memory. A path this process must
+    keep is refused before anything is written (:func:`check_replaceable`)."""
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     _default_mode(fd)
@@ -62,6 +110,7 @@ def atomic_writer(path: str | Path) -> Iterator[Any]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    record_written(path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from d2mae.runtime.distributed import DistContext
 from d2mae.runtime.errors import D2maeError
-from d2mae.runtime.files import atomic_write_text
+from d2mae.runtime.files import atomic_write_text, check_replaceable, record_written
 
 TENSORBOARD_CHOICES = ("auto", "on", "off")
 TENSORBOARD_HELP = ("also write TensorBoard event files to OUT/tensorboard: auto (when the tensorboard package is "
@@ -93,8 +93,13 @@ class MetricsLog:
     def __init__(self, path: Path, step_key: str, tensorboard: str = "auto", tb_dir: Path | None = None,
                  resume_at: int = 0, tag: str = "") -> None:
         self.path, self.step_key, self.tag = Path(path), step_key, tag
+        check_replaceable(self.path)
         trim_jsonl(self.path, step_key, resume_at)
-        self.writer = tensorboard_writer(tensorboard, tb_dir or self.path.parent / "tensorboard", resume_at + 1)
+        record_written(self.path)  # appended to below, not through atomic_writer
+        tb_dir = tb_dir or self.path.parent / "tensorboard"
+        self.writer = tensorboard_writer(tensorboard, tb_dir, resume_at + 1)
+        if self.writer is not None:
+            record_written(tb_dir, folder=True)  # the event files TensorBoard names itself
 
     def write(self, record: Mapping[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -26,7 +26,7 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -198,6 +198,33 @@ def build_config(cls: type, *layers: tuple[Mapping[str, Any] | None, str]) -> An
                 raise D2maeError(f"unknown option '{raw_key}' in {source}{hint}")
             merged[key] = coerce(value, types_[key], key, source)
     return cls(**merged)
+
+
+_MISSING = object()
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+          list: "a list"}
+
+
+def saved_value(data: Any, key: str, kind: type, source: str, default: Any = _MISSING, *, low: float | None = None,
+                choices: Sequence[Any] | None = None) -> Any:
+    """One value read back from a saved file (``config.json``, ``run.json``, …), checked by type and range: a
+    damaged or hand-edited file is one line that names the file and the key, never a traceback further on.
+
+    ``default``: the value when the key is absent or null (without one, the key is required); ``low``: the least
+    value of a number; ``choices``: the values allowed."""
+    value = data.get(key) if isinstance(data, Mapping) else None
+    if value is None:
+        if default is _MISSING:
+            raise D2maeError(f"{source}: '{key}' is missing; the file is damaged — write it again with d2mae")
+        return default
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+    if not ok or (low is not None and value < low) or (choices is not None and value not in choices):
+        want = _KINDS.get(kind, kind.__name__) + (f" ≥ {low:g}" if low is not None else "") + (
+            f" (one of {', '.join(map(str, choices))})" if choices is not None else "")
+        raise D2maeError(f"{source}: '{key}' must be {want}, got {shown(value)}; the file is damaged — write it again "
+                         "with d2mae")
+    return float(value) if kind is float else value
 
 
 def check_saved_types(cls: type, data: Mapping[str, Any], source: str) -> None:

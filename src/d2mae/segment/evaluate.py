@@ -24,6 +24,7 @@ from d2mae.eval.statistics import minimum_detectable_effect, paired_ttest
 from d2mae.io.predictions import RUN_JSON
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
+from d2mae.runtime.options import saved_value
 from d2mae.runtime.outputs import claim_folder
 from d2mae.segment.figures import dice_histogram, overlay_figure
 from d2mae.segment.files import read_per_image
@@ -34,9 +35,12 @@ LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)"}
 
 def _run_json(run: Path) -> dict[str, Any]:
     try:
-        return json.loads((run / RUN_JSON).read_text(encoding="utf-8"))
+        data = json.loads((run / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise D2maeError(f"cannot read {run / RUN_JSON}: {exc}") from None
+    saved_value(data, "method", str, str(run / RUN_JSON), "")
+    saved_value(data, "num_classes", int, str(run / RUN_JSON), 2, low=2)
+    return data
 
 
 def _fmt(v: float, ci: tuple[float, float] | list[float] | None = None) -> str:
@@ -77,7 +81,8 @@ def evaluate_segment_run(run_dir: str | Path, out_dir: str | Path | None = None,
               "and 0 otherwise (docs/segment.md)."] + [f"Note: {n}" for n in res["notes"]]
     files = [out / "metrics.json", out / "metrics.md",
              dice_histogram(rows, out / "dice_distribution.png", str(res["method"])),
-             overlay_figure(rows, run, out / "overlays.png", int(meta.get("num_classes", 2)))]
+             overlay_figure(rows, run, out / "overlays.png",
+                            saved_value(meta, "num_classes", int, str(run / RUN_JSON), 2, low=2))]
     atomic_write_json(files[0], res)
     atomic_write_text(files[1], "\n".join(lines) + "\n")
     res["files"] = [str(f) for f in files]

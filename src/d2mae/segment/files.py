@@ -35,8 +35,8 @@ from d2mae.method.model_config import ModelConfig
 from d2mae.method.obs import ObsSpec
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_bytes, atomic_write_json, read_csv_rows
-from d2mae.runtime.options import check_saved_types
-from d2mae.segment.model import UNetConfig, build_segmenter
+from d2mae.runtime.options import check_saved_types, saved_value
+from d2mae.segment.model import DECODERS, UNetConfig, build_segmenter
 
 SEGMENTER_FORMAT = "d2mae-segmenter"
 SEGMENTER_WEIGHTS = "segmenter.safetensors"
@@ -86,7 +86,8 @@ def load_segmenter(folder: str | Path, device: torch.device | str = "cpu") -> tu
     folder = Path(folder)
     meta = read_config(folder, SEGMENTER_FORMAT)
     source = str(folder / "config.json")
-    kind, saved = meta.get("decoder"), meta.get("model") or {}
+    kind = saved_value(meta, "decoder", str, source, choices=DECODERS)
+    saved = saved_value(meta, "model", dict, source)
     if kind == "unet":
         check_saved_types(UNetConfig, saved, source)
         try:
@@ -95,10 +96,10 @@ def load_segmenter(folder: str | Path, device: torch.device | str = "cpu") -> tu
             raise D2maeError(f"{source}: {exc}") from None
     else:
         config = ModelConfig.from_dict(saved, source=source)
-    num_classes = meta.get("num_classes")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise D2maeError(f"{source}: 'num_classes' must be an integer ≥ 2, got {num_classes!r}")
-    model = build_segmenter(str(kind), config, num_classes, int(meta.get("feature_size", 16)), drop_path=0.0)
+    num_classes = saved_value(meta, "num_classes", int, source, low=2)
+    feature_size = saved_value(meta, "feature_size", int, source, 16, low=1)
+    ObsSpec.from_dict(meta.get("obs"), source)  # the OBS setting new images get
+    model = build_segmenter(kind, config, num_classes, feature_size, drop_path=0.0)
     state = load_weights(folder / SEGMENTER_WEIGHTS)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
@@ -123,7 +124,14 @@ def read_per_image(run: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise D2maeError(f"{run} holds no {PER_IMAGE}: not a finished segmentation run (d2mae segment)")
     rows: list[dict[str, Any]] = read_csv_rows(path)
+    missing = [c for c in ("path", "fold", "split", "dice", "iou", "hd95", "truth_pixels") if rows and c not in rows[0]]
+    if missing:
+        raise D2maeError(f"{path} has no column(s) {', '.join(missing)}; the file is damaged — write it again with "
+                         "d2mae segment")
     for r in rows:
+        if not str(r["truth_pixels"]).isdigit():
+            raise D2maeError(f"{path}: column 'truth_pixels' holds {r['truth_pixels']!r} for {r.get('path')}; not a "
+                             "pixel count")
         for key in ("dice", "iou", "hd95"):
             try:
                 r[key] = float(r[key]) if r.get(key, "") not in ("", "nan") else float("nan")

@@ -10,6 +10,7 @@ without a mask — is one error that names the file.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +20,7 @@ from PIL import Image
 
 from d2mae.data.decode import image_shape, map_threads
 from d2mae.data.labels import LabeledSet, first_few, load_labeled, read_table_csv
-from d2mae.data.sources import find_images
+from d2mae.data.sources import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, find_images
 from d2mae.runtime.errors import D2maeError, reason
 
 
@@ -54,6 +55,11 @@ def read_mask(path: str, num_classes: int) -> np.ndarray:
     if arr.ndim != 2:
         raise D2maeError(f"mask {path} has shape {arr.shape}; masks must be one-channel images")
     values = np.unique(arr)
+    fractional = values[values != np.round(values)] if np.issubdtype(values.dtype, np.floating) else values[:0]
+    if len(fractional):
+        shown = first_few([f"{v:g}" for v in fractional.tolist()])
+        raise D2maeError(f"mask {path} holds values that are not whole numbers ({shown}); a mask holds class values "
+                         "(0/255 or 0/1 for a lesion, 0..K-1 for K classes) — save it as integers")
     if num_classes == 2 and set(values.tolist()) <= {0, 255}:
         return (arr == 255).astype(np.uint8)  # [H, W]
     bad = values[(values < 0) | (values >= num_classes)]
@@ -65,32 +71,59 @@ def read_mask(path: str, num_classes: int) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def _mask_index(folder: Path, suffix: str) -> dict[str, str]:
-    """Masks under ``folder`` by their image's stem (file stem without ``suffix``); a stem twice is an error."""
+def _key(rel: str) -> str:
+    """A file's pairing key: its path below its root, '/'-separated, without the extension."""
+    rel = rel.replace("\\", "/").split("#")[0]
+    stem, ext = os.path.splitext(rel)
+    return stem if ext.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS else rel
+
+
+def mask_stem(stem: str, suffix: str) -> str | None:
+    """The image stem a file stem is the mask of (``x_mask`` → ``x`` with suffix ``_mask``; BUSI's extra
+    ``x_mask_1`` too), or ``None`` when the stem is not a mask's."""
+    match = re.fullmatch(rf"(.*){re.escape(suffix)}(_\d+)?", stem) if suffix else None
+    return match.group(1) if match else None
+
+
+def _mask_index(folder: Path, suffix: str) -> dict[str, list[str]]:
+    """Masks under ``folder`` by pairing key (their path below ``folder`` without extension and ``suffix``)."""
     if not folder.is_dir():
         raise D2maeError(f"folder {folder} does not exist", option="masks")
-    index: dict[str, str] = {}
+    index: dict[str, list[str]] = {}
     for ref in find_images(folder):
-        stem = Path(ref).stem
+        key = _key(os.path.relpath(ref, folder))
         if suffix:
-            if not stem.endswith(suffix):
+            parent, _, stem = key.rpartition("/")
+            image = mask_stem(stem, suffix)
+            if image is None:
                 continue
-            stem = stem[: -len(suffix)]
-        if stem in index:
-            raise D2maeError(f"two masks for image stem '{stem}' in {folder}: {index[stem]} and {ref}; keep one",
-                             option="masks")
-        index[stem] = ref
+            key = f"{parent}/{image}" if parent else image
+        index.setdefault(key, []).append(ref)
     return index
 
 
-def _pair_by_stem(refs: Sequence[str], ids: Sequence[str], folder: Path, suffix: str) -> list[str]:
+def _pair_by_path(ids: Sequence[str], folder: Path, suffix: str) -> list[str]:
+    """Each image's mask: the file at the image's own path below the masks folder (``images/a/x.png`` →
+    ``masks/a/x<suffix>.<any image extension>``). A missing mask, two candidate masks, or two images that would take
+    one mask are each one error that lists the first cases."""
     index = _mask_index(folder, suffix)
-    stems = [Path(r.split("#")[0]).stem for r in refs]
-    missing = [ids[i] for i, s in enumerate(stems) if s not in index]
+    keys = [_key(i) for i in ids]
+    missing = [f"{i} (expected {folder / k}{suffix}.png)" for i, k in zip(ids, keys) if k not in index]
     if missing:
-        raise D2maeError(f"{len(missing)} image(s) have no mask in {folder} (first: {first_few(missing)}; a mask is "
-                         f"named like its image, e.g. {stems[0]}{suffix}.png); every image needs one", option="masks")
-    return [index[s] for s in stems]
+        raise D2maeError(f"{len(missing)} image(s) have no mask in {folder}: {first_few(missing, 2)}; a mask sits at "
+                         "its image's own path below the masks folder (docs/segment.md)", option="masks")
+    several = [" and ".join(index[k]) for k in dict.fromkeys(keys) if len(index[k]) > 1]
+    if several:
+        raise D2maeError(f"{len(several)} image(s) have more than one mask: {first_few(several, 2)}; keep one (merge "
+                         "several masks of one image into one file)", option="masks")
+    by_key: dict[str, list[str]] = {}
+    for i, k in zip(ids, keys):
+        by_key.setdefault(k, []).append(i)
+    shared = [" and ".join(v) + f" → {index[k][0]}" for k, v in by_key.items() if len(v) > 1]
+    if shared:
+        raise D2maeError(f"{len(shared)} mask(s) would serve two images: {first_few(shared, 2)}; give each image a "
+                         "distinct name (they differ only by extension)", option="masks")
+    return [index[k][0] for k in keys]
 
 
 def _pair_by_column(labeled: LabeledSet, column: str, csv_path: Path) -> list[str]:
@@ -130,7 +163,10 @@ def _images(cfg: Any) -> LabeledSet:
     if cfg.label_column:
         raise D2maeError(f"a class column ('{cfg.label_column}') needs a labels CSV (--labels)",
                          option="label_column")
-    refs = find_images(cfg.images)
+    refs = [r for r in find_images(cfg.images) if mask_stem(Path(r).stem, cfg.mask_suffix) is None]  # not masks
+    if cfg.masks and os.path.realpath(cfg.masks) == os.path.realpath(cfg.images) and not cfg.mask_suffix:
+        raise D2maeError("the masks sit beside the images: give the text that ends a mask's file name (e.g. _mask "
+                         "for x_mask.png)", option="mask_suffix")
     root = os.path.abspath(cfg.images)
     ids = [os.path.relpath(r, root) for r in refs]
     return LabeledSet(refs=refs, ids=ids, labels=np.zeros(len(refs), dtype=np.int64), classes=["all"],
@@ -152,14 +188,20 @@ def load_segment_set(cfg: Any) -> SegmentSet:
             raise D2maeError("needs a labels CSV (--labels)", option="mask_column")
         masks = _pair_by_column(labeled, cfg.mask_column, Path(cfg.labels))
     elif cfg.masks:
-        masks = _pair_by_stem(labeled.refs, labeled.ids, Path(cfg.masks), cfg.mask_suffix)
+        masks = _pair_by_path(labeled.ids, Path(cfg.masks), cfg.mask_suffix)
     else:
         raise D2maeError("is required: the folder of masks (or a labels CSV column with --mask-column)",
                          option="masks")
 
     def check(i: int) -> bool:
         mask = read_mask(masks[i], cfg.num_classes)
-        h, w = image_shape(labeled.refs[i])
+        try:
+            h, w = image_shape(labeled.refs[i])
+        except (D2maeError, OSError, ValueError):
+            if cfg.skip_bad:  # left out with the other unreadable images, and listed (d2mae.data.decode.check_images)
+                return bool(mask.any())
+            raise D2maeError(f"cannot read image {labeled.refs[i]} (the image of mask {masks[i]}); fix or remove it, "
+                             "or give --skip-bad to leave it out") from None
         if mask.shape != (h, w):
             raise D2maeError(f"mask {masks[i]} is {mask.shape[1]}×{mask.shape[0]} px but its image "
                              f"{labeled.refs[i]} is {w}×{h}; a mask must have its image's size")

@@ -2,8 +2,11 @@
 
 Conventions (per foreground class, then the mean over the foreground classes of the image):
 
-* Dice and IoU of an empty prediction on an empty truth are 1 (a normal image read as normal); a non-empty
-  prediction on an empty truth scores 0 (MONAI's ``ignore_empty=False``).
+* Dice and IoU are averaged over the foreground classes present in the truth or in the prediction: a class that
+  occurs in neither says nothing about the image, so it does not count (with ``--num-classes 3`` on a 0/1 mask, an
+  empty prediction scores 0, not the 0.5 that counting the absent class 2 as a perfect match would give). An image
+  with no foreground in either — a normal image read as normal — scores 1; a non-empty prediction on an empty truth
+  scores 0.
 * HD95 (the 95th percentile of the symmetric surface distance, in pixels of the image; MONAI's
   ``compute_hausdorff_distance(percentile=95)``) is undefined when the truth or the prediction of a class is
   empty: that class is left out, and an image with no class defined has HD95 = NaN, left out of every mean and
@@ -38,15 +41,16 @@ def image_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict[
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in size")
     p, y = _one_hot(pred, num_classes), _one_hot(truth, num_classes)  # [1, K, H, W]
-    dice = compute_dice(p, y, include_background=False, ignore_empty=False)[0]  # [K-1]
-    iou = compute_iou(p, y, include_background=False, ignore_empty=False)[0]
+    present = [c - 1 for c in range(1, num_classes) if p[0, c].any() or y[0, c].any()]  # foreground classes seen
+    dice = compute_dice(p, y, include_background=False, ignore_empty=False)[0][present]  # [classes present]
+    iou = compute_iou(p, y, include_background=False, ignore_empty=False)[0][present]
     hd = []
     with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
         for c in range(1, num_classes):
             if p[0, c].any() and y[0, c].any():
                 hd.append(float(compute_hausdorff_distance(p[:, [0, c]], y[:, [0, c]], percentile=95.0)[0, 0]))
-    return {"dice": float(dice.mean()), "iou": float(iou.mean()),
+    return {"dice": float(dice.mean()) if present else 1.0, "iou": float(iou.mean()) if present else 1.0,
             "hd95": float(np.mean(hd)) if hd else math.nan}
 
 

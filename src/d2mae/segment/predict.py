@@ -100,7 +100,7 @@ class MaskPredictions:
         return "\n".join(lines)
 
 
-def _mask_names(refs: Sequence[str]) -> list[str]:
+def mask_names(refs: Sequence[str]) -> list[str]:
     """Unique file names for the masks of ``refs``: each path below the images' common folder."""
     files = [os.path.abspath(r.split("#")[0]) for r in refs]
     root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
@@ -131,14 +131,15 @@ def predict_masks(model: str | Path, inputs: Sequence[str | Path], out: str | Pa
     models = [m for m, _ in loaded]
     seg = models[0]
     refs = check_images(find_images([str(p) for p in inputs]), seg.config.in_chans, skip_bad=skip_bad)
+    out = Path(out)
+    names = mask_names(refs)
     if isinstance(seg.config, ModelConfig):  # the ViT encoder: t* under the model's OBS setting
         t_star = new_image_levels(folders[0], first, seg, refs, batch_size=batch_size, device=device,
                                   precision=precision, workers=workers, progress=progress, ctx=DistContext())
         sigma = sigmas_of(seg.config.schedule, t_star)
     else:  # a U-Net: no blur
         t_star, sigma = np.zeros(len(refs)), np.zeros(len(refs))
-    out = Path(out)
-    names, areas = _mask_names(refs), []
+    areas = []
     for name, p in zip(names, native_probs(models, refs, t_star, device, batch_size, precision,
                                             progress=progress)):
         labels = p.argmax(axis=0).astype(np.uint8)  # [H, W]

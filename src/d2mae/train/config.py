@@ -116,7 +116,7 @@ class DownstreamConfig(RuntimeOptions):
 
     @property
     def mode(self) -> str:
-        """``full`` (a pre-trained encoder, layer-wise lr decay), ``linear`` or ``scratch`` (:mod:`d2mae.train.optim`)."""
+        """``full`` (a pre-trained encoder, layer-wise lr decay) or ``scratch`` (:mod:`d2mae.train.optim`)."""
         return "full" if self.pretrained else "scratch"
 
     @property
@@ -259,6 +259,8 @@ class ProbeConfig(DownstreamConfig):
     fine-tuning, run as ``d2mae finetune`` with this config's shared options."""
 
     probe_c: float = _f(1.0, "inverse L2 strength of the logistic regression", TRAIN, above=0.0)
+    force: bool = _f(False, "replace an earlier probe's output in --out (only what d2mae wrote there)", RUN,
+                     volatile=True)
     probe_max_iter: int = _f(5000, "iterations of the logistic regression's solver", TRAIN, min=10, advanced=True)
     knn_k: int = _f(20, "neighbours of the kNN readout", TRAIN, min=1)
 

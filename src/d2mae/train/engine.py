@@ -352,6 +352,8 @@ class Run:
         if not has_run:
             return
         if not self.cfg.resume:
+            if getattr(self.cfg, "force", False):  # the probe's: its earlier output is replaced (runtime/outputs.py)
+                return
             raise D2maeError(f"{self.out} already holds a {self.task.noun} run; continue it with resume or choose "
                              "another output folder", option="out")
         if previous.is_file():

@@ -204,6 +204,11 @@ class Pretrainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        beyond = [k for k in cfg.keep_steps or () if k > self.total_steps]
+        if beyond:
+            raise D2maeError(f"step(s) {', '.join(map(str, beyond))} lie beyond this run's last step "
+                             f"({self.total_steps}: {cfg.epochs} epoch(s) of {self.steps_per_epoch} steps); keep "
+                             "earlier steps or train longer", option="keep_steps")
         self.lr = cfg.resolved_lr(ctx.world_size)
         self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * self.steps_per_epoch)))
         return digest

@@ -101,8 +101,10 @@ def readout_rows(run: Run, feats: np.ndarray) -> list[dict[str, Any]]:
     for fold in run.folds:
         for name, model in _readouts(cfg).items():
             started = time.perf_counter()
-            if name == "knn":
-                model.set_params(n_neighbors=min(cfg.knn_k, len(fold.train)))
+            if name == "knn" and cfg.knn_k > len(fold.train):
+                run.say(f"note: fold {fold.name} has {len(fold.train)} training images, fewer than --knn-k "
+                        f"{cfg.knn_k}: its kNN uses k = {len(fold.train)}")
+                model.set_params(n_neighbors=len(fold.train))
             model.fit(feats[fold.train], lab.labels[fold.train])
             probs = np.zeros((len(fold.test), len(classes)))
             probs[:, model.classes_] = model.predict_proba(feats[fold.test])  # [n_test, K]
@@ -145,7 +147,7 @@ def probe(cfg: ProbeConfig) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise D2maeError("d2mae probe runs in one process; start it without torchrun")
     claim_folder(cfg.out, "probe", [cfg.pretrained, *labels_inputs(cfg.labels, cfg.path_column, cfg.image_root,
-                                                                   cfg.image_ext)], resumable=True, forceable=False)
+                                                                   cfg.image_ext)], force=cfg.force)
     with output_lock(cfg.out, "probe"):
         configure_threads(cfg.threads)
         run = Run(cfg, Probe(cfg))
