@@ -171,8 +171,10 @@ def test_an_old_segmentation_run_evaluates_to_the_numbers_it_reported(old_seg: P
     assert main(["evaluate", str(old_seg / "seg")]) == 0
     after = json.loads((old_seg / "seg" / "evaluation" / "metrics.json").read_text())
     assert after["n_images"] == before["n_images"] == len(_test_rows(old_seg / "seg"))
-    for metric in ("dice", "iou", "hd95"):
-        assert after["metrics"][metric]["mean"] == pytest.approx(before["metrics"][metric]["mean"], abs=1e-9)
+    # every test image of the fixture holds a lesion and got a prediction: its lesion-image metrics are its old ones
+    assert after["lesion_images"] == after["n_images"] and after["metrics"]["hd95_lesion"]["missed"] == 0
+    for old, new in (("dice", "dice"), ("dice", "dice_lesion"), ("iou", "iou_lesion"), ("hd95", "hd95_lesion")):
+        assert after["metrics"][new]["mean"] == pytest.approx(before["metrics"][old]["mean"], abs=1e-9)
 
 
 def test_an_old_pretrained_folder_and_its_config_load_under_the_new_names(old_seg: Path) -> None:
@@ -195,6 +197,7 @@ def test_finished_experiments_keep_their_stage_keys(monkeypatch) -> None:
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     want = json.loads((FIXTURES / "stage-keys-dbb9461.json").read_text())
+    del want["busi-seg-cpu"]  # since rewritten for the pyramid decoder at 128 px (issue 34): new stages, new keys
     for name, keys in want.items():
         cfg = load_experiment(repo / "configs" / f"{name}.yaml")
         if any(ds.labels and not Path(ds.labels).exists() for ds in cfg.datasets.values()):
@@ -210,7 +213,8 @@ def test_a_config_changes_nothing_it_does_not_name(tmp_path: Path) -> None:
     they share."""
     seg, ft = SegmentConfig(), FinetuneConfig()
     for f in dataclasses.fields(DownstreamConfig):
-        assert getattr(seg, f.name) == getattr(ft, f.name), f.name
+        if f.name != "mode":  # without a pre-trained model a segmenter trains from scratch (docs/segment.md)
+            assert getattr(seg, f.name) == getattr(ft, f.name), f.name
 
 
 def test_every_commands_page_lists_every_option_with_its_default() -> None:

@@ -24,7 +24,7 @@ from d2mae.segment.data import SegmentDataset
 from d2mae.segment.files import load_segmenter
 from d2mae.segment.masks import load_segment_set
 from d2mae.segment.metrics import image_scores
-from d2mae.segment.model import ViTSegmenter
+from d2mae.segment.model import build_segmenter
 from d2mae.train.config import SegmentConfig
 from tests.conftest import SHARED, TINY
 
@@ -135,16 +135,17 @@ def test_image_and_mask_share_one_crop_and_the_mask_keeps_its_classes(tmp_path: 
 
 # ------------------------------------------------------------------------------------------------------- model
 
-def test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the_blur_token() -> None:
-    cfg = ModelConfig(**TINY)
-    model = ViTSegmenter(cfg, 2).eval()
-    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("decoder", ["fpn", "upernet", "unetr"])
+def test_the_segmenter_sees_the_image_blurred_at_sigma_t_star_and_t_star_reaches_the_blur_token(decoder: str) -> None:
+    cfg = ModelConfig(**{**TINY, "img_size": 64})
+    model = build_segmenter(decoder, cfg, 2, 64 if decoder != "unetr" else 8).eval()
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([3.0, 9.0])
     seen = []
     model.encoder.patch_embed.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach()))
     with torch.no_grad():
         out = model(x, t)
-    assert out.shape == (2, 2, 32, 32)
+    assert out.shape == (2, 2, 64, 64)
     image = seen[0] * model.encoder.pixel_std + model.encoder.pixel_mean
     for i, level in enumerate(t.tolist()):
         want = gaussian_filter(x[i, 0].double().numpy(), sigma=0.1 * level, mode="reflect", truncate=4.0)
@@ -195,7 +196,8 @@ def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> N
     save_pretrained(DeblurMAE(ModelConfig(**TINY)), pre)
     run = tmp_path / "run"
     args = ["segment", "--pretrained", str(pre), "--images", str(busi48 / "images"), "--masks",
-            str(busi48 / "masks"), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--feature-size", "4",
+            str(busi48 / "masks"), "--out", str(run), "--epochs", "1", "--batch-size", "8", "--feature-size", "64",
+            "--img-size", "64",  # the model at 64 px, 4 × 4 patches: its position embedding interpolated
             "--threads", "1"]
     assert main(args) == 0
     rows = list(csv.DictReader(open(run / "per_image.csv")))
@@ -215,7 +217,7 @@ def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> N
     assert meta["kind"] == "segment" and meta["obs"]["mode"] == "search"
     model, saved = load_segmenter(run / "fold_1" / "model")  # the model folder loads back as it was trained
     assert saved["obs"]["mode"] == "search" and saved["pretrained_sha256"] == meta["pretrained_sha256"]
-    assert model(torch.rand(1, 1, 32, 32), torch.tensor([2.0])).shape == (1, 2, 32, 32)
+    assert model(torch.rand(1, 1, 64, 64), torch.tensor([2.0])).shape == (1, 2, 64, 64)
     assert main(["evaluate", str(run)]) == 0
     assert (run / "evaluation" / "metrics.json").is_file() and (run / "evaluation" / "overlays.png").is_file()
     assert main(["compare", str(run), str(run)]) == 0
@@ -235,10 +237,10 @@ def test_segment_end_to_end_on_48_busi_images(busi48: Path, tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------- experiment kind
 
 SEG_MICRO = {
-    "name": "segmicro", "seeds": [0], "methods": ["supervised", "unet", "mae", "d2mae"], "model": dict(TINY),
+    "name": "segmicro", "seeds": [0], "methods": ["supervised", "unet", "mae", "d2mae"], "model": {**TINY, "img_size": 64},
     "budget": {"pretrain_epochs": 1, "pretrain_batch_size": 8, "finetune_epochs": 1, "finetune_batch_size": 8},
     "pretrain": {"warmup_epochs": 0, "lr": 1e-3},
-    "segment": {"warmup_epochs": 0, "feature_size": 4, "progress": False},
+    "segment": {"warmup_epochs": 0, "feature_size": 64, "progress": False},
     "datasets": {"ph": {"task": "segment", "phantoms": {"n": 24, "size": 32, "seed": 0}, "protocol": "kfold:2"}},
     "report": {"n_bootstrap": 50},
 }
@@ -294,7 +296,8 @@ def test_a_segmentation_experiment_runs_every_method_on_the_same_folds_and_repor
         if m != "d2mae":
             d = np.array([tests[m][k] - tests["d2mae"][k] for k in keys])
             want = wilcoxon(d).pvalue if np.any(d != 0) else float("nan")
-            got = table[m]["vs_d2mae_dice"]
+            assert all(int(r["truth_pixels"]) > 0 for r in per_image[m])  # every phantom holds a lesion
+            got = table[m]["vs_d2mae_dice_lesion"]
             assert got["diff"] == pytest.approx(d.mean(), abs=1e-9)
             assert got["wilcoxon_p"] == pytest.approx(want, rel=1e-9, nan_ok=True)
             label = {"supervised": "ViT (no pre-training)", "unet": "U-Net (smp, ResNet-18)", "mae": "MAE"}[m]
@@ -302,3 +305,110 @@ def test_a_segmentation_experiment_runs_every_method_on_the_same_folds_and_repor
     before = {s.id: (s.folder / ex.DONE).stat().st_mtime_ns for s in plan.stages}
     assert main(["experiment", str(path), "--out", str(out), "--resume", "--no-estimate"]) == 0
     assert {s.id: (s.folder / ex.DONE).stat().st_mtime_ns for s in plan.stages} == before
+
+
+# ------------------------------------------------------------------------ the pyramid decoder and fair metrics
+
+def test_the_pyramid_reads_the_patch_tokens_of_the_blocks_at_quarter_half_three_quarters_and_all_of_the_depth():
+    """The simple feature pyramid's inputs are the patch tokens (CLS and blur token dropped) of blocks 3, 6, 9 and 12
+    of a 12-block ViT, laid back on their grid, and its levels are ×4, ×2, ×1 and ×½ of that grid."""
+    cfg = ModelConfig(**{**TINY, "img_size": 64, "depth": 12})
+    model = build_segmenter("fpn", cfg, 2, 64).eval()
+    outputs: list[torch.Tensor] = []
+    for block in model.encoder.blocks:
+        block.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
+    fed: list[list[torch.Tensor]] = []
+    model.pyramid.register_forward_pre_hook(lambda mod, inp: fed.append([g.detach() for g in inp[0]]))
+    levels: list[torch.Tensor] = []
+    model.pyramid.register_forward_hook(lambda mod, inp, out: levels.extend(out))
+    with torch.no_grad():
+        model(torch.rand(2, 1, 64, 64), torch.tensor([2.0, 7.0]))
+    g, prefix = 64 // 16, 2  # 4 × 4 patches; CLS and BLU(t)
+    for grid, block in zip(fed[0], (2, 5, 8, 11)):
+        want = outputs[block][:, prefix:].transpose(1, 2).reshape(2, cfg.embed_dim, g, g)
+        assert torch.equal(grid, want), block
+    assert [tuple(x.shape[-2:]) for x in levels] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_lesion_dice_counts_only_the_images_whose_truth_holds_a_lesion() -> None:
+    from d2mae.segment.metrics import per_image_values, summarize
+
+    rows = [{"dice": d, "iou": d, "hd95": "nan", "truth_pixels": t, "lesion_pixels": p, "height": 30, "width": 40,
+             "fold": "1"} for d, t, p in ((0.5, 10, 12), (1.0, 0, 0), (0.0, 0, 5), (0.25, 8, 3))]
+    assert np.isnan(per_image_values(rows, "dice_lesion")[[1, 2]]).all()
+    assert summarize(rows, "dice_lesion")["mean"] == pytest.approx((0.5 + 0.25) / 2)  # by hand
+    assert summarize(rows, "dice")["mean"] == pytest.approx((0.5 + 1.0 + 0.0 + 0.25) / 4)
+    assert summarize(rows, "empty_correct")["mean"] == pytest.approx(0.5)  # one of the two normal images
+
+
+def test_hd95_compares_two_runs_on_the_same_lesion_images_with_a_missed_lesion_at_the_diagonal(tmp_path: Path):
+    """Run A misses the lesion of image 2, run B finds it: both are scored on the same two lesion images, A's miss at
+    the image diagonal (50 px for 30 × 40), not left out of A's mean alone."""
+    from d2mae.segment.evaluate import compare_segment_runs
+
+    fields = ["id", "path", "mask", "fold", "split", "class", "dice", "iou", "hd95", "lesion_pixels", "truth_pixels",
+              "height", "width", "t_star", "sigma_star"]
+    for name, hd2, found in (("a", "nan", 0), ("b", "4.0", 9)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "run.json").write_text(json.dumps({"method": name, "num_classes": 2}))
+        with (run / "per_image.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fields)
+            w.writeheader()
+            for i, (hd, lesion, truth) in enumerate((("3.0", 10, 10), (hd2, found, 12), ("nan", 0, 0))):
+                w.writerow({"id": f"{i}.png", "path": f"/x/{i}.png", "mask": "", "fold": "1", "split": "test",
+                            "class": "", "dice": "0.5", "iou": "0.3", "hd95": hd, "lesion_pixels": lesion,
+                            "truth_pixels": truth, "height": 30, "width": 40, "t_star": "1", "sigma_star": "0.1"})
+    hd = compare_segment_runs(tmp_path / "a", tmp_path / "b")["metrics"]["hd95_lesion"]
+    assert hd["n_pairs"] == 2
+    assert hd["mean_a"] == pytest.approx((3.0 + 50.0) / 2) and hd["mean_b"] == pytest.approx((3.0 + 4.0) / 2)
+
+
+def test_predict_with_a_run_folder_averages_every_folds_probabilities(tmp_path: Path) -> None:
+    """Two fold models of one run: the run's mask is the argmax of the mean of the two folds' probabilities, not
+    the last fold's alone."""
+    from d2mae.method.obs import ObsSpec
+    from d2mae.segment.files import save_segmenter
+    from d2mae.segment.predict import native_probs, predict_masks
+
+    cfg = ModelConfig(**{**TINY, "img_size": 64, "blur": False, "blur_embed": "none"})
+    run, models = tmp_path / "run", []
+    for k in (1, 2):
+        torch.manual_seed(k)
+        model = build_segmenter("fpn", cfg, 2, 64).eval()
+        torch.nn.init.normal_(model.head.weight, std=0.5)
+        save_segmenter(model, run / f"fold_{k}" / "model", "fpn", ObsSpec("none"), {"feature_size": 64}, None, None)
+        models.append(model)
+    (run / "run.json").write_text(json.dumps({"kind": "segment", "folds": ["1", "2"], "num_classes": 2}))
+    rng = np.random.default_rng(0)
+    refs = []
+    for i in range(3):
+        _png(tmp_path / "new" / f"n{i}.png", rng.integers(0, 255, (50, 70), dtype=np.uint8))
+        refs.append(str(tmp_path / "new" / f"n{i}.png"))
+    result = predict_masks(run, refs, tmp_path / "out", progress=False)
+    both = list(native_probs(models, refs, np.zeros(3), torch.device("cpu"), 8))
+    last = list(native_probs(models[-1:], refs, np.zeros(3), torch.device("cpu"), 8))
+    assert any(not np.array_equal(b.argmax(0), c.argmax(0)) for b, c in zip(both, last))  # the folds disagree
+    for name, p in zip(result.masks, both):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / name)) > 0, p.argmax(0) > 0)
+
+
+def test_the_scratch_row_segments_with_the_pre_trained_rows_architecture(tmp_path: Path) -> None:
+    """With patch 8 in the experiment's model section, the ViT trained from scratch has 8-pixel patches too (and
+    every other setting of the pre-trained rows): it starts from the untrained ViT of the plan's arch stage."""
+    from d2mae import experiment as ex
+    from d2mae.io.artifacts import read_config
+
+    model = {**TINY, "img_size": 64, "patch_size": 8}
+    path = _experiment(tmp_path, {**SEG_MICRO, "model": model, "methods": ["supervised", "d2mae"]})
+    plan = ex.make_plan(ex.load_experiment(path), tmp_path / "out")
+    (arch,) = plan.of("arch")
+    scratch = next(s for s in plan.of("segment") if s.method == "supervised")
+    assert scratch.payload.pretrained == str(arch.folder) and scratch.payload.mode == "scratch"
+    shape = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "img_size")
+    pre = next(s for s in plan.of("pretrain")).payload.model_config()
+    assert {k: getattr(arch.payload["model"], k) for k in shape} == {k: getattr(pre, k) for k in shape}
+    assert arch.payload["model"].patch_size == 8
+    for stage in plan.of("data") + [arch]:  # the phantoms, then the folder the scratch row builds its segmenter from
+        ex.run_stage(stage, plan)
+    assert read_config(arch.folder, "d2mae-pretrained")["model"]["patch_size"] == 8

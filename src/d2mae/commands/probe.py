@@ -15,7 +15,8 @@ from d2mae.train.probe import PROBE_CSV, probe
 
 def add(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    add_arguments(parser, ProbeConfig, advanced=("epochs", "batch_size", "blr", "resume"))  # partial fine-tuning's
+    # epochs, batch size and lr are partial fine-tuning's (--trainable-blocks): listed by --help-all
+    add_arguments(parser, ProbeConfig, advanced=("epochs", "batch_size", "blr", "resume", "mode"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from d2mae.train.tasks import segment
 
 def add(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    add_arguments(parser, SegmentConfig, advanced=("path_column", "image_root", "image_ext"))  # a labels CSV's
+    add_arguments(parser, SegmentConfig, advanced=("path_column", "image_root", "image_ext", "mode"))  # CSV options
 
 
 def run(args: argparse.Namespace) -> int:

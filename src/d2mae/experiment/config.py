@@ -365,6 +365,9 @@ def parse_experiment(data: Mapping[str, Any], source: str = "config") -> Experim
     segment = _section(data, "segment", source)
     _refuse(segment, SEGMENT_FORBIDDEN, "segment", source)
     _check_section_types(SegmentConfig, segment, "segment", source)
+    if segment.get("decoder") == "unet":
+        raise D2maeError(f"option 'segment.decoder' in {source} is the ViT rows' decoder (fpn, upernet or unetr); the "
+                         "smp U-Net is a row of its own: add unet to methods:")
 
     report_data = _section(data, "report", source)
     _check_section_types(ReportSpec, report_data, "report", source)

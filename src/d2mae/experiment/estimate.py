@@ -31,6 +31,7 @@ from d2mae.method.presets import PRESETS
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.options import build_config
 from d2mae.segment.model import UNetConfig, build_segmenter
+from d2mae.train.engine import DEFAULT_IMG_SIZE
 from d2mae.train.optim import adamw
 
 
@@ -173,15 +174,15 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
         imported = method_for(str(s.method)).source == "checkpoint"
         if not (fc.backbone or imported) or f"finetune_step:{s.method}" in speed:
             continue
-        c = fc.in_chans
+        c, size = fc.in_chans, fc.img_size or DEFAULT_IMG_SIZE
         if fc.backbone:
-            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, fc.img_size, c, *default_stats(c)), num_classes)
+            clf: Any = TimmClassifier(BackboneConfig(fc.backbone, size, c, *default_stats(c)), num_classes)
         else:  # the checkpoint's ViT; the released ones are ViT-B/16 when the file is not here yet
             found = os.path.exists(fc.pretrained)
             arch = encoder_architecture(fc.pretrained) if found else {"arch": "vit_base_patch16"}
-            clf = DeblurClassifier(ModelConfig(**arch, img_size=fc.img_size, in_chans=c, blur=False,
-                                               blur_embed="none"), num_classes)
-        x = torch.rand(min(fc.batch_size, 8), c, fc.img_size, fc.img_size, generator=gen).to(dev)
+            clf = DeblurClassifier(ModelConfig(**arch, img_size=size, in_chans=c, blur=False, blur_embed="none"),
+                                   num_classes)
+        x = torch.rand(min(fc.batch_size, 8), c, size, size, generator=gen).to(dev)
         timed = _time_classifier(clf.to(dev), x)
         speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
 

@@ -49,8 +49,7 @@ FINETUNE_FORBIDDEN = {
 SEGMENT_FORBIDDEN = {
     **{k: v.replace("finetune", "segment") for k, v in FINETUNE_FORBIDDEN.items()
        if k in ("epochs", "batch_size", "pretrained", "obs", "search_step", "obs_table", "method", "seed", "out",
-                "resume", "device", "config", "arch", "img_size", "in_chans", "protocol", "folds")},
-    "decoder": "each method has its own decoder (unet is the smp U-Net row); choose methods:",
+                "resume", "device", "config", "arch", "img_size", "in_chans", "protocol", "folds", "mode")},
     **{k: f"set datasets.<name>.{k}" for k in ("images", "labels", "masks", "mask_column", "mask_suffix",
                                                 "path_column", "image_root", "image_ext", "allow_outside_root",
                                                 "group_column", "split_column", "fold_column", "stratify",

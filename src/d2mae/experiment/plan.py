@@ -20,6 +20,7 @@ from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.machine import machine_info
 from d2mae.runtime.options import build_config, field_types, result_fields, to_dict
 from d2mae.train.config import FinetuneConfig, ProbeConfig, SegmentConfig, own_fields
+from d2mae.train.engine import DEFAULT_IMG_SIZE
 from d2mae.train.pretrain import CHECKPOINTS
 from d2mae.train.pretrain_config import PretrainConfig
 
@@ -83,7 +84,8 @@ def _result_options(cfg: Any) -> dict[str, Any]:
     elif isinstance(cfg, SegmentConfig):
         out.update(stratify=out["stratify"] or "lesion", blr=5e-4 if cfg.blr is None else cfg.blr)
     else:
-        out.update(label_column=out["label_column"] or "label", labels=out["labels"] or "")
+        out.update(label_column=out["label_column"] or "label", labels=out["labels"] or "",
+                   img_size=out["img_size"] or DEFAULT_IMG_SIZE)
     return out
 
 
@@ -251,9 +253,10 @@ def _probe_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Datas
 
 
 def _segment_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: DatasetPlan, out: Path,
-                    pre_by: Mapping[tuple[str, int], Stage]) -> list[Stage]:
-    """One ``d2mae segment`` stage per (seed, method): a UNETR on each pre-trained encoder, a scratch ViT
-    (``supervised``) or the smp U-Net (``unet``), every one on the same folds and downstream budget."""
+                    pre_by: Mapping[tuple[str, int], Stage], arch_stage: Stage | None) -> list[Stage]:
+    """One ``d2mae segment`` stage per (seed, method): the ``segment:`` section's decoder (FPN by default) on each
+    pre-trained encoder or on the same ViT from scratch (``supervised``: the untrained ViT of the ``arch`` stage,
+    the pre-trained rows' architecture), or the smp U-Net (``unet``), every one on the same folds and budget."""
     stages: list[Stage] = []
     for seed in cfg.seeds:
         for m in cfg.runs():
@@ -261,9 +264,12 @@ def _segment_stages(cfg: ExperimentConfig, name: str, spec: DatasetSpec, dp: Dat
                 raise D2maeError(f"method {m.name} in {cfg.source} cannot segment dataset '{name}': d2mae segment "
                                  "starts from this experiment's pre-trained encoders, a scratch ViT or the U-Net; "
                                  "leave the method out")
-            base = pre_by[(m.preset, seed)] if m.preset is not None else None
+            base = pre_by[(m.preset, seed)] if m.preset is not None else (
+                arch_stage if m.source == "scratch" else None)  # the ViT from scratch: the pre-trained rows' shape
             start: dict[str, Any] = {"pretrained": str(base.folder) if base else None,
-                                     "decoder": "unet" if m.source == "unet" else "unetr"}
+                                     "mode": m.mode}
+            if m.source == "unet":
+                start["decoder"] = "unet"
             scfg = _build(
                 SegmentConfig, "segment", cfg.source, (cfg.segment, f"{cfg.source}, section segment"),
                 (spec.segment_options(dp.labels if spec.phantoms is not None else None),
@@ -311,7 +317,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
             raise D2maeError(f"method unet in {cfg.source} segments; dataset '{name}' classifies (add task: segment "
                              "and masks to it, or leave unet out)")
         arch_stage: Stage | None = None
-        if spec.task == "classify" and any(m.preset is None and m.source == "scratch" for m in runs):
+        if any(m.preset is None and m.source == "scratch" for m in runs):
             arch_cfg = build_config(ModelConfig, (PRESETS["mae"], "preset mae"),
                                     (cfg.model, f"{cfg.source}, section model"))
             # every field, as before config.json dropped the other objectives' settings: the same keys
@@ -327,7 +333,7 @@ def make_plan(cfg: ExperimentConfig, out: str | Path) -> Plan:
         pre_by = {(s.preset, s.seed): s for s in pre}
         stages += pre
         if spec.task == "segment":
-            stages += _segment_stages(cfg, name, spec, dp, out, pre_by)
+            stages += _segment_stages(cfg, name, spec, dp, out, pre_by, arch_stage)
         else:
             stages += _finetune_stages(cfg, name, spec, dp, out, pre_by, arch_stage)
             stages += _probe_stages(cfg, name, spec, dp, out, pre_by, total_steps)
@@ -357,7 +363,8 @@ def check_equal_budget(plan: Plan) -> None:
     pre_skip = set(PRESET_FIELDS) | own | {"preset", "seed", "out", "resume"}
     ft_skip = {"obs", "search_step", "mode", "method", "pretrained", "backbone", "backbone_weights", "seed", "out",
                "resume"}
-    seg_skip = {"obs", "search_step", "method", "pretrained", "decoder", "seed", "out", "resume"}
+    seg_skip = {"obs", "search_step", "method", "pretrained", "decoder", "feature_size", "mode", "seed", "out",
+                "resume"}
     probe_skip = ft_skip | {"model"}
     arch_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in PRESET_FIELDS + ("mean", "std")]
     for name in plan.datasets:

@@ -31,7 +31,7 @@ from d2mae.experiment.results import (
     significance_statements,
     stage_times,
 )
-from d2mae.experiment.segment_results import overlay_figures, segment_tables
+from d2mae.experiment.segment_results import overlay_figures, segment_tables, validation_curves
 from d2mae.method.model_config import ModelConfig
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
@@ -219,7 +219,8 @@ def _beyond_paper_sections(rep: Report, plan: Plan, curves: Sequence[Any], seg_t
                       "for every row (docs/segment.md).")
         for t in seg_tables.values():
             rep.table(t)
-        for path, caption in overlay_figures(plan):
+        curve = validation_curves(plan, plan.out / "figures" / "segment_validation.png")
+        for path, caption in overlay_figures(plan) + ([curve] if curve else []):
             rep.image(path, caption)
 
 

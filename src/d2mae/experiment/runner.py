@@ -46,6 +46,7 @@ from d2mae.runtime.logs import say
 from d2mae.runtime.options import save_config
 from d2mae.runtime.outputs import claim_folder
 from d2mae.segment.evaluate import evaluate_segment_run
+from d2mae.train.engine import DEFAULT_IMG_SIZE
 from d2mae.train.pretrain import RESUME as PRETRAIN_RESUME
 from d2mae.train.pretrain import pretrain
 from d2mae.train.probe import probe
@@ -185,12 +186,13 @@ def check_weights(plan: Plan) -> None:
             continue
         seen.add((stage.method, weights))
         try:
+            size = fc.img_size or DEFAULT_IMG_SIZE
             if fc.backbone:
-                config = BackboneConfig(fc.backbone, fc.img_size, fc.in_chans, *default_stats(fc.in_chans))
+                config = BackboneConfig(fc.backbone, size, fc.in_chans, *default_stats(fc.in_chans))
                 state, _ = backbone_state(weights, config)
                 backbone_classifier(config, plan.datasets[stage.dataset].num_classes, 0.0, state, weights)
             else:
-                check_importable(weights, fc.img_size, fc.in_chans)
+                check_importable(weights, size, fc.in_chans)
         except D2maeError as exc:
             raise D2maeError(f"method {stage.method} cannot start: {exc.message}; nothing was trained — fix its "
                              "weights: entry or leave the method out") from None

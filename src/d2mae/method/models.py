@@ -16,12 +16,13 @@ ratio 0 (Eq. 4).
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -307,9 +308,18 @@ class DeblurMAE(Objective):
 
 def load_encoder_weights(encoder: DeblurEncoder, mae_state: dict[str, torch.Tensor], what: str) -> None:
     """Copy a pre-trained model's encoder weights (``encoder.*`` keys but the final norm, which a downstream model
-    does not use: it pools or decodes the last block's tokens) into ``encoder``; all must match."""
+    does not use: it pools or decodes the last block's tokens) into ``encoder``; all must match. A position embedding
+    of another patch grid (a downstream model at another image size) is interpolated to ``encoder``'s grid (timm's
+    ``resample_abs_pos_embed``, bicubic; the CLS and blur tokens' rows kept), with a warning that says so."""
     enc = {k[len("encoder."):]: v for k, v in mae_state.items()
            if k.startswith("encoder.") and not k.startswith("encoder.norm.")}
+    pos, want = enc.get("pos_embed"), encoder.pos_embed
+    if pos is not None and pos.shape != want.shape:
+        prefix = encoder.num_prefix_tokens
+        old, new = int(round((pos.shape[1] - prefix) ** 0.5)), int(round((want.shape[1] - prefix) ** 0.5))
+        enc["pos_embed"] = resample_abs_pos_embed(pos, [new, new], [old, old], num_prefix_tokens=prefix)
+        warnings.warn(f"the pre-trained position embedding ({old}×{old} patches) was interpolated to {what}'s "
+                      f"{new}×{new} grid", stacklevel=2)
     missing, unexpected = encoder.load_state_dict(enc, strict=False)
     if missing or unexpected:
         raise D2maeError(f"pre-trained weights do not match {what} "

@@ -5,13 +5,16 @@ own size for the metrics, :func:`native_logits`). Training crops a random box of
 share in ``crop_scale`` of the image's, its aspect jittered by 3/4..4/3 around the image's own — and flips it; the
 image is resampled with PIL's antialiased bicubic filter (:func:`d2mae.data.dataset.resize_box`, the reference
 view), the mask with nearest neighbour from the same box, so that mask values stay classes and the two stay aligned.
-Blur at σ_t* is the model's (on the device, the image only; never the mask).
+Then the small-data recipe (``augment="strong"``, MONAI's dictionary transforms on both, :func:`strong_augmentation`):
+a rotation of up to 15° and a zoom of 0.85-1.15 (bilinear for the image, nearest for the mask), a gamma of 0.7-1.5
+and Rician noise (ultrasound's speckle-like, multiplicative-looking noise) on the image only. Blur at σ_t* is the
+model's (on the device, the image only; never the mask).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,15 +46,31 @@ def resize_mask(mask: np.ndarray, box: Box, size: int, flip: bool = False) -> np
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
 
 
+AUGMENTATIONS = ("strong", "crop", "none")
+
+
+def strong_augmentation() -> Any:
+    """MONAI's joint augmentation of image and mask (module docstring); call ``set_random_state`` per item."""
+    from monai.transforms import Compose, RandAdjustContrastd, RandRicianNoised, RandRotated, RandZoomd  # lazy
+
+    both, modes = ("image", "mask"), ("bilinear", "nearest")
+    return Compose([RandRotated(both, range_x=math.pi / 12, prob=0.5, mode=modes, padding_mode="zeros"),
+                    RandZoomd(both, min_zoom=0.85, max_zoom=1.15, prob=0.5, mode=modes, padding_mode="constant"),
+                    RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.5),
+                    RandRicianNoised("image", prob=0.3, std=0.03)])
+
+
 class SegmentDataset(Dataset):
     """Item ``i`` → (image float32 [C, S, S] in [0, 1], mask int64 [S, S], i); with ``augment`` a random crop and
-    flip shared by image and mask (seeded per item by :class:`d2mae.data.dataset.SeededDataset`)."""
+    flip shared by image and mask, and with ``strong`` MONAI's rotation, zoom, gamma and noise too (seeded per item
+    by :class:`d2mae.data.dataset.SeededDataset`)."""
 
     def __init__(self, refs: Sequence[str], masks: Sequence[str], img_size: int, in_chans: int, num_classes: int,
-                 augment: bool = False, crop_scale: Sequence[float] = (0.5, 1.0), hflip: float = 0.5) -> None:
+                 augment: bool | str = False, crop_scale: Sequence[float] = (0.5, 1.0), hflip: float = 0.5) -> None:
         self.refs, self.masks = list(refs), list(masks)
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
-        self.augment, self.crop_scale, self.hflip = augment, tuple(crop_scale), hflip
+        self.augment, self.crop_scale, self.hflip = augment not in (False, "none"), tuple(crop_scale), hflip
+        self.strong = strong_augmentation() if augment == "strong" else None
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -77,7 +96,12 @@ class SegmentDataset(Dataset):
             flip = bool(torch.rand(()) < self.hflip)
         x = resize_box(arr, box, self.img_size, flip=flip)  # [C, S, S]
         y = resize_mask(mask, box, self.img_size, flip=flip)  # [S, S]
-        return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), i
+        if self.strong is None:
+            return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), i
+        self.strong.set_random_state(seed=int(np.random.randint(2**31)))  # the item's seed (SeededDataset)
+        out = self.strong({"image": torch.from_numpy(x), "mask": torch.from_numpy(y[None].astype(np.float32))})
+        image = torch.from_numpy(np.asarray(out["image"], dtype=np.float32)).clamp_(0.0, 1.0)  # [C, S, S]
+        return image, torch.from_numpy(np.rint(np.asarray(out["mask"])[0]).astype(np.int64)), i
 
 
 def native_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""``d2mae evaluate`` and ``d2mae compare`` for segmentation runs: Dice, IoU and HD95 with 95% CIs, and paired
-tests between two runs on the same test images.
+"""``d2mae evaluate`` and ``d2mae compare`` for segmentation runs: the summary metrics of
+:data:`d2mae.segment.metrics.SUMMARY` with 95% CIs, per class where the run has a class column, and paired tests
+between two runs on the same test images.
 
 Per-image values come from ``per_image.csv`` (computed at each image's own size, :mod:`d2mae.segment.metrics`).
-The mean over the test images has a percentile-bootstrap CI (images resampled); with more than one fold, the mean
-over folds has a t-interval. Two runs are compared image by image: the mean difference (A − B) with a paired
-bootstrap CI, the two-sided Wilcoxon signed-rank test (scipy) on the per-image differences, and the paper's paired
-t-test over folds. Each comparison carries its minimum detectable effect: the smallest true mean difference a paired
-t-test on the same images detects at P < 0.05 with 80% power, given the measured spread
-(:func:`d2mae.eval.statistics.minimum_detectable_effect`).
+Every metric is taken over a set of images that the truth alone defines — all images, the lesion images, the
+empty-truth images — so two runs are always scored on the same images: HD95 over the lesion images with a missed
+lesion at the image diagonal, not over each run's own defined images. The mean over the images has a
+percentile-bootstrap CI (images resampled); with more than one fold, the mean over folds has a t-interval. Two runs
+are compared image by image: the mean difference (A − B) with a paired bootstrap CI, the two-sided Wilcoxon
+signed-rank test (scipy) on the per-image differences, and the paper's paired t-test over folds. Each comparison
+carries its minimum detectable effect (:func:`d2mae.eval.statistics.minimum_detectable_effect`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,7 @@ from d2mae.runtime.options import saved_value
 from d2mae.runtime.outputs import claim_folder
 from d2mae.segment.figures import dice_histogram, overlay_figure
 from d2mae.segment.files import read_per_image
-from d2mae.segment.metrics import METRICS, bootstrap_mean, defined_mean, summarize
-
-LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)"}
-
+from d2mae.segment.metrics import SUMMARY, by_class, mean_interval, per_image_values, summarize
 
 def _run_json(run: Path) -> dict[str, Any]:
     try:
@@ -43,42 +42,53 @@ def _run_json(run: Path) -> dict[str, Any]:
     return data
 
 
-def _fmt(v: float, ci: tuple[float, float] | list[float] | None = None) -> str:
+def _fmt(v: float, ci: tuple[float, float] | list[float] | None = None, scale: float = 1.0) -> str:
     if v is None or not math.isfinite(v):
         return "—"
-    text = f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    if ci is not None and all(math.isfinite(c) for c in ci):
-        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]" if abs(v) < 10 else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    digits = 1 if scale != 1.0 or abs(v) >= 10 else 4
+    text = f"{v * scale:.{digits}f}"
+    if ci is not None and all(c is not None and math.isfinite(c) for c in ci):
+        text += f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
     return text
 
 
+def _rows(run: Path, split: str) -> list[dict[str, Any]]:
+    rows = [r for r in read_per_image(run) if r["split"] == split]
+    if not rows:
+        raise D2maeError(f"{run / 'per_image.csv'} has no '{split}' rows", option="split")
+    return rows
+
+
 def evaluate_segment_run(run_dir: str | Path, out_dir: str | Path | None = None, split: str = "test",
-                         n_bootstrap: int = 2000, seed: int = 0, force: bool = False) -> dict[str, Any]:
+                         n_bootstrap: int = 1000, seed: int = 0, force: bool = False,
+                         confidence: float = 0.95) -> dict[str, Any]:
     """The metric table of a segmentation run (``evaluation/metrics.json`` and ``metrics.md``) and its figures
     (Dice distribution; image, truth and prediction for the best, median and worst test images)."""
     run = Path(run_dir)
     meta = _run_json(run)
-    rows = [r for r in read_per_image(run) if r["split"] == split]
-    if not rows:
-        raise D2maeError(f"{run / 'per_image.csv'} has no '{split}' rows", option="split")
+    rows = _rows(run, split)
     out = Path(out_dir) if out_dir is not None else run / "evaluation"
     if out_dir is not None:
         claim_folder(out, "evaluate", [run], force=force)
-    summaries = {m: summarize(rows, m, n_bootstrap, seed) for m in METRICS}
-    empty = sum(1 for r in rows if int(r["truth_pixels"]) == 0)
+    options = {"n_resamples": n_bootstrap, "seed": seed, "confidence": confidence}
+    metrics = {m: summarize(rows, m, **options) for m in SUMMARY}
     res = {"method": meta.get("method"), "kind": "segment", "split": split, "n_images": len(rows),
-           "n_folds": len({r["fold"] for r in rows}), "empty_truth": empty,
-           "metrics": {m: s.to_dict() for m, s in summaries.items()},
-           "notes": [f"HD95 is undefined for {summaries['hd95'].left_out} image(s) (an empty truth or prediction): "
-                     "left out of its mean"] if summaries["hd95"].left_out else []}
+           "n_folds": len({r["fold"] for r in rows}), "empty_truth": metrics["empty_correct"]["n"],
+           "lesion_images": metrics["dice_lesion"]["n"], "metrics": metrics,
+           "per_class": by_class(rows, "dice", **options)}
     lines = [f"# {res['method']}: segmentation, {len(rows)} {split} images, {res['n_folds']} fold(s)", "",
-             "| metric | mean [95% bootstrap CI] | over folds | images |", "|---|---|---|---|"]
-    for m, s in summaries.items():
-        folds = _fmt(s.over_folds.mean, [s.over_folds.low, s.over_folds.high]) if s.over_folds else "—"
-        lines.append(f"| {LABELS[m]} | {_fmt(s.mean, s.ci)} | {folds} | {s.n}" +
-                     (f" ({s.left_out} undefined)" if s.left_out else "") + " |")
-    lines += ["", f"{empty} test image(s) have an empty truth mask: Dice/IoU count 1 for an empty prediction there "
-              "and 0 otherwise (docs/segment.md)."] + [f"Note: {n}" for n in res["notes"]]
+             f"| metric | mean [{confidence:.0%} bootstrap CI] | over folds | images |", "|---|---|---|---|"]
+    for m, (label, scale, _) in SUMMARY.items():
+        s = metrics[m]
+        folds = _fmt(s["over_folds"]["mean"], [s["over_folds"]["low"], s["over_folds"]["high"]], scale) \
+            if s["over_folds"] else "—"
+        extra = f" ({s['missed']} missed)" if s.get("missed") else ""
+        lines.append(f"| {label}{' (%)' if scale != 1.0 else ''} | {_fmt(s['mean'], s['ci'], scale)} | {folds} | "
+                     f"{s['n']}{extra} |")
+    for c, s in res["per_class"].items():
+        lines.append(f"| Dice, class {c} (%) | {_fmt(s['mean'], s['ci'], 100.0)} | — | {s['n']} |")
+    lines += ["", "Dice and IoU of an image whose truth and prediction are both empty are 1; HD95 over the lesion "
+              "images scores a missed lesion at the image diagonal (docs/segment.md)."]
     files = [out / "metrics.json", out / "metrics.md",
              dice_histogram(rows, out / "dice_distribution.png", str(res["method"])),
              overlay_figure(rows, run, out / "overlays.png",
@@ -90,24 +100,24 @@ def evaluate_segment_run(run_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def print_summary(res: dict[str, Any]) -> None:
-    print(f"{res['method']}: {res['n_images']} '{res['split']}' images, {res['n_folds']} fold(s)")
-    for m in METRICS:
+    print(f"{res['method']}: {res['n_images']} '{res['split']}' images ({res['lesion_images']} with a lesion), "
+          f"{res['n_folds']} fold(s)")
+    for m, (label, scale, _) in SUMMARY.items():
         s = res["metrics"][m]
-        line = f"  {LABELS[m]:<10} {_fmt(s['mean'], s['ci'])}"
-        if s["over_folds"] and s["over_folds"]["mean"] is not None:
-            line += f"   over folds {_fmt(s['over_folds']['mean'])}"
-        print(line + (f"   ({s['left_out']} undefined, left out)" if s["left_out"] else ""))
-    for note in res.get("notes", []):
-        print(f"  note: {note}")
+        extra = f"   ({s['missed']} missed lesions at the diagonal)" if s.get("missed") else ""
+        print(f"  {label:<47} {_fmt(s['mean'], s['ci'], scale)}{extra}")
+    for c, s in res.get("per_class", {}).items():
+        print(f"  {'Dice, class ' + c:<47} {_fmt(s['mean'], s['ci'], 100.0)}")
     if res.get("files"):
         print(f"wrote {', '.join(Path(f).name for f in res['files'])} to {Path(res['files'][0]).parent}")
 
 
-def compare_segment_runs(run_a: str | Path, run_b: str | Path, split: str = "test", n_bootstrap: int = 2000,
+def compare_segment_runs(run_a: str | Path, run_b: str | Path, split: str = "test", n_bootstrap: int = 1000,
                          seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
-    """Run A against run B on the test images both predicted (differences A − B), per metric."""
-    a = {r["path"]: r for r in read_per_image(run_a) if r["split"] == split}
-    b = {r["path"]: r for r in read_per_image(run_b) if r["split"] == split}
+    """Run A against run B on the test images both predicted (differences A − B), per :data:`SUMMARY` metric: the
+    same images on both sides by construction (each metric's set is the truth's)."""
+    a = {r["path"]: r for r in _rows(Path(run_a), split)}
+    b = {r["path"]: r for r in _rows(Path(run_b), split)}
     common = sorted(set(a) & set(b))
     if not common:
         raise D2maeError(f"{run_a} and {run_b} share no {split} images; compare runs on the same data")
@@ -115,31 +125,31 @@ def compare_segment_runs(run_a: str | Path, run_b: str | Path, split: str = "tes
                            "method_a": _run_json(Path(run_a)).get("method"),
                            "method_b": _run_json(Path(run_b)).get("method"), "n_images": len(common),
                            "only_a": len(set(a) - set(b)), "only_b": len(set(b) - set(a)), "metrics": {}}
-    folds = sorted({a[p]["fold"] for p in common})
-    for m in METRICS:
-        va = np.array([a[p][m] for p in common], dtype=float)
-        vb = np.array([b[p][m] for p in common], dtype=float)
+    rows_a, rows_b = [a[p] for p in common], [b[p] for p in common]
+    folds = np.array([str(r["fold"]) for r in rows_a])
+    for m in SUMMARY:
+        va, vb = per_image_values(rows_a, m), per_image_values(rows_b, m)
         keep = np.isfinite(va) & np.isfinite(vb)
         d = va[keep] - vb[keep]
         wil = stats.wilcoxon(d) if len(d) > 1 and np.any(d != 0) else None
-        per_fold_a = [defined_mean([a[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
-        per_fold_b = [defined_mean([b[p][m] for p in common if a[p]["fold"] == f]) for f in folds]
+        per_fold = [(va[keep & (folds == f)].mean(), vb[keep & (folds == f)].mean())
+                    for f in sorted(set(folds.tolist())) if (keep & (folds == f)).any()]
         res["metrics"][m] = {
-            "mean_a": float(np.mean(va[keep])) if keep.any() else math.nan,
-            "mean_b": float(np.mean(vb[keep])) if keep.any() else math.nan,
-            "diff": float(d.mean()) if len(d) else math.nan, "diff_ci": list(bootstrap_mean(d, n_bootstrap, seed,
-                                                                                           confidence)),
-            "n_pairs": int(keep.sum()), "wilcoxon_p": float(wil.pvalue) if wil is not None else math.nan,
-            "mde": minimum_detectable_effect(d),
-            "fold_ttest": paired_ttest(per_fold_a, per_fold_b).to_dict()}
+            "mean_a": float(va[keep].mean()) if keep.any() else math.nan,
+            "mean_b": float(vb[keep].mean()) if keep.any() else math.nan,
+            "diff": float(d.mean()) if len(d) else math.nan,
+            "diff_ci": list(mean_interval(d, n_bootstrap, seed, confidence)), "n_pairs": int(keep.sum()),
+            "wilcoxon_p": float(wil.pvalue) if wil is not None else math.nan, "mde": minimum_detectable_effect(d),
+            "fold_ttest": paired_ttest([x for x, _ in per_fold], [y for _, y in per_fold]).to_dict()}
     return res
 
 
 def format_segment_comparison(res: dict[str, Any]) -> str:
     lines = [f"{res['method_a']} (A) vs {res['method_b']} (B): {res['n_images']} common test images"]
-    for m in METRICS:
+    for m, (label, scale, _) in SUMMARY.items():
         r = res["metrics"][m]
         p_fold = r["fold_ttest"].get("pvalue")
-        lines.append(f"  {LABELS[m]:<10} A {_fmt(r['mean_a'])}  B {_fmt(r['mean_b'])}  A−B {_fmt(r['diff'], r['diff_ci'])}"
-                     f"  Wilcoxon P {_fmt(r['wilcoxon_p'])}  fold t-test P {_fmt(p_fold)}  MDE {_fmt(r['mde'])}")
+        lines.append(f"  {label:<47} A {_fmt(r['mean_a'], scale=scale)}  B {_fmt(r['mean_b'], scale=scale)}  "
+                     f"A−B {_fmt(r['diff'], r['diff_ci'], scale)}  Wilcoxon P {_fmt(r['wilcoxon_p'])}  "
+                     f"fold t-test P {_fmt(p_fold)}  MDE {_fmt(r['mde'], scale=scale)}  ({r['n_pairs']} images)")
     return "\n".join(lines)

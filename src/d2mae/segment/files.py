@@ -5,7 +5,8 @@ A run folder from ``d2mae segment``::
     segment.yaml              resolved config
     run.json                  "kind": "segment", method, protocol, folds, classes, timings
     obs/                      the OBS table used
-    per_image.csv             id,path,mask,fold,split,dice,iou,hd95,lesion_pixels,truth_pixels,t_star,sigma_star
+    per_image.csv             id,path,mask,fold,split,class,dice,iou,hd95,lesion_pixels,truth_pixels,height,width,
+                              t_star,sigma_star[,kept columns]
     predictions/<id>.png      every test image's predicted mask at its own size (0/255 binary; class values else)
     fold_<k>/model/           segmenter.safetensors + config.json + pretrained/ (for OBS on new images)
     fold_<k>/metrics.jsonl    one line per epoch
@@ -15,6 +16,7 @@ A run folder from ``d2mae segment``::
 from __future__ import annotations
 
 import io
+import math
 import json
 import re
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d2mae.data.decode import image_shape
 from d2mae.io.artifacts import (
     FORMAT_VERSION,
     link_or_copy,
@@ -43,8 +46,8 @@ SEGMENTER_WEIGHTS = "segmenter.safetensors"
 PER_IMAGE = "per_image.csv"
 PREDICTIONS_DIR = "predictions"
 RUN_KIND = "segment"
-PER_IMAGE_FIELDS = ["id", "path", "mask", "fold", "split", "dice", "iou", "hd95", "lesion_pixels", "truth_pixels", "t_star",
-                    "sigma_star"]
+PER_IMAGE_FIELDS = ["id", "path", "mask", "fold", "split", "class", "dice", "iou", "hd95", "lesion_pixels",
+                    "truth_pixels", "height", "width", "t_star", "sigma_star"]
 
 
 def mask_name(image_id: str) -> str:
@@ -76,7 +79,7 @@ def save_segmenter(model: torch.nn.Module, folder: Path, kind: str, obs: ObsSpec
     atomic_write_json(folder / "config.json", {
         "format": SEGMENTER_FORMAT, "format_version": FORMAT_VERSION, "decoder": kind,
         "model": model.config.to_dict(), "num_classes": model.num_classes,
-        "feature_size": settings.get("feature_size", 16), "obs": obs.to_dict(), "segment": settings,
+        "feature_size": settings.get("feature_size"), "obs": obs.to_dict(), "segment": settings,
         "pretrained_sha256": pretrained_hash})
     return folder
 
@@ -97,7 +100,7 @@ def load_segmenter(folder: str | Path, device: torch.device | str = "cpu") -> tu
     else:
         config = ModelConfig.from_dict(saved, source=source)
     num_classes = saved_value(meta, "num_classes", int, source, low=2)
-    feature_size = saved_value(meta, "feature_size", int, source, 16, low=1)
+    feature_size = saved_value(meta, "feature_size", int, source, None, low=1)
     ObsSpec.from_dict(meta.get("obs"), source)  # the OBS setting new images get
     model = build_segmenter(kind, config, num_classes, feature_size, drop_path=0.0)
     state = load_weights(folder / SEGMENTER_WEIGHTS)
@@ -129,6 +132,12 @@ def read_per_image(run: str | Path) -> list[dict[str, Any]]:
         raise D2maeError(f"{path} has no column(s) {', '.join(missing)}; the file is damaged — write it again with "
                          "d2mae segment")
     for r in rows:
+        if "height" not in r:  # a run from before the image size was written: read it from the image
+            try:
+                r["height"], r["width"] = image_shape(r["path"])
+            except (D2maeError, OSError, ValueError):
+                r["height"] = r["width"] = math.nan
+        r.setdefault("class", "")
         if not str(r["truth_pixels"]).isdigit():
             raise D2maeError(f"{path}: column 'truth_pixels' holds {r['truth_pixels']!r} for {r.get('path')}; not a "
                              "pixel count")

@@ -1,5 +1,13 @@
-"""Segmentation models with the :func:`forward(x, t)` of the classifier: a pre-trained ViT encoder with a UNETR
-decoder (MONAI's blocks), and the U-Net a user would otherwise pick (segmentation_models_pytorch).
+"""Segmentation models with the :func:`forward(x, t)` of the classifier: a pre-trained ViT encoder with a pyramid
+decoder (smp's UPerNet or FPN on a simple feature pyramid, the default) or a UNETR decoder (MONAI's blocks), and the
+U-Net a user would otherwise pick (segmentation_models_pytorch).
+
+:class:`PyramidSegmenter` follows MAE's and BEiT's segmentation (UPerNet) and TinyUSFM's (FPN): the patch tokens of
+four blocks at ¼, ½, ¾ and all of the encoder's depth (the CLS and blur tokens dropped) are laid back on their grid
+and rescaled by ViTDet's simple feature pyramid — deconvolution ×4 and ×2, identity, max-pool ×½ — into the four
+levels a convolutional encoder would give (1/4 … 1/32 of a 16-pixel patch's input), which smp's decoder fuses; a
+3 × 3 convolution gives K logits, bilinearly upsampled to the input. As in the classifier of Algorithm 1, the image is
+blurred at σ_t and t goes to the blur token.
 
 :class:`ViTSegmenter` is UNETR (Hatamizadeh et al. 2022) in 2-D on d2mae's blur-conditioned encoder: the image is
 blurred at σ_t and t goes to the blur token, exactly as the classifier of Algorithm 1 (lines 11-12) sees it. The
@@ -23,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from d2mae.method.model_config import DROP_PATH, ModelConfig, default_stats
@@ -30,7 +39,10 @@ from d2mae.method.models import DeblurEncoder, load_encoder_weights
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.options import check_fields
 
-DECODERS = ("unetr", "unet")
+DECODERS = ("fpn", "upernet", "unetr", "unet")
+PYRAMID = ("fpn", "upernet")  # smp's decoders on the simple feature pyramid
+#: each decoder's width when none is given: UNETR's channels at full resolution; UPerNet's / FPN's channels
+DEFAULT_WIDTH = {"unetr": 16, "upernet": 256, "fpn": 128}
 NORM = "instance"  # UNETR's default normalisation of its convolution blocks
 
 
@@ -38,6 +50,102 @@ def skip_blocks(depth: int, stages: int) -> list[int]:
     """The encoder blocks (0-based) whose tokens feed the decoder: ``stages`` evenly spaced blocks ending with the
     last, e.g. 12 blocks, 4 stages → [2, 5, 8, 11] (UNETR's z3, z6, z9, z12)."""
     return [max(0, round(depth * k / stages) - 1) for k in range(1, stages + 1)]
+
+
+def _grid(z: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Patch tokens [B, prefix + N, D] → feature map [B, D, g, g] (CLS and BLU dropped)."""
+    tokens = z[:, prefix:]  # [B, N, D]
+    b, n, d = tokens.shape
+    g = int(round(math.sqrt(n)))
+    return tokens.transpose(1, 2).reshape(b, d, g, g)
+
+
+def tapped_grids(encoder: DeblurEncoder, x: torch.Tensor, t: torch.Tensor, taps: list[int]) -> list[torch.Tensor]:
+    """The encoder's patch tokens after blocks ``taps`` (0-based), each as a grid [B, D, g, g], for images ``x`` in
+    [0, 1] blurred at σ_t with t fed to BLU(t)."""
+    z, _, _ = encoder.embed(x, t)  # blurred at σ_t, [CLS, BLU(t), patches] + P: [B, prefix + N, D]
+    grids = {}
+    for i, block in enumerate(encoder.blocks[:max(taps) + 1]):
+        z = block(z)
+        if i in taps:
+            grids[i] = _grid(z, encoder.num_prefix_tokens)
+    return [grids[i] for i in taps]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Li et al. 2022) over four blocks' grids [B, D, g, g]: ×4 (two 2 × 2
+    deconvolutions, D/4 channels), ×2 (one, D/2), ×1, ×½ (max-pool): the finest level first."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), nn.BatchNorm2d(dim // 2), nn.GELU(),
+                                 nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+        self.up2 = nn.ConvTranspose2d(dim, dim // 2, 2, 2)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+        self.channels = (dim // 4, dim // 2, dim, dim)
+
+    def forward(self, grids: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.up4(grids[0]), self.up2(grids[1]), grids[2], self.down2(grids[3])]
+
+
+class PyramidSegmenter(nn.Module):
+    """smp's UPerNet or FPN decoder on a simple feature pyramid of a blur-conditioned ViT (module docstring):
+    logits [B, K, S, S] of images in [0, 1] blurred at σ_t, t fed to BLU(t).
+
+    Args:
+        config: the encoder's architecture, blur schedule and normalisation.
+        num_classes: K, background included.
+        decoder: ``upernet`` or ``fpn``.
+        width: the decoder's channels.
+        drop_path_rate: stochastic depth in the encoder.
+    """
+
+    def __init__(self, config: ModelConfig, num_classes: int, decoder: str = "fpn", width: int = 128,
+                 drop_path_rate: float = DROP_PATH) -> None:
+        from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder  # lazy (module docstring)
+        from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
+
+        super().__init__()
+        grid = config.img_size // config.patch_size
+        if grid < 4:  # the pyramid's coarsest level (grid / 2) would be one pixel: nothing to normalise over
+            raise D2maeError(f"the {decoder} decoder needs a patch grid of at least 4 × 4, got {grid} × {grid} "
+                             f"({config.img_size} px / {config.patch_size} px patches); use a larger image (img_size), "
+                             "smaller patches, or decoder unetr")
+        self.config, self.num_classes = config, num_classes
+        self.encoder = DeblurEncoder(config, drop_path_rate=drop_path_rate, learn_pos_embed=True, final_norm=False)
+        self.taps = skip_blocks(config.depth, 4)  # blocks at ¼, ½, ¾ and all of the depth
+        self.pyramid = SimpleFeaturePyramid(config.embed_dim)
+        channels = (config.in_chans, config.in_chans, *self.pyramid.channels)  # smp's 6 levels; the first two unused
+        if decoder == "upernet":
+            self.decoder, out = UPerNetDecoder(channels, encoder_depth=5, decoder_channels=width), width
+        else:
+            self.decoder = FPNDecoder(channels, encoder_depth=5, pyramid_channels=width,
+                                      segmentation_channels=width // 2)
+            out = self.decoder.out_channels
+        self.head = nn.Conv2d(out, num_classes, 3, padding=1)
+
+    def load_encoder(self, mae_state: dict[str, torch.Tensor]) -> None:
+        load_encoder_weights(self.encoder, mae_state, "the segmenter's encoder")
+
+    @property
+    def schedule(self) -> Any:
+        """The blur schedule the encoder conditions on (OBS ``none`` / ``fixed`` of new images asks it)."""
+        return self.encoder.schedule
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, S, S] of images ``x`` [B, C, S, S] in [0, 1] at levels ``t`` [B]."""
+        levels = self.pyramid(tapped_grids(self.encoder, x, t, self.taps))  # 4 × [B, C_k, g·4/2^k, …]
+        y = self.decoder([x, x, *levels])  # [B, width, g·4, g·4]: the finest level's grid
+        return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)  # [B, K, S, S]
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (layer-wise lr decay): the encoder as the classifier's; the pyramid, decoder and
+        head fall in the last group (lr scale 1), as a classifier's head."""
+        return dict(stem=r"^encoder\.(?:cls_token|blur_token|pos_embed|patch_embed)",
+                    blocks=[(r"^encoder\.blocks\.(\d+)", None)])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.cls_token", "encoder.blur_token", "encoder.pos_embed"}
 
 
 class ViTSegmenter(nn.Module):
@@ -83,24 +191,15 @@ class ViTSegmenter(nn.Module):
     def load_encoder(self, mae_state: dict[str, torch.Tensor]) -> None:
         load_encoder_weights(self.encoder, mae_state, "the segmenter's encoder")
 
-    def _grid(self, z: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B, prefix + N, D] → feature map [B, D, g, g] (CLS and BLU dropped)."""
-        tokens = z[:, self.encoder.num_prefix_tokens:]  # [B, N, D]
-        b, n, d = tokens.shape
-        g = int(round(math.sqrt(n)))
-        return tokens.transpose(1, 2).reshape(b, d, g, g)
+    @property
+    def schedule(self) -> Any:
+        """The blur schedule the encoder conditions on (OBS ``none`` / ``fixed`` of new images asks it)."""
+        return self.encoder.schedule
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits [B, K, S, S] of images ``x`` [B, C, S, S] in [0, 1] at levels ``t`` [B]."""
-        enc = self.encoder
-        z, _, _ = enc.embed(x, t)  # blurred at σ_t, [CLS, BLU(t), patches] + P: [B, prefix + N, D]
-        hidden = {}
-        for i, block in enumerate(enc.blocks):
-            z = block(z)
-            if i in self.taps:
-                hidden[i] = self._grid(z)  # [B, D, g, g]
-        taps = [hidden[i] for i in self.taps]
-        skips = [self.stem(enc.blur(x, t))] + [s(h) for s, h in zip(self.skips, taps[:-1])]  # skip k: [B, fs·2^k, …]
+        taps = tapped_grids(self.encoder, x, t, self.taps)  # [B, D, g, g] each
+        skips = [self.stem(self.encoder.blur(x, t))] + [s(h) for s, h in zip(self.skips, taps[:-1])]  # [B, fs·2^k, …]
         y = taps[-1]
         for up, k in zip(self.ups, range(self.levels - 1, -1, -1)):
             y = up(y, skips[k])
@@ -166,13 +265,17 @@ class UNetSegmenter(nn.Module):
         return set()
 
 
-def build_segmenter(kind: str, config: ModelConfig | UNetConfig, num_classes: int, feature_size: int = 16,
+def build_segmenter(kind: str, config: ModelConfig | UNetConfig, num_classes: int, width: int | None = None,
                     drop_path: float = DROP_PATH) -> nn.Module:
-    """The segmenter of a decoder kind (weights not loaded): ``unetr`` on a ViT config, ``unet`` on a U-Net one."""
-    if kind == "unetr":
+    """The segmenter of a decoder kind (weights not loaded): ``fpn``, ``upernet`` or ``unetr`` on a ViT config
+    (``width``: the decoder's, :data:`DEFAULT_WIDTH` when ``None``), ``unet`` on a U-Net one."""
+    if kind in PYRAMID + ("unetr",):
         if not isinstance(config, ModelConfig):
-            raise D2maeError("the unetr decoder needs a ViT encoder config")
-        return ViTSegmenter(config, num_classes, feature_size, drop_path)
+            raise D2maeError(f"the {kind} decoder needs a ViT encoder config")
+        width = width or DEFAULT_WIDTH[kind]
+        if kind == "unetr":
+            return ViTSegmenter(config, num_classes, width, drop_path)
+        return PyramidSegmenter(config, num_classes, kind, width, drop_path)
     if kind == "unet":
         if not isinstance(config, UNetConfig):
             raise D2maeError("the unet model needs a U-Net config")

@@ -41,10 +41,11 @@ MASKS_FIELDS = ["path", "mask", "lesion_pixels", "t_star", "sigma_star"]
 
 def native_probs(models: Sequence[nn.Module], refs: Sequence[str], t: np.ndarray, device: torch.device,
                  batch_size: int, precision: str = "auto", views: torch.Tensor | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, progress: bool = False,
+                 sizes: Sequence[tuple[int, int]] | None = None, progress: bool = False, tta: bool = False,
                  ) -> Iterator[np.ndarray]:
     """Per image, in order: class probabilities [K, H, W] at its own size, the mean over ``models`` (which share one
-    input size), from the whole-image view at level ``t[i]``; the logits are upsampled, never the truth.
+    input size), from the whole-image view at level ``t[i]``; the logits are upsampled, never the truth. With
+    ``tta`` each model also sees the mirror image, whose probabilities are mirrored back and averaged in.
 
     ``views`` [n, C, S, S] and ``sizes`` (H, W) of images already decoded; else each image is decoded here.
     """
@@ -63,14 +64,16 @@ def native_probs(models: Sequence[nn.Module], refs: Sequence[str], t: np.ndarray
             x = x.to(device)  # [B, C, S, S]
             tb = torch.as_tensor(t[start:idx.stop], dtype=torch.float32, device=device)  # [B]
             total: list[torch.Tensor | None] = [None] * len(idx)
-            for model in models:
+            passes = [(model, mirror) for model in models for mirror in ((False, True) if tta else (False,))]
+            for model, mirror in passes:
                 with eval_mode(model):
-                    logits = model(x, tb)  # [B, K, S, S]
+                    logits = model(x.flip(-1) if mirror else x, tb)  # [B, K, S, S]
+                logits = logits.flip(-1) if mirror else logits
                 for j in range(len(idx)):  # [K, S, S] → [K, H, W], softmax at the native size
                     p = torch.softmax(native_logits(logits[j], hw[j]), dim=0)
                     total[j] = p if total[j] is None else total[j] + p
             for p in total:
-                yield (p / len(models)).cpu().numpy()
+                yield (p / len(passes)).cpu().numpy()
 
 
 @dataclass
@@ -140,8 +143,9 @@ def predict_masks(model: str | Path, inputs: Sequence[str | Path], out: str | Pa
     else:  # a U-Net: no blur
         t_star, sigma = np.zeros(len(refs)), np.zeros(len(refs))
     areas = []
-    for name, p in zip(names, native_probs(models, refs, t_star, device, batch_size, precision,
-                                            progress=progress)):
+    tta = bool((first.get("segment") or {}).get("tta", False))  # as the run validated and tested
+    for name, p in zip(names, native_probs(models, refs, t_star, device, batch_size, precision, progress=progress,
+                                            tta=tta)):
         labels = p.argmax(axis=0).astype(np.uint8)  # [H, W]
         write_mask(out / name, labels, seg.num_classes)
         areas.append(int((labels > 0).sum()))

@@ -20,9 +20,10 @@ from d2mae.method.obs import DEFAULT_SEARCH_STEP, ObsSpec
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.logs import TENSORBOARD_CHOICES, TENSORBOARD_HELP
 from d2mae.runtime.options import RuntimeOptions, check_fields
-from d2mae.segment.model import DECODERS
+from d2mae.segment.model import DECODERS, DEFAULT_WIDTH
 
 MODES = ("full", "linear", "scratch")
+AUGMENTATIONS = ("auto", "finetune", "mae", "strong", "crop", "none")
 BALANCE = ("none", "loss", "sampler")
 
 DATA, MODEL, OBS, TRAIN, RUN = "data", "model", "obs", "optim", "runtime"
@@ -72,9 +73,12 @@ class DownstreamConfig(RuntimeOptions):
                                 "checkpoint file to import (docs/import.md); without it the model trains from "
                                 "scratch", MODEL, metavar="DIR|FILE", volatile=True, old_names=["model"])
     arch: str = _f("vit_tiny_patch16", "architecture without --pretrained", MODEL, advanced=True)
-    img_size: int = _f(224, "input size without --pretrained (a pre-trained model's own size otherwise)", MODEL,
-                       min=1, advanced=True)
+    img_size: int | None = _f(None, "input size (default: the pre-trained model's, 224 without one); at another size "
+                              "than the pre-trained model's, its position embedding is interpolated", MODEL, min=1,
+                              advanced=True)
     in_chans: int = _f(1, "channels without --pretrained", MODEL, choices=[1, 3], advanced=True)
+    mode: str = _f("full", "full (fine-tune the pre-trained encoder), linear (classification: a linear probe) or "
+                   "scratch (the same architecture, randomly initialised: no pre-training)", MODEL, choices=list(MODES))
     trainable_blocks: int | None = _f(None, "partial fine-tuning: train only the last N encoder blocks and what "
                                       "follows them; the rest of the pre-trained encoder stays frozen", MODEL, min=0,
                                       advanced=True)
@@ -97,6 +101,9 @@ class DownstreamConfig(RuntimeOptions):
     patience: int = _f(10, "early stopping: epochs without a better validation score (macro-F1; segment: Dice) "
                        "(0: off)", TRAIN, min=0, advanced=True)
     clip_grad: float | None = _f(None, "clip the gradient norm (default: off)", TRAIN, above=0.0, advanced=True)
+    augment: str = _f("auto", "training augmentation: auto (finetune: RandAugment and random erasing, linear: mae; "
+                      "segment: strong), finetune, mae, strong (segment: MONAI rotation, zoom, gamma, noise), crop "
+                      "(segment: crop and flip) or none", TRAIN, choices=list(AUGMENTATIONS), advanced=True)
     eval_batch_size: int = _f(64, "batch size for validation and test", TRAIN, min=1, volatile=True, advanced=True)
     seed: int = _f(0, "seed of the folds, the initialisation and every epoch", TRAIN, min=0)
     strict: bool = _f(False, "refuse test images that were in the pre-training data or duplicated across splits",
@@ -113,11 +120,6 @@ class DownstreamConfig(RuntimeOptions):
     def __post_init__(self) -> None:
         check_fields(self)
         self.spec  # the OBS setting parses
-
-    @property
-    def mode(self) -> str:
-        """``full`` (a pre-trained encoder, layer-wise lr decay) or ``scratch`` (:mod:`d2mae.train.optim`)."""
-        return "full" if self.pretrained else "scratch"
 
     @property
     def spec(self) -> ObsSpec:
@@ -150,7 +152,6 @@ class FinetuneConfig(DownstreamConfig):
     """What ``d2mae finetune`` adds: the classifier's mode, a timm backbone instead of a D²MAE encoder, and the
     classification recipe (label smoothing, Mixup/CutMix, class balance, augmentation)."""
 
-    mode: str = _f("full", "full, linear (probe) or scratch (no pre-training)", MODEL, choices=list(MODES))
     backbone: str | None = _f(None, "fine-tune a timm classifier instead of a pre-trained D²MAE encoder: timm:NAME "
                               "(e.g. timm:swin_large_patch4_window7_224); no blur, no OBS (docs/methods.md)", MODEL,
                               metavar="timm:NAME", advanced=True)
@@ -163,8 +164,6 @@ class FinetuneConfig(DownstreamConfig):
     mixup_prob: float = _f(1.0, "probability of mixing a batch", TRAIN, min=0.0, max=1.0, advanced=True)
     balance: str = _f("none", "imbalanced classes: none, loss (class-weighted) or sampler (balanced batches)", TRAIN,
                       choices=list(BALANCE), advanced=True)
-    augment: str = _f("auto", "training augmentation: auto (finetune; linear: mae), finetune, mae or none", TRAIN,
-                      choices=["auto", "finetune", "mae", "none"], advanced=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -173,6 +172,8 @@ class FinetuneConfig(DownstreamConfig):
         if self.mixing and self.balance == "loss":
             raise D2maeError("loss cannot be combined with Mixup/CutMix (soft targets); use sampler",
                              option="balance")
+        if self.augment in ("strong", "crop"):
+            raise D2maeError(f"{self.augment} is segmentation's; use auto, finetune, mae or none", option="augment")
         if self.backbone:
             timm_name(self.backbone)  # an unknown name is refused first, with close names
             if self.pretrained:
@@ -225,27 +226,44 @@ class SegmentConfig(DownstreamConfig):
     mask_suffix: str = _f("", "text after the image stem in mask file names (e.g. _mask for x_mask.png)", DATA)
     num_classes: int = _f(2, "classes in the masks, background included: 2 for binary masks (0/255 or 0/1); K for "
                           "label maps with values 0..K-1", DATA, min=2, max=255, advanced=True)
-    decoder: str = _f("unetr", "unetr (ViT encoder + MONAI UNETR decoder) or unet (segmentation_models_pytorch "
-                      "U-Net from scratch: no pre-training, no blur)", MODEL, choices=list(DECODERS))
-    feature_size: int = _f(16, "UNETR feature size (channels at full resolution)", MODEL, min=1, advanced=True)
+    decoder: str = _f("fpn", "fpn or upernet (smp's decoders on a simple feature pyramid of the ViT), unetr (MONAI's "
+                      "UNETR blocks) or unet (segmentation_models_pytorch U-Net from scratch: no pre-training, no "
+                      "blur); docs/segment.md", MODEL, choices=list(DECODERS))
+    feature_size: int | None = _f(None, "the decoder's width: FPN / UPerNet channels (default 128 / 256), UNETR's "
+                                  "channels at full resolution (default 16)", MODEL, min=1, advanced=True)
     unet_encoder: str = _f("resnet18", "encoder of --decoder unet (smp name)", MODEL, advanced=True)
     crop_scale: list[float] = _f([0.5, 1.0], "area range of the random crop (image and mask together)", TRAIN,
                                  min=0.01, max=1.0, advanced=True)
     hflip: float = _f(0.5, "horizontal flip probability", TRAIN, min=0.0, max=1.0, advanced=True)
+    tta: bool = _f(False, "average the probabilities of each image and its mirror image at validation, test and "
+                   "prediction (test-time flip averaging)", TRAIN, advanced=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
             raise D2maeError(f"give two numbers, smallest first, got {self.crop_scale}", option="crop_scale")
         if self.decoder == "unet" and self.pretrained:
-            raise D2maeError("the U-Net trains from scratch; drop pretrained or use decoder unetr", option="decoder")
+            raise D2maeError("the U-Net trains from scratch; drop pretrained or use a ViT decoder", option="decoder")
+        if self.mode == "linear":
+            raise D2maeError("linear is classification's probe; segment with full, scratch or --trainable-blocks 0",
+                             option="mode")
+        if not self.pretrained:
+            self.mode = "scratch"  # without a pre-trained model a segmenter trains from scratch, as it always did
         if self.batch_size < 2:
             raise D2maeError(f"must be at least 2 (batch normalisation in the decoders), got {self.batch_size}",
                              option="batch_size")
-        if self.img_size < 32:
+        if self.img_size is not None and self.img_size < 32:
             raise D2maeError(f"must be at least 32 for segmentation, got {self.img_size}", option="img_size")
+        if self.augment in ("finetune", "mae"):
+            raise D2maeError(f"{self.augment} is classification's; use auto (strong), strong, crop or none",
+                             option="augment")
         if self.label_column == "lesion":  # the old spelling of the default (stratify: lesion)
             self.label_column = None
+        if self.feature_size is None and self.decoder in DEFAULT_WIDTH:
+            self.feature_size = DEFAULT_WIDTH[self.decoder]
+        if self.decoder == "fpn" and self.feature_size % 64:  # its segmentation blocks' GroupNorm has 32 groups
+            raise D2maeError(f"must be a multiple of 64 for the fpn decoder, got {self.feature_size}",
+                             option="feature_size")
 
     def method_name(self, preset: str | None) -> str:
         if self.decoder == "unet" and not self.method:

@@ -25,6 +25,7 @@ the same weights as an uninterrupted run; SIGTERM/SIGINT stop at the next step (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -79,6 +80,7 @@ from d2mae.train.optim import make_optimizer, warmup_cosine_scheduler
 from d2mae.train.resume import check_resumable, check_same_images, settings_diff
 
 RESUME = "resume.pt"
+DEFAULT_IMG_SIZE = 224  # the input size of a model trained from scratch when none is given
 BEST = "best.safetensors"
 IMAGE_HASHES = "image_hashes.txt"  # sha256 and path of every image, written at the start, checked on resume
 
@@ -343,7 +345,8 @@ class Run:
 
     @property
     def img_size(self) -> int:
-        return self.model_config.img_size if self.model_config else self.cfg.img_size
+        """The model's input size: ``img_size``, else the pre-trained model's, else 224."""
+        return self.model_config.img_size if self.model_config else self.cfg.img_size or DEFAULT_IMG_SIZE
 
     def _check_out(self) -> None:
         """A folder that holds a run is continued only with ``--resume``, and only with the same settings."""
@@ -367,6 +370,10 @@ class Run:
                           or "d2mae")
         mae = load_pretrained(path, "cpu")
         self.model_config = mae.config
+        if cfg.img_size and cfg.img_size != mae.config.img_size:  # OBS at the pre-trained size; the task at this one
+            self.model_config = dataclasses.replace(mae.config, img_size=cfg.img_size)
+            self.say(f"note: {path} was pre-trained at {mae.config.img_size} px; this run's model takes "
+                     f"{cfg.img_size} px (its position embedding is interpolated)")
         if self.spec.mode == "search" and mae.config.objective != "mae":
             raise D2maeError(f"search needs a masked-autoencoder pre-trained model (its decoder restores the blurred "
                              f"images); {path} was pre-trained with {mae.config.objective}; use none", option="obs")
@@ -393,7 +400,7 @@ class Run:
             if (extra.get("imported") or {}).get("source_sha256") == sha:
                 return
             mean, std = compute_stats(self.task.load(self).refs, cfg.in_chans, seed=cfg.seed)
-            import_pretrained(path, folder, img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std,
+            import_pretrained(path, folder, img_size=self.img_size, in_chans=cfg.in_chans, mean=mean, std=std,
                               seed=cfg.seed)
             self.say(f"imported {path} into {folder}")
 

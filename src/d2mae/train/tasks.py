@@ -45,7 +45,7 @@ from d2mae.runtime.threads import configure_threads
 from d2mae.segment.data import SegmentDataset
 from d2mae.segment.files import PER_IMAGE, PER_IMAGE_FIELDS, PREDICTIONS_DIR, mask_name, save_segmenter, write_mask
 from d2mae.segment.masks import load_segment_set, read_mask
-from d2mae.segment.metrics import image_scores
+from d2mae.segment.metrics import image_scores, per_image_values
 from d2mae.segment.model import UNetConfig, build_segmenter
 from d2mae.segment.predict import native_probs
 from d2mae.train.config import FinetuneConfig, SegmentConfig
@@ -56,7 +56,7 @@ def _scratch_vit(run: Run, fold: Fold) -> ModelConfig:
     """A ViT of ``--arch`` without pre-training (no blur), normalised with the fold's training images."""
     cfg = run.cfg
     mean, std = run.fold_stats(fold)
-    return ModelConfig(arch=cfg.arch, img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean, std=std, blur=False,
+    return ModelConfig(arch=cfg.arch, img_size=run.img_size, in_chans=cfg.in_chans, mean=mean, std=std, blur=False,
                        blur_embed="none")
 
 
@@ -80,7 +80,7 @@ class Classify:
                 raise D2maeError(f"{cfg.backbone_weights} does not exist", option="backbone_weights")
             c = cfg.in_chans
             self.backbone_state, notes = backbone_state(
-                cfg.backbone_weights, BackboneConfig(cfg.backbone, cfg.img_size, c, *default_stats(c)))
+                cfg.backbone_weights, BackboneConfig(cfg.backbone, run.img_size, c, *default_stats(c)))
             run.say(f"{cfg.backbone} from {cfg.backbone_weights}" + (f" ({'; '.join(notes)})" if notes else ""))
         elif not cfg.backbone and cfg.mode != "scratch" and not cfg.pretrained:
             raise D2maeError(f"is required for mode {cfg.mode} (only scratch trains without a pre-trained model)",
@@ -105,7 +105,7 @@ class Classify:
         if cfg.backbone:  # a timm classifier, normalised with the fold's training images' statistics
             mean, std = run.fold_stats(fold)
             torch.manual_seed(derive_seed(cfg.seed, fold.number, 0))
-            config = BackboneConfig(cfg.backbone, cfg.img_size, cfg.in_chans, mean, std)
+            config = BackboneConfig(cfg.backbone, run.img_size, cfg.in_chans, mean, std)
             state = dict(self.backbone_state) if self.backbone_state is not None else None  # timm may edit it
             return backbone_classifier(config, len(classes), cfg.drop_path, state, cfg.backbone_weights or "")
         config = run.model_config or _scratch_vit(run, fold)
@@ -264,7 +264,7 @@ class Segment:
         config: Any = run.model_config
         if config is None and cfg.decoder == "unet":
             mean, std = run.fold_stats(fold)
-            config = UNetConfig(encoder=cfg.unet_encoder, img_size=cfg.img_size, in_chans=cfg.in_chans, mean=mean,
+            config = UNetConfig(encoder=cfg.unet_encoder, img_size=run.img_size, in_chans=cfg.in_chans, mean=mean,
                                 std=std)
         model = build_segmenter(cfg.decoder, config or _scratch_vit(run, fold), cfg.num_classes, cfg.feature_size,
                                 cfg.drop_path)
@@ -287,7 +287,7 @@ class Segment:
         cfg, refs = self.cfg, run.labeled.refs
         return SeededDataset(SegmentDataset([refs[i] for i in fold.train], [self.masks[i] for i in fold.train],
                                             model.config.img_size, model.config.in_chans, cfg.num_classes,
-                                            augment=True,
+                                            augment="strong" if cfg.augment == "auto" else cfg.augment,
                                             crop_scale=cfg.crop_scale, hflip=cfg.hflip))
 
     def sample_weights(self, run: Run, fold: Fold) -> None:
@@ -299,7 +299,8 @@ class Segment:
         """Dice / IoU / HD95 of images ``idx`` at their own size against ``truths``; ``keep`` collects the
         predicted masks."""
         probs = native_probs([model], [run.labeled.refs[i] for i in idx], run.t_star[idx], run.device,
-                             self.cfg.eval_batch_size, self.cfg.precision, views, [m.shape for m in truths])
+                             self.cfg.eval_batch_size, self.cfg.precision, views, [m.shape for m in truths],
+                             tta=self.cfg.tta)
         scores = []
         for p, truth in zip(probs, truths):
             pred = p.argmax(axis=0).astype(np.uint8)  # [H, W]
@@ -332,13 +333,17 @@ class Segment:
                 if split == "test" and run.ctx.is_main:
                     write_mask(run.out / PREDICTIONS_DIR / mask_name(lab.ids[i]), pred, self.cfg.num_classes)
                 rows.append({"id": lab.ids[i], "path": lab.refs[i], "mask": self.masks[i], "fold": fold.name,
-                             "split": split, "dice": f"{s['dice']:.8f}", "iou": f"{s['iou']:.8f}",
+                             "split": split, "class": lab.classes[lab.labels[i]] if self.cfg.label_column else "",
+                             "dice": f"{s['dice']:.8f}", "iou": f"{s['iou']:.8f}",
                              "hd95": "nan" if math.isnan(s["hd95"]) else f"{s['hd95']:.6f}",
                              "lesion_pixels": int((pred > 0).sum()), "truth_pixels": int((truth > 0).sum()),
+                             "height": truth.shape[0], "width": truth.shape[1],
                              "t_star": f"{run.t_star[i]:g}", "sigma_star": f"{run.sigma_star[i]:g}",
                              **{col: lab.columns[col][i] for col in self.cfg.keep_columns or []}})
-        test = [float(r["dice"]) for r in rows if r["split"] == "test"]
-        return rows, {"test_dice": round(float(np.mean(test)), 6) if test else None}
+        test = [r for r in rows if r["split"] == "test"]
+        lesion = per_image_values(test, "dice_lesion")
+        return rows, {"test_dice": round(float(np.mean([float(r["dice"]) for r in test])), 6) if test else None,
+                      "test_dice_lesion": round(float(np.nanmean(lesion)), 6) if np.isfinite(lesion).any() else None}
 
     def save_model(self, run: Run, model: nn.Module, folder: Path) -> None:
         save_segmenter(model, folder, self.cfg.decoder, run.spec, self.settings(run), run.pretrained,
@@ -357,7 +362,8 @@ class Segment:
                 "warmup_epochs": cfg.warmup_epochs, "batch_size": cfg.batch_size, "lr": cfg.resolved_lr(),
                 "min_lr": cfg.min_lr, "layer_decay": cfg.layer_decay if cfg.mode == "full" else 1.0,
                 "weight_decay": cfg.weight_decay, "drop_path": cfg.drop_path, "crop_scale": cfg.crop_scale,
-                "hflip": cfg.hflip, "patience": cfg.patience, "seed": cfg.seed, "loss": "DiceCELoss"}
+                "hflip": cfg.hflip, "augment": "strong" if cfg.augment == "auto" else cfg.augment, "tta": cfg.tta,
+                "patience": cfg.patience, "seed": cfg.seed, "loss": "DiceCELoss", "mode": cfg.mode}
 
 
 def _run(cfg: Any, task: Any, inputs: list[Any]) -> Path:
