@@ -132,6 +132,37 @@ def attention_call(name: str, shapes: list[list[int]], dtype: torch.dtype) -> An
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
+DTYPES = {"float": torch.float32, "c10::BFloat16": torch.bfloat16, "c10::Half": torch.float16,
+          "double": torch.float64}
+
+
+def isolated_limit(prof: Any, repeats: int) -> dict[str, Any]:
+    """The step's limit from its profile: every matrix product and attention call, timed alone at its recorded
+    shapes and dtype (``limit_s``; per op in ``products_alone_s``); with the profiled self times of the products
+    (``products_in_step_s``), of all kernels and of the optimizer's."""
+    self_time: dict[str, float] = defaultdict(float)
+    calls: dict[tuple[str, str, str], int] = defaultdict(int)
+    for e in prof.events():
+        self_time[e.name] += e.self_cpu_time_total / 1e6
+        if e.name in PRODUCTS or e.name in ATTENTION:
+            calls[(e.name, json.dumps(e.input_shapes), str(e.input_dtypes[0]))] += 1
+    limit, products_alone, dtypes = 0.0, {}, defaultdict(int)
+    for (name, shapes_text, dtype_name), count in calls.items():
+        shapes, dtype = json.loads(shapes_text), DTYPES.get(dtype_name, torch.float32)
+        fn = product_call(name, shapes, dtype) if name in PRODUCTS else attention_call(name, shapes, dtype)
+        if fn is None:
+            continue
+        seconds = time_isolated(fn, repeats) * count
+        products_alone[name] = products_alone.get(name, 0.0) + seconds
+        dtypes[str(dtype).removeprefix("torch.")] += count
+        limit += seconds
+    in_step = sum(self_time[n] for n in PRODUCTS + ATTENTION)
+    optimizer_kernels = sum(v for k, v in self_time.items() if "adam" in k.lower())
+    return {"limit_s": limit, "products_alone_s": products_alone, "products_in_step_s": in_step,
+            "kernels_s": sum(self_time.values()), "optimizer_kernels_s": optimizer_kernels,
+            "product_calls": sum(calls.values()), "dtypes": dict(dtypes)}
+
+
 def measure(args: argparse.Namespace, threads: int, refs: list[str]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, optimizer, cache = build(args, refs)
@@ -142,30 +173,14 @@ def measure(args: argparse.Namespace, threads: int, refs: list[str]) -> dict[str
     median = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         one_step(model, optimizer, cache, g, args.batch_size)
-    self_time: dict[str, float] = defaultdict(float)
-    calls: dict[tuple[str, str], int] = defaultdict(int)
-    for e in prof.events():
-        self_time[e.name] += e.self_cpu_time_total / 1e6
-        if e.name in PRODUCTS or e.name in ATTENTION:
-            calls[(e.name, json.dumps(e.input_shapes))] += 1
-    limit, products_alone = 0.0, {}
-    for (name, shapes_text), count in calls.items():
-        shapes = json.loads(shapes_text)
-        fn = product_call(name, shapes, torch.float32) if name in PRODUCTS else attention_call(name, shapes,
-                                                                                              torch.float32)
-        if fn is None:
-            continue
-        seconds = time_isolated(fn, args.repeats) * count
-        products_alone[name] = products_alone.get(name, 0.0) + seconds
-        limit += seconds
-    in_step = sum(self_time[n] for n in PRODUCTS + ATTENTION)
-    kernels = sum(self_time.values())
-    optimizer_kernels = sum(v for k, v in self_time.items() if "adam" in k.lower())
+    lim = isolated_limit(prof, args.repeats)
     return {
-        "threads": threads, "step_s": median["step"], "limit_s": limit, "fraction": median["step"] / limit,
-        "parts_s": median, "products_in_step_s": in_step, "products_alone_s": products_alone,
-        "other_kernels_s": kernels - in_step - optimizer_kernels, "optimizer_kernels_s": optimizer_kernels,
-        "overhead_s": max(0.0, median["step"] - kernels), "product_calls": sum(calls.values()),
+        "threads": threads, "step_s": median["step"], "limit_s": lim["limit_s"],
+        "fraction": median["step"] / lim["limit_s"], "parts_s": median,
+        "products_in_step_s": lim["products_in_step_s"], "products_alone_s": lim["products_alone_s"],
+        "other_kernels_s": lim["kernels_s"] - lim["products_in_step_s"] - lim["optimizer_kernels_s"],
+        "optimizer_kernels_s": lim["optimizer_kernels_s"], "overhead_s": max(0.0, median["step"] - lim["kernels_s"]),
+        "product_calls": lim["product_calls"],
     }
 
 

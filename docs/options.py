@@ -15,7 +15,7 @@ from pathlib import Path
 from d2mae.commands.main import build_parser
 
 DOCS = Path(__file__).resolve().parent
-COMMANDS = ("pretrain", "obs", "finetune", "segment", "probe", "predict", "evaluate", "export")
+COMMANDS = ("pretrain", "obs", "finetune", "segment", "probe", "predict", "evaluate", "export", "view")
 START, END = "<!-- options -->", "<!-- /options -->"
 
 

@@ -18,9 +18,10 @@ LAYERS: dict[str, set[str]] = {
     "io": {"runtime", "method", "data"},
     "eval": {"runtime", "method", "data", "io"},
     "segment": {"runtime", "method", "data", "io", "eval"},
+    "view": {"runtime", "method", "data", "io", "eval", "segment"},
     "train": {"runtime", "method", "data", "io", "eval", "segment"},
-    "experiment": {"runtime", "method", "data", "io", "eval", "segment", "train"},
-    "commands": {"runtime", "method", "data", "io", "eval", "segment", "train", "experiment"},
+    "experiment": {"runtime", "method", "data", "io", "eval", "segment", "view", "train"},
+    "commands": {"runtime", "method", "data", "io", "eval", "segment", "view", "train", "experiment"},
 }
 
 

@@ -3,6 +3,7 @@ runs end to end on the CPU with a tiny model (seconds)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -22,6 +23,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import allocator_speed  # noqa: E402
+import bf16_speed  # noqa: E402
 import crop_speed  # noqa: E402
 import demo_time  # noqa: E402
 import fair_reference  # noqa: E402
@@ -78,6 +80,20 @@ def test_roofline_profiles_a_step_and_times_its_products_alone() -> None:
     assert r["product_calls"] > 20 and r["limit_s"] > 0 and r["fraction"] > 0
     assert {"aten::mm", "aten::bmm"} <= set(r["products_alone_s"]) or "aten::addmm" in r["products_alone_s"]
     assert r["parts_s"]["forward"] > 0 and r["parts_s"]["backward"] > 0 and r["overhead_s"] >= 0
+
+
+def test_bf16_limit_is_bf16_products_and_fp32_limit_fp32(monkeypatch) -> None:
+    """Each dtype's step is measured against its own limit: under autocast the encoder's products are timed in bf16
+    (the blur's stay fp32), without it every product in fp32."""
+    monkeypatch.setitem(bf16_speed.MODELS, "busbra-cpu", ("vit_tiny_patch16", 32, 32, 1, 2, 4))
+    args = argparse.Namespace(threads=1, rounds=1, steps=1, warmup=0, repeats=1, data=None, n_images=8)
+    r = bf16_speed.child("busbra-cpu", args)
+    assert set(r["fp32"]["product_dtypes"]) == {"float32"}
+    bf16 = r["bf16"]["product_dtypes"]
+    assert bf16.get("bfloat16", 0) > bf16.get("float32", 0) > 0  # the blur (Eq. 1) stays fp32
+    assert r["speedup"] > 0 and r["bf16"]["limit_s"] > 0 and r["fp32"]["of_limit"] > 0
+    assert "NOT met" in bf16_speed.table([bf16_speed.summary("busbra-cpu", [{**r, "speedup": 1.1}])],
+                                         {"busbra-cpu": 1.2})
 
 
 def test_allocator_speed_measures_both_settings_in_fresh_processes() -> None:

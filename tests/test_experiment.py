@@ -268,7 +268,7 @@ def _fake_runners(monkeypatch, calls: list[str], crash_on: str | None):
     for kind in runner._RUNNERS:
         monkeypatch.setitem(runner._RUNNERS, kind, fake)
     # patched where run_experiment looks it up
-    monkeypatch.setattr(runner, "write_report", lambda plan, wall_seconds=None: plan.out / "report.md")
+    monkeypatch.setattr(runner, "write_report", lambda plan, wall_seconds=None, views=None: plan.out / "report.md")
 
 
 def test_interrupted_experiment_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -491,3 +491,28 @@ def test_curves_experiment_keeps_checkpoints_subsets_labels_resumes_after_a_kill
     assert "MDE (P < 0.05, 80% power)" in md
     curves = json.loads((out / "metrics.json").read_text())["curves"]
     assert "Pre-training curves — ph" in curves and "Label efficiency — ph" in curves
+
+
+def test_expected_epochs_with_early_stopping_is_the_mean_over_a_uniform_best_epoch() -> None:
+    from d2mae.experiment.estimate import expected_epochs
+
+    # by hand: E = 16, patience 6 → best epoch b = 1..10 runs b + 6 (7..16, sum 115), b = 11..16 runs 16 (96)
+    assert expected_epochs(16, 6) == pytest.approx(211 / 16)
+    assert expected_epochs(16, 0) == 16 and expected_epochs(5, 9) == 5  # no early stopping; patience past the end
+    rng = np.random.default_rng(0)  # Monte Carlo of the same assumption
+    assert expected_epochs(30, 4) == pytest.approx(np.minimum(30, rng.integers(1, 31, 200_000) + 4).mean(), rel=0.01)
+
+
+def test_estimate_decodes_validation_images_once_per_fold_not_per_epoch() -> None:
+    """Validation views are decoded once and kept (train.tasks); only training images are decoded every epoch."""
+    from types import SimpleNamespace
+
+    from d2mae.experiment.estimate import _downstream_estimate
+
+    dp = SimpleNamespace(folds=[("1", 0, 5, 7)])  # no training images: 5 validation, 7 test
+    cfg = SimpleNamespace(epochs=4, patience=0)
+    # decoding costs 1 s per file, nothing else costs: 5 validation views once, then 12 images predicted
+    assert _downstream_estimate(cfg, dp, step=0, infer=0, augment=0, decode=1, setup=0, truths=0) == 5 + 12
+    assert _downstream_estimate(cfg, dp, step=0, infer=0, augment=0, decode=1, setup=0, truths=1) == 2 * (5 + 12)
+    # inference every epoch on the validation images, then once on validation and test
+    assert _downstream_estimate(cfg, dp, step=0, infer=1, augment=0, decode=0, setup=0, truths=0) == 4 * 5 + 12

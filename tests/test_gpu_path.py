@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,48 @@ def test_a_cuda_device_with_bf16_gets_bf16_autocast_fused_adamw_and_sdpa() -> No
     assert amp_dtype(torch.device("cpu")) is None
     with pytest.raises(D2maeError, match="precision"):
         plan_for("cuda", "fp16")
+
+
+def test_auto_takes_bf16_on_a_cpu_with_bf16_units_for_an_encoder_wide_enough_and_says_why() -> None:
+    """As pure data (no such CPU needed): a CPU reported as having bf16 units gets bf16 autocast for ViT-S and wider
+    (BF16_MIN_WIDTH = 384, measured: docs/threads.md), fp32 for ViT-Tiny; a CPU without them, fp32; the flags of
+    AMD Zen 4 / Intel (avx512_bf16, amx_bf16) and Arm (bf16) count, AVX2 alone does not."""
+    from d2mae.runtime.device import cpu_has_bf16
+
+    for width in (384, 768, 1024):
+        plan = plan_for("cpu", "auto", bf16_supported=True, width=width)
+        assert plan.amp is torch.bfloat16 and plan.precision == "bf16" and "bf16 units" in plan.why
+    assert plan_for("cpu", "auto", bf16_supported=True, width=192).amp is None
+    assert plan_for("cpu", "auto", bf16_supported=False, width=768).amp is None
+    assert "without native bf16" in plan_for("cpu", "auto", bf16_supported=False, width=768).why
+    assert plan_for("cpu", "fp32", bf16_supported=True, width=768).amp is None  # forced either way
+    assert plan_for("cpu", "bf16", bf16_supported=False, width=192).amp is torch.bfloat16
+    assert cpu_has_bf16("flags\t\t: fpu sse avx2 avx512f avx512_bf16 vaes") and cpu_has_bf16("flags : amx_bf16 amx_tile")
+    assert cpu_has_bf16("Features\t: fp asimd evtstrm bf16 i8mm") and not cpu_has_bf16("flags : fpu sse4_2 avx2 fma")
+
+
+def test_the_blur_search_runs_in_fp32_whatever_the_precision(monkeypatch, tmp_path: Path) -> None:
+    """OBS's per-level losses differ by under 1%, so they are computed in fp32 even where training takes bf16: with
+    every device forced to bf16, run_obs's losses still equal the fp32 computation to float rounding."""
+    from d2mae.eval import infer as infer_module
+    from d2mae.eval.obs import run_obs
+    from d2mae.method.obs import ObsSpec
+    from d2mae.runtime import device as device_module
+    from tests.test_obs import make_images
+
+    real = device_module.plan_for
+    monkeypatch.setattr(device_module, "plan_for", lambda d, p="auto", bf16_supported=False, width=None:
+                        real(d, "bf16" if p == "auto" else p, bf16_supported, width))
+    assert infer_module.amp_dtype(torch.device("cpu"), "auto") is torch.bfloat16  # training would take bf16 here
+    torch.manual_seed(0)
+    model = DeblurMAE(ModelConfig(**TINY)).eval()
+    refs = make_images(tmp_path, 3)
+    table = run_obs(model, refs, spec=ObsSpec("search", 2), batch_size=3, progress=False)
+    x = infer_module.decode_views(refs, 32, 1)
+    with torch.no_grad():
+        for j, t in enumerate(table.levels):
+            want = model.deblur_loss(x, torch.full((3,), float(t))).double().numpy()
+            assert np.allclose(table.losses[:, j], want, rtol=1e-6, atol=0)
 
 
 def test_the_models_attention_and_optimizer_follow_the_plan() -> None:

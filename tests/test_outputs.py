@@ -49,6 +49,7 @@ def _commands(o: Path) -> dict[str, tuple[callable, list[Path]]]:
         "compare": (lambda out: ["compare", str(ft), str(ft), "--out", str(out)], [ft]),
         "predict": (lambda out: ["predict", "--model", str(ft), str(images), "--out", str(out), *CPU],
                     [ft, images]),
+        "view": (lambda out: ["view", str(ft), "--out", str(out), "--no-progress", "--device", "cpu"], [ft]),
         "export": (lambda out: ["export", "--pretrained", str(pt), "--out", str(out)], [pt]),
         "shards": (lambda out: ["shards", str(images), "--out", str(out)], [images]),
         "experiment": (lambda out: ["experiment", str(o / "exp.yaml"), "--out", str(out), "--no-estimate"],

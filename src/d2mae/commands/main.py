@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("d2mae.commands.compare", "compare two runs with paired significance tests"),
     "predict": ("d2mae.commands.predict", "classify new images (runs OBS on each first)"),
     "experiment": ("d2mae.commands.experiment", "run every method of a config on every dataset and write a report"),
+    "view": ("d2mae.commands.view", "a page to look through a run's images, blur searches and predictions"),
     "export": ("d2mae.commands.export", "export a pre-trained encoder for timm or Hugging Face"),
     "shards": ("d2mae.commands.shards", "pack images into tar shards for corpora larger than memory"),
 }

@@ -61,7 +61,8 @@ def infer(model: torch.nn.Module, step: Step, refs: Sequence[str], t: np.ndarray
     bar = None
     if progress and ctx.is_main and len(mine) > 4 * batch_size:
         bar = tqdm(total=len(mine), desc=desc, unit="img")
-    with eval_mode(model), torch.inference_mode(), autocast(device, amp_dtype(device, precision)):
+    amp = amp_dtype(device, precision, getattr(model.config, "embed_dim", None))
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for x, _, k in loader:  # k: positions in this rank's block
             out = step(x.to(device, non_blocking=True), levels[k].to(device))  # [B, ...]
             local[k.to(device)] = out.float()

@@ -51,7 +51,7 @@ from d2mae.runtime.threads import configure_threads
 
 
 def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, batch_size: int = 32,
-            device: torch.device | str | None = None, precision: str = "auto", workers: int = 0,
+            device: torch.device | str | None = None, workers: int = 0,
             max_rows: int | None = 256, model_hash: str = "", hashes: Sequence[str] | None = None,
             progress: bool = True, ctx: DistContext | None = None) -> ObsTable:
     """Each image's level t under ``spec`` (default: the search, s = 2), as a table (not yet saved).
@@ -61,7 +61,8 @@ def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, bat
             and ``fixed`` any model with the same ``config`` and ``schedule`` (a classifier too).
         refs: image references (:func:`d2mae.data.sources.find_images`).
         batch_size: images per batch (each becomes L rows of the forward pass).
-        device: where to run (default: the model's device); precision: ``auto``, ``bf16`` or ``fp32``.
+        device: where to run (default: the model's device). The search runs in fp32 whatever a run's precision:
+            its levels' losses differ by under 1%, so bf16's rounding could move t*.
         workers: DataLoader worker processes for decoding.
         max_rows: most (image, level) pairs per forward pass; halved automatically on CUDA out-of-memory.
         model_hash: sha256 of the pre-trained weights file (recorded; used to refuse stale tables).
@@ -98,14 +99,13 @@ def run_obs(model: Any, refs: Sequence[str], *, spec: ObsSpec | None = None, bat
     model = model.to(dev)
     losses = infer(model, lambda x, _t: search_losses(model, x, levels, max_rows), refs, None,
                    img_size=cfg.img_size, in_chans=cfg.in_chans, out_shape=(len(levels),), device=dev,
-                   batch_size=batch_size, workers=workers, precision=precision, progress=progress, desc="OBS",
-                   ctx=ctx)  # [n, L], Eq. 4
+                   batch_size=batch_size, workers=workers, precision="fp32", progress=progress, desc="OBS",
+                   ctx=ctx)  # [n, L], Eq. 4, in fp32 whatever the precision: the levels' losses differ by < 1%
     bad = ~np.isfinite(losses).all(axis=1)  # [n]
     if bad.any():
         first = int(np.argmax(bad))
         raise D2maeError(f"OBS: the model's restoration loss is NaN or infinite for {int(bad.sum())} of {n} images "
-                         f"(first: {refs[first]}); its outputs are not finite — check the pre-trained weights (or "
-                         "use fp32 precision)")
+                         f"(first: {refs[first]}); its outputs are not finite — check the pre-trained weights")
     t_star = select_level(losses, levels).astype(np.float64)  # Eq. 5
     meta["seconds"] = round(time.perf_counter() - started, 3)
     return ObsTable(refs, list(hashes), t_star, list(levels), losses, meta)
@@ -121,7 +121,7 @@ def obs_levels(model: Any, refs: Sequence[str], hashes: Sequence[str], *, spec: 
 
     The table comes from ``cfg.obs_table`` when given, else from ``out`` when a resumed run's own table still
     matches the images and the model, else from :func:`run_obs`; it is saved in ``out`` (with its summary by
-    ``groups``) for provenance. ``cfg`` gives ``obs_table``, ``obs_batch_size``, ``precision``, ``workers`` and
+    ``groups``) for provenance. ``cfg`` gives ``obs_table``, ``obs_batch_size``, ``workers`` and
     ``progress``.
     """
 
@@ -141,9 +141,8 @@ def obs_levels(model: Any, refs: Sequence[str], hashes: Sequence[str], *, spec: 
     seconds = 0.0
     if table is None:
         say(ctx, f"OBS {spec.describe()} on {len(refs)} images …")
-        table = run_obs(model, refs, spec=spec, batch_size=cfg.obs_batch_size, device=device,
-                        precision=cfg.precision, workers=cfg.workers, model_hash=model_hash, hashes=hashes,
-                        progress=cfg.progress, ctx=ctx)
+        table = run_obs(model, refs, spec=spec, batch_size=cfg.obs_batch_size, device=device, workers=cfg.workers,
+                        model_hash=model_hash, hashes=hashes, progress=cfg.progress, ctx=ctx)
         table.meta["model_dir"] = str(model_dir.absolute())
         seconds = float(table.meta.get("seconds", 0.0))
         if ctx.is_main:
@@ -341,9 +340,8 @@ def _obs_command(cfg: ObsConfig, ctx: DistContext, device: torch.device) -> Path
             groups = [g for r, g in zip(refs, groups) if r in keep]
         if ctx.is_main:
             save_config(cfg, out / "obs.yaml")
-        table = run_obs(model, good, spec=cfg.spec, batch_size=cfg.batch_size, device=device,
-                        precision=cfg.precision, workers=cfg.workers, max_rows=cfg.max_rows,
-                        model_hash=model_sha256(cfg.pretrained), progress=cfg.progress, ctx=ctx)
+        table = run_obs(model, good, spec=cfg.spec, batch_size=cfg.batch_size, device=device, workers=cfg.workers,
+                        max_rows=cfg.max_rows, model_hash=model_sha256(cfg.pretrained), progress=cfg.progress, ctx=ctx)
         table.meta["model_dir"] = str(Path(cfg.pretrained).absolute())
         if ctx.is_main:
             table.save(out)

@@ -173,8 +173,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
     clf = loaded[0][0]
     found = find_images([str(p) for p in inputs])
     refs = on_main(ctx, lambda: check_images(found, clf.config.in_chans, skip_bad=skip_bad))
-    t_star = new_image_levels(folders[0], first, clf, refs, batch_size=batch_size, device=dev, precision=precision,
-                              workers=workers, progress=progress, ctx=ctx)
+    t_star = new_image_levels(folders[0], first, clf, refs, batch_size=batch_size, device=dev, workers=workers,
+                              progress=progress, ctx=ctx)
     probs = np.zeros((len(refs), len(classes)))
     for k, (m, _) in enumerate(loaded):
         probs += class_probabilities(m, refs, t_star, dev, batch_size=batch_size, workers=workers,
@@ -186,8 +186,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, fold: str | None
 
 
 def new_image_levels(folder: Path, meta: dict[str, Any], model: Any, refs: Sequence[str], *, batch_size: int,
-                     device: torch.device, precision: str, workers: int, progress: bool,
-                     ctx: DistContext) -> np.ndarray:
+                     device: torch.device, workers: int, progress: bool, ctx: DistContext) -> np.ndarray:
     """t* [n] of new images under a trained model folder's OBS setting (Algorithm 1 lines 4-10, at test time).
 
     The search runs with the pre-trained model bundled in ``folder/pretrained`` (refused when its sha256 is not the
@@ -209,5 +208,5 @@ def new_image_levels(folder: Path, meta: dict[str, Any], model: Any, refs: Seque
                              f"trained from (sha256 differs from {expected[:12]}…)")
         obs_model = load_pretrained(pre_dir, device)
     hashes = None if spec.mode == "search" else [""] * len(refs)  # a fixed level needs no content hashes
-    return run_obs(obs_model, refs, spec=spec, batch_size=batch_size, device=device, precision=precision,
-                   workers=workers, model_hash=expected or "", hashes=hashes, progress=progress, ctx=ctx).t_star
+    return run_obs(obs_model, refs, spec=spec, batch_size=batch_size, device=device, workers=workers,
+                   model_hash=expected or "", hashes=hashes, progress=progress, ctx=ctx).t_star

@@ -14,13 +14,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
 from d2mae.data.dataset import ImageDataset
+from d2mae.data.decode import load_image
 from d2mae.data.labels import load_labeled
 from d2mae.data.phantom import generate_phantoms
+from d2mae.eval.figures import save_figure
+from d2mae.eval.metrics import SCALAR_METRICS
+from d2mae.eval.statistics import bootstrap
 from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.methods import method_for
-from d2mae.experiment.plan import Plan
+from d2mae.experiment.plan import VIEW_IMAGES, Plan
 from d2mae.experiment.stage import DatasetPlan
 from d2mae.io.imports import encoder_architecture
 from d2mae.method.backbones import BackboneConfig, TimmClassifier
@@ -30,9 +36,11 @@ from d2mae.method.objectives import build_objective
 from d2mae.method.presets import PRESETS
 from d2mae.runtime.device import resolve_device
 from d2mae.runtime.options import build_config
+from d2mae.segment.data import SegmentDataset
 from d2mae.segment.model import UNetConfig, build_segmenter
 from d2mae.train.engine import DEFAULT_IMG_SIZE
 from d2mae.train.optim import adamw
+from d2mae.view.images import thumbnail
 
 
 def _time_steps(step: Callable[[], None], max_steps: int = 3, max_seconds: float = 4.0) -> float:
@@ -157,6 +165,31 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     return out
 
 
+def _time_outputs(refs: Sequence[str], n_test: int, num_classes: int, n_bootstrap: int) -> dict[str, float]:
+    """Seconds of the work around the training, timed here: an evaluation's percentile bootstraps of every metric
+    over ``n_test`` predictions and one of its figures (``figure``); per image of a view page, a thumbnail
+    (decoded and written, ``thumbnail``)."""
+    rng = np.random.default_rng(0)
+    n, k = max(n_test, 2), max(num_classes, 2)
+    y = np.arange(n) % k  # [n], every class present
+    probs = rng.dirichlet(np.ones(k), size=n)  # [n, K]
+    t0 = time.perf_counter()
+    for m in SCALAR_METRICS:
+        bootstrap(y, probs, m, n_resamples=n_bootstrap, seed=0, y_pred=probs.argmax(1))
+    out = {"bootstrap": time.perf_counter() - t0}
+    with tempfile.TemporaryDirectory(prefix="d2mae-plan-") as tmp:
+        t0 = time.perf_counter()
+        fig = Figure(figsize=(5, 4))
+        fig.add_subplot().hist(rng.random(n), bins=20)
+        save_figure(fig, Path(tmp) / "figure.png")
+        out["figure"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for ref in refs[:4]:
+            (Path(tmp) / "thumb.png").write_bytes(thumbnail(load_image(ref)))
+        out["thumbnail"] = (time.perf_counter() - t0) / max(1, len(refs[:4]))
+    return out
+
+
 def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, num_classes: int) -> None:
     """Time the pre-training objectives other than the masked autoencoder, and the classifiers that are not the
     experiment's ViT (timm backbones, imported checkpoints' architectures), once each, into ``speed``."""
@@ -187,10 +220,14 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
         speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
 
 
-def _segment_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, model_cfg: ModelConfig) -> None:
-    """Time each decoder of the dataset's segmentation stages once (UNETR on the experiment's ViT, smp U-Net)."""
+def _segment_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, model_cfg: ModelConfig,
+                    refs: Sequence[str]) -> None:
+    """Time each decoder of the dataset's segmentation stages once (on the experiment's ViT; smp's U-Net), at the
+    configured batch, and reading and augmenting an image with its mask (``segment_augment``; empty masks of the
+    images' sizes stand in for the real ones)."""
     dev = resolve_device(device)
-    for s in plan.of("segment", name):
+    segments = plan.of("segment", name)
+    for s in segments:
         sc = s.payload
         key = f"segment:{sc.decoder}"
         if key in speed:
@@ -201,34 +238,68 @@ def _segment_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, m
             config = UNetConfig(encoder=sc.unet_encoder, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans,
                                 mean=mean, std=std)
         seg = build_segmenter(sc.decoder, config, plan.datasets[name].num_classes, sc.feature_size, sc.drop_path)
-        x = torch.rand(min(sc.batch_size, 8), model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size,
+        x = torch.rand(min(sc.batch_size, 16), model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size,
                        generator=torch.Generator().manual_seed(0)).to(dev)
         speed[key] = _time_segmenter(seg.to(dev), x)
+    if segments and refs:
+        sc = segments[0].payload
+        with tempfile.TemporaryDirectory(prefix="d2mae-plan-") as tmp:
+            masks = []
+            for i, ref in enumerate(refs[:4]):
+                masks.append(str(Path(tmp) / f"{i}.png"))
+                Image.fromarray(np.zeros(load_image(ref).shape[:2], np.uint8)).save(masks[-1])
+            ds = SegmentDataset(refs[:4], masks, model_cfg.img_size, model_cfg.in_chans, 2,
+                                augment="strong" if sc.augment == "auto" else sc.augment, crop_scale=sc.crop_scale,
+                                hflip=sc.hflip)
+            ds[0]  # MONAI's first call
+            t0 = time.perf_counter()
+            for i in range(len(ds)):
+                ds[i]
+            speed["segment_augment"] = (time.perf_counter() - t0) / len(ds)
+
+
+def expected_epochs(epochs: int, patience: int) -> float:
+    """Epochs a fold is expected to train. Without early stopping, all of them; with it, a fold stops ``patience``
+    epochs after its best one, and with nothing known of where that epoch falls it is taken as uniform over
+    1 … E: the expectation of min(E, b + patience) over b (16 epochs with patience 6: 13.2; the demo's 12 folds ran
+    13.2 on average)."""
+    if patience <= 0 or patience >= epochs:
+        return float(epochs)
+    return sum(min(epochs, b + patience) for b in range(1, epochs + 1)) / epochs
+
+
+def _downstream_estimate(cfg: Any, dp: DatasetPlan, step: float, infer: float, augment: float, decode: float,
+                         setup: float, truths: int) -> float:
+    """Seconds of one fine-tuning or segmentation run: ``setup`` (OBS) once, then per fold the expected epochs
+    (each training image decoded and augmented, and a step; the validation images at inference, their views decoded
+    once per fold and kept), then the best epoch's predictions of the validation and test images (each decoded, with
+    ``truths`` more files per image: a segmentation mask)."""
+    total = setup
+    epochs = expected_epochs(cfg.epochs, cfg.patience)
+    for _, n_train, n_val, n_test in dp.folds:
+        total += epochs * (n_train * (step + augment) + n_val * infer) + n_val * decode * (1 + truths)
+        total += (n_val + n_test) * (infer + decode * (1 + truths))
+    return total
 
 
 def _segment_estimate(scfg: Any, dp: DatasetPlan, speed: Mapping[str, Any], levels: int) -> float:
-    """Seconds of one segmentation run: OBS once, then per fold every epoch (train + validation), then the masks
-    (decoding an image and its mask counts twice)."""
+    """Seconds of one segmentation run (:func:`_downstream_estimate`); with ``tta`` every inference runs twice."""
     timed = speed[f"segment:{scfg.decoder}"]
-    total = dp.n_labeled * (levels * speed["obs_level"] + speed["decode"]) if levels else 0.0
-    infer = timed["segment_eval"] + speed["decode"]
-    for _, n_train, n_val, n_test in dp.folds:
-        total += scfg.epochs * (n_train * (timed["segment_step"] + 2 * speed["augment"]) + n_val * infer)
-        total += (n_val + n_test) * (infer + speed["decode"]) + 3.0
-    return total + 8.0  # masks, content hashes, evaluation (bootstrap CIs, figures)
+    obs = dp.n_labeled * (levels * speed["obs_level"] + speed["decode"]) if levels else 0.0
+    infer = timed["segment_eval"] * (2 if scfg.tta else 1)
+    augment = speed.get("segment_augment", speed["augment"] + speed["decode"])
+    return _downstream_estimate(scfg, dp, timed["segment_step"], infer, augment, speed["decode"], obs,
+                                truths=1) + speed["evaluate"]
 
 
 def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], levels: int) -> float:
-    """Seconds of one fine-tuning run: OBS once, then per fold every epoch (train + validation), then predictions."""
-    total = 0.0
-    used = sum(tr + va + te for _, tr, va, te in dp.folds[:1]) if dp.folds else dp.n_labeled
+    """Seconds of one fine-tuning run (:func:`_downstream_estimate`); OBS searches the images of the folds."""
+    obs = 0.0
     if fcfg.mode != "scratch" and fcfg.obs == "search":
-        total += used * (levels * speed["obs_level"] + speed["decode"])
-    infer = speed["eval"] + speed["decode"]
-    for _, n_train, n_val, n_test in dp.folds:
-        total += fcfg.epochs * (n_train * (speed["finetune_step"] + speed["augment"]) + n_val * infer)
-        total += (n_val + n_test) * infer + 3.0  # best model's predictions, saving the fold
-    return total + 8.0  # labels, content hashes, evaluation (bootstrap CIs, figures)
+        used = sum(tr + va + te for _, tr, va, te in dp.folds[:1]) if dp.folds else dp.n_labeled
+        obs = used * (levels * speed["obs_level"] + speed["decode"])
+    return _downstream_estimate(fcfg, dp, speed["finetune_step"], speed["eval"], speed["augment"], speed["decode"],
+                                obs, truths=0) + speed["evaluate"]
 
 
 def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
@@ -260,12 +331,16 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
             augment = fine[0].resolved_augment() if fine else "finetune"
             speed = measure_speed(model_cfg, cfg.device, cfg.budget.pretrain_batch_size,
                                   cfg.budget.finetune_batch_size, dp.num_classes, refs, augment)
+            n_test = sum(te for *_, te in dp.folds) or dp.n_labeled
+            speed.update(_time_outputs(refs, n_test, dp.num_classes, cfg.report.n_bootstrap))
+            _segment_speeds(plan, name, speed, cfg.device, model_cfg, refs)
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
         speed["phantom"] = phantom_s
         _method_speeds(plan, name, speed, cfg.device, dp.num_classes)
-        _segment_speeds(plan, name, speed, cfg.device, model_cfg)
+        classify = dp.spec.task != "segment"  # its evaluation: bootstraps of 4 metrics, ROC/confusion/σ* figures
+        speed["evaluate"] = speed["bootstrap"] + 3 * speed["figure"] if classify else speed["figure"]
         plan.speed[name] = speed
         for s in plan.stages:
             if s.dataset != name:
@@ -299,5 +374,40 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 levels = (len(s.payload.spec.levels(base.payload.schedule))
                           if base is not None and s.payload.spec.mode == "search" else 0)
                 s.estimate_s = _segment_estimate(s.payload, dp, speed, levels)
+    plan.after_s = _views_estimate(plan, stages) + _report_estimate(plan)
     plan.estimated = True
     return plan
+
+
+def _views_estimate(plan: Plan, stages: Mapping[str, Any]) -> float:
+    """Seconds of the experiment's view pages (:func:`d2mae.experiment.runner.write_views`): per fine-tuning or
+    segmentation run a thumbnail of each validation and test image (and its mask overlay), and for a run with an
+    OBS search the restorations of the first ``VIEW_IMAGES`` at every level; the D²MAE-vs-MAE page again."""
+    total, runs = 0.0, {}
+    for s in plan.stages:
+        if s.kind not in ("finetune", "segment"):
+            continue
+        speed, dp = plan.speed[s.dataset], plan.datasets[s.dataset]
+        rows = sum(va + te for _, _, va, te in dp.folds)
+        base = stages.get(s.needs[0]) if s.needs else None
+        levels = (len(s.payload.spec.levels(base.payload.schedule))
+                  if base is not None and base.kind == "pretrain" and s.payload.spec.mode == "search" else 0)
+        page = rows * speed["thumbnail"] * (2 if s.kind == "segment" else 1)
+        if levels:
+            page += min(rows, VIEW_IMAGES) * (levels * speed["obs_level"] + speed["thumbnail"])
+        runs[(s.dataset, s.seed, s.method)] = page
+        total += page
+    for (dataset, seed, method), page in runs.items():
+        if method == "d2mae" and (dataset, seed, "mae") in runs:
+            total += page + runs[(dataset, seed, "mae")]
+    return total
+
+
+def _report_estimate(plan: Plan) -> float:
+    """Seconds of the report: per run its metrics and a paired test against the best method (bootstraps), and
+    about one figure per run and per dataset's OBS, ROC, curves and examples."""
+    total = 0.0
+    for name, speed in plan.speed.items():
+        n_runs = sum(1 for s in plan.stages if s.dataset == name and s.kind in ("finetune", "segment", "probe"))
+        total += n_runs * (speed["bootstrap"] + speed["figure"]) + 4 * speed["figure"]
+    return total

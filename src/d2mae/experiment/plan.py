@@ -28,6 +28,8 @@ from d2mae.train.pretrain_config import PretrainConfig
 BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "accum_iter", "data", "img_size")
 EXPERIMENT_CONFIG = "experiment.yaml"
 PLAN_FILE = "plan.json"
+VIEWS = "views"  # the experiment's view pages (d2mae view), linked from the report
+VIEW_IMAGES = 200  # the blur searches a page of an experiment shows (every test image gets a thumbnail)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -45,6 +47,7 @@ class Plan:
     stages: list[Stage]
     estimated: bool = False
     speed: dict[str, Any] = field(default_factory=dict)
+    after_s: float = 0.0  # the view pages and the report, after the stages (estimated)
 
     def of(self, kind: str, dataset: str | None = None) -> list[Stage]:
         return [s for s in self.stages if s.kind == kind and (dataset is None or s.dataset == dataset)]
@@ -450,10 +453,10 @@ def format_plan(plan: Plan) -> str:
             total += est
         status = "done" if done else "to run"
         lines.append(f"{i:>3}  {s.label:<{width}}  {status:<8}  {format_seconds(est) if plan.estimated else '-'}")
-    lines.append(f"{'':>3}  {'report (tables, figures)':<{width}}  {'to run':<8}  "
-                 f"{format_seconds(15.0) if plan.estimated else '-'}")
+    lines.append(f"{'':>3}  {'views and report (tables, figures)':<{width}}  {'to run':<8}  "
+                 f"{format_seconds(plan.after_s) if plan.estimated else '-'}")
     if plan.estimated:
-        total += 15.0
+        total += plan.after_s
         m = machine_info()
         lines.append("")
         lines.append(f"Estimated time: {format_seconds(total)} on this machine ({m['cpu']}, {m['cores']} cores, GPU: "

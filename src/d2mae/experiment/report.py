@@ -224,7 +224,7 @@ def _beyond_paper_sections(rep: Report, plan: Plan, curves: Sequence[Any], seg_t
             rep.image(path, caption)
 
 
-def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
+def write_report(plan: Plan, wall_seconds: float | None = None, views: Path | None = None) -> Path:
     """Write OUT/report.md + report.html (figures embedded), metrics.csv/json, machine.json, timings.json/csv."""
     cfg, out = plan.config, plan.out
     results = collect_results(plan)
@@ -269,6 +269,10 @@ def write_report(plan: Plan, wall_seconds: float | None = None) -> Path:
                        "better than the other; more folds, seeds or data would be needed.")
     bullets += _segment_statements(seg_tables)
     rep.bullets(bullets or ["No comparison was possible (fewer than two methods)."])
+    if views is not None:
+        rep.paragraph(f"Look through every test image — its blur search, prediction and masks, and where D²MAE and "
+                      f"MAE disagree: [{views.relative_to(out).as_posix()}]({views.relative_to(out).as_posix()}) "
+                      "(pages that open from disk; `d2mae view`, docs/view.md).")
     if fold_problems:
         rep.paragraph("**Warning: the methods were not evaluated on identical folds** — " + "; ".join(fold_problems))
     rep.heading("Setup")

@@ -26,6 +26,8 @@ from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import (
     EXPERIMENT_CONFIG,
     PLAN_FILE,
+    VIEW_IMAGES,
+    VIEWS,
     Plan,
     Stage,
     format_plan,
@@ -39,6 +41,7 @@ from d2mae.io.imports import backbone_state, check_importable
 from d2mae.method.backbones import BackboneConfig, backbone_classifier
 from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.method.models import DeblurMAE
+from d2mae.runtime.device import resolve_device
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text
 from d2mae.runtime.locks import output_lock
@@ -51,6 +54,7 @@ from d2mae.train.pretrain import RESUME as PRETRAIN_RESUME
 from d2mae.train.pretrain import pretrain
 from d2mae.train.probe import probe
 from d2mae.train.tasks import finetune, segment
+from d2mae.view.page import build_experiment
 
 # --------------------------------------------------------------------------------------------------------------------
 # running the stages
@@ -198,6 +202,17 @@ def check_weights(plan: Plan) -> None:
                              "weights: entry or leave the method out") from None
 
 
+def write_views(plan: Plan) -> Path | None:
+    """A page per finished fine-tuning or segmentation run in ``OUT/views`` (:mod:`d2mae.view.page`), and their
+    index; ``None`` (and a line saying why) when no run can be shown."""
+    try:
+        return build_experiment(plan.out, plan.out / VIEWS, max_images=VIEW_IMAGES, progress=False,
+                                device=resolve_device(plan.config.device))
+    except D2maeError as e:
+        _say(f"views: none written ({e})")
+        return None
+
+
 def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False, estimate: bool = True) -> Path:
     """Run every stage of the experiment (skipping finished ones) and write the report; returns report.md.
 
@@ -228,7 +243,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, resume: bool = False,
         started = time.perf_counter()
         for i, stage in enumerate(plan.stages, 1):
             run_stage(stage, plan, i, len(plan.stages))
-        _say("writing the report …")
-        path = write_report(plan, wall_seconds=time.perf_counter() - started)
+        _say("writing the views and the report …")
+        views = write_views(plan)
+        path = write_report(plan, wall_seconds=time.perf_counter() - started, views=views)
     _say(f"report: {path}")
     return path

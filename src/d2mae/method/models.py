@@ -305,6 +305,13 @@ class DeblurMAE(Objective):
         latent, _, ids_restore = self.encoder(x, t, 0.0)
         return self.loss_per_sample(x, self.forward_decoder(latent, ids_restore))
 
+    def restore(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 4's x̂^(t) = P_θ(x_b^(t), t, mask ratio 0) as an image [B, C, H, W] in [0, 1], and its
+        L_deblur^(t) [B]: the computation of :meth:`deblur_loss`, with the restoration kept (the viewer's)."""
+        latent, _, ids_restore = self.encoder(x, t, 0.0)
+        pred = self.forward_decoder(latent, ids_restore)  # [B, N, p*p*C]
+        return self.to_image(pred, x), self.loss_per_sample(x, pred)
+
 
 def load_encoder_weights(encoder: DeblurEncoder, mae_state: dict[str, torch.Tensor], what: str) -> None:
     """Copy a pre-trained model's encoder weights (``encoder.*`` keys but the final norm, which a downstream model

@@ -1,9 +1,11 @@
-"""Where a run executes: the device, its precision (bf16 autocast on capable GPUs) and eval mode."""
+"""Where a run executes: the device, its precision (bf16 autocast where the hardware has bf16 units and it pays) and
+eval mode."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -25,40 +27,85 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+#: /proc/cpuinfo flags of native bf16 arithmetic: AVX512-BF16 (AMD Zen 4 and 5, Intel since Cooper Lake), AMX
+#: (Intel since Sapphire Rapids), and Arm's BF16 extension.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+#: The narrowest encoder for which ``auto`` takes bf16 autocast on such a CPU: below it the casts and the elementwise
+#: kernels eat the faster products (benchmarks/bf16_speed.py; docs/threads.md has the measurement).
+BF16_MIN_WIDTH = 384
+
+
 @dataclass(frozen=True)
 class DevicePlan:
-    """What a run does on a kind of device: its autocast dtype, whether AdamW runs PyTorch's fused kernel, and
-    whether attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA)."""
+    """What a run does on a kind of device: its autocast dtype and why, whether AdamW runs PyTorch's fused kernel,
+    and whether attention goes through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on
+    CUDA)."""
 
     device_type: str
     amp: torch.dtype | None
     fused_adamw: bool
     sdpa: bool
+    why: str = ""
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp is torch.bfloat16 else "fp32"
 
 
-def plan_for(device_type: str, precision: str = "auto", bf16_supported: bool = False) -> DevicePlan:
-    """The decisions for a device, as pure data: a test can ask what a CUDA device with bf16 would get without one.
+def plan_for(device_type: str, precision: str = "auto", bf16_supported: bool = False,
+             width: int | None = None) -> DevicePlan:
+    """The decisions for a device, as pure data: a test can ask what a CUDA device, or a CPU with bf16 units, would
+    get without one.
 
-    ``auto`` precision is bf16 autocast on CUDA devices that support it, else fp32 (``None``): on CPUs without
-    native bf16 units bf16 autocast is slower, not faster. AdamW is fused on CUDA and CPU (PyTorch ≥ 2.4 has both
-    kernels). Attention is timm's fused path (SDPA) wherever timm enables it.
+    ``auto`` precision is bf16 autocast on CUDA devices that support it, and on CPUs with native bf16 units
+    (``bf16_supported``: :func:`cpu_has_bf16`) for an encoder at least :data:`BF16_MIN_WIDTH` wide (``width``);
+    else fp32 (``None``): without bf16 units, or for a narrow model, bf16 autocast is not faster. ``bf16`` and
+    ``fp32`` force either. AdamW is fused on CUDA and CPU (PyTorch ≥ 2.4 has both kernels). Attention is timm's
+    fused path (SDPA) wherever timm enables it.
     """
     if precision not in ("auto", "bf16", "fp32"):
         raise D2maeError(f"unknown value '{precision}'; use auto, bf16 or fp32", option="precision")
-    if precision == "bf16":
-        amp: torch.dtype | None = torch.bfloat16
-    elif precision == "auto" and device_type == "cuda" and bf16_supported:
-        amp = torch.bfloat16
+    bf16: torch.dtype | None = torch.bfloat16
+    if precision != "auto":
+        amp, why = (bf16 if precision == "bf16" else None), f"asked for ({precision})"
+    elif device_type == "cuda":
+        amp, why = (bf16, "auto: a CUDA device with bf16") if bf16_supported else (None, "auto: a GPU without bf16")
+    elif device_type == "cpu" and not bf16_supported:
+        amp, why = None, "auto: a CPU without native bf16 units"
+    elif device_type == "cpu" and width is not None and width >= BF16_MIN_WIDTH:
+        amp, why = bf16, f"auto: a CPU with native bf16 units, an encoder {width} wide (≥ {BF16_MIN_WIDTH})"
+    elif device_type == "cpu":
+        amp, why = None, f"auto: an encoder narrower than {BF16_MIN_WIDTH} on a CPU (bf16 is not faster there)"
     else:
-        amp = None
-    return DevicePlan(device_type, amp, fused_adamw=device_type in ("cuda", "cpu"), sdpa=use_fused_attn())
+        amp, why = None, f"auto: {device_type}"
+    return DevicePlan(device_type, amp, fused_adamw=device_type in ("cuda", "cpu"), sdpa=use_fused_attn(), why=why)
 
 
-def amp_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Autocast dtype of :func:`plan_for` on this device: bf16 on CUDA devices that support it (``auto``), else fp32
-    (``None``)."""
-    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return plan_for(device.type, precision, bf16_supported=bf16).amp
+def cpu_has_bf16(flags: str | None = None) -> bool:
+    """Whether this CPU (or the ``flags`` line of ``/proc/cpuinfo`` given) has native bf16 arithmetic."""
+    if flags is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+        except OSError:
+            return False
+        lines = [line for line in text.splitlines() if line.startswith(("flags", "Features"))]
+        flags = lines[0] if lines else ""
+    words = set(flags.replace(":", " ").split())
+    return any(f in words for f in CPU_BF16_FLAGS)
+
+
+def device_plan(device: torch.device, precision: str = "auto", width: int | None = None) -> DevicePlan:
+    """:func:`plan_for` for this device: its bf16 support read from the hardware."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    else:
+        bf16 = device.type == "cpu" and cpu_has_bf16()
+    return plan_for(device.type, precision, bf16_supported=bf16, width=width)
+
+
+def amp_dtype(device: torch.device, precision: str = "auto", width: int | None = None) -> torch.dtype | None:
+    """Autocast dtype of :func:`device_plan` (``None``: fp32)."""
+    return device_plan(device, precision, width).amp
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -47,7 +47,7 @@ LEGACY_FILES: dict[str, tuple[str, ...]] = {
 #: The files of a finished output of the commands that replace one only with --force.
 FINISHED: dict[str, tuple[str, ...]] = {
     "obs": ("obs.csv",), "phantoms": ("labels.csv",), "evaluate": ("metrics.json",), "compare": ("compare.json",),
-    "export": ("d2mae_export.json",), "predict": ("masks.csv",), "probe": ("probe.csv",),
+    "export": ("d2mae_export.json",), "predict": ("masks.csv",), "probe": ("probe.csv",), "view": ("index.html",),
 }
 
 

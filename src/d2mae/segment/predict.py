@@ -51,7 +51,7 @@ def native_probs(models: Sequence[nn.Module], refs: Sequence[str], t: np.ndarray
     """
     cfg = models[0].config
     data = SegmentDataset(refs, [""] * len(refs), cfg.img_size, cfg.in_chans, models[0].num_classes)
-    amp = amp_dtype(device, precision)
+    amp = amp_dtype(device, precision, getattr(cfg, "embed_dim", None))
     starts = range(0, len(refs), batch_size)
     with torch.inference_mode(), autocast(device, amp):
         for start in tqdm(starts, desc="segment", unit="batch", disable=not (progress and len(starts) > 2)):
@@ -138,7 +138,7 @@ def predict_masks(model: str | Path, inputs: Sequence[str | Path], out: str | Pa
     names = mask_names(refs)
     if isinstance(seg.config, ModelConfig):  # the ViT encoder: t* under the model's OBS setting
         t_star = new_image_levels(folders[0], first, seg, refs, batch_size=batch_size, device=device,
-                                  precision=precision, workers=workers, progress=progress, ctx=DistContext())
+                                  workers=workers, progress=progress, ctx=DistContext())
         sigma = sigmas_of(seg.config.schedule, t_star)
     else:  # a U-Net: no blur
         t_star, sigma = np.zeros(len(refs)), np.zeros(len(refs))

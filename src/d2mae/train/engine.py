@@ -49,7 +49,7 @@ from d2mae.io.obs_table import sigmas_of
 from d2mae.io.predictions import DONE, RUN_JSON, finished_fold, saved_run
 from d2mae.method.blur import BlurSchedule
 from d2mae.method.model_config import ModelConfig
-from d2mae.runtime.device import amp_dtype, autocast, resolve_device
+from d2mae.runtime.device import autocast, device_plan, resolve_device
 from d2mae.runtime.distributed import (
     DistContext,
     all_reduce_sum,
@@ -113,7 +113,8 @@ class FoldTrainer:
                  clip_grad: float | None = None, frozen: Iterable[nn.Module] = ()) -> None:
         self.model, self.optimizer, self.scheduler, self.criterion = model, optimizer, scheduler, criterion
         self.device, self.ctx, self.precision = device, ctx or DistContext(), precision
-        self.amp = amp_dtype(device, precision)
+        self.plan = device_plan(device, precision, getattr(model.config, "embed_dim", None))  # bf16 where it pays
+        self.amp = self.plan.amp
         self.mixup, self.clip_grad, self.frozen = mixup, clip_grad, list(frozen)
         self.train_model = wrap_ddp(model, device, self.ctx)  # DDP: gradients averaged over the ranks
         self.step = 0  # optimiser steps done in this fold
@@ -298,6 +299,7 @@ class Run:
         self.preset: str | None = None
         self.mae: Any = None  # the pre-trained DeblurMAE whose encoder the task fine-tunes
         self.model_config: ModelConfig | None = None
+        self.precision: Any = None  # the training's DevicePlan (bf16 or fp32, and why), set with the first fold
 
     def say(self, message: str) -> None:
         say(self.ctx, message)
@@ -543,6 +545,9 @@ class Run:
                                                                         cfg.min_lr),
                               self.task.criterion(self, fold).to(dev), dev, precision=cfg.precision, ctx=ctx,
                               mixup=self.task.mixup(self), clip_grad=cfg.clip_grad, frozen=self.task.frozen(model))
+        if self.precision is None:
+            self.precision = trainer.plan
+            self.say(f"precision {trainer.plan.precision} ({trainer.plan.why})")
         loader = torch.utils.data.DataLoader(self.task.dataset(self, fold, model), batch_sampler=sampler,
                                              num_workers=cfg.workers, pin_memory=dev.type == "cuda",
                                              persistent_workers=cfg.workers > 0)
@@ -643,4 +648,5 @@ class Run:
             "pretrained_sha256": self.pretrained_hash, "labels": str(cfg.labels or getattr(cfg, "images", "")),
             "n_images": len(self.labeled), "keep_columns": cfg.keep_columns or [], "leak_check": self.leaks,
             "fold_details": details, "obs_seconds": round(obs_seconds, 3), "seconds": round(seconds, 3),
+            "precision": {"used": self.precision.precision, "why": self.precision.why} if self.precision else None,
             self.task.settings_key: self.task.settings(self)})

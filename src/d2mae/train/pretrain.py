@@ -65,7 +65,7 @@ from d2mae.io.imports import init_from_checkpoint
 from d2mae.method.model_config import ModelConfig
 from d2mae.method.objectives import build_objective
 from d2mae.runtime import distributed as dist_utils
-from d2mae.runtime.device import amp_dtype, autocast
+from d2mae.runtime.device import autocast, device_plan
 from d2mae.runtime.distributed import DistContext
 from d2mae.runtime.errors import D2maeError
 from d2mae.runtime.files import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
@@ -242,7 +242,8 @@ class Pretrainer:
             self._init_from(cfg.init_from)
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.min_lr)
-        self.amp = amp_dtype(self.device, cfg.precision)
+        self.plan = device_plan(self.device, cfg.precision, model_cfg.embed_dim)
+        self.amp = self.plan.amp
         self.epoch, self.micro, self.step, self.elapsed = 0, 0, 0, 0.0
         self.saved_step: int | None = None
         self.saved_at = time.perf_counter()  # epoch-end writes wait checkpoint_every_seconds after the last one
@@ -298,7 +299,7 @@ class Pretrainer:
         say(ctx, f"pre-training {cfg.preset} ({cfg.arch}, {cfg.img_size} px, T = "
                  f"{model_cfg.schedule.num_levels}) on {len(self.refs)} images: {self.steps_per_epoch} steps/epoch "
                  f"× {cfg.epochs} epochs, effective batch {cfg.effective_batch(ctx.world_size)}, lr {self.lr:.3g}, "
-                 f"{self.device}{', bf16' if self.amp is not None else ''}, {ctx.world_size} process(es), data: "
+                 f"{self.device}, {self.plan.precision} ({self.plan.why}), {ctx.world_size} process(es), data: "
                  f"{self.data_why}")
 
 
@@ -348,7 +349,8 @@ class Pretrainer:
             images_seen = self.step * self.cfg.effective_batch(self.ctx.world_size)
             save_pretrained(self.model, folder or self.out, extra={
                 "pretrain": {"preset": self.cfg.preset, "epoch": self.epoch, "step": self.step,
-                             "images": len(self.refs), "images_seen": images_seen, "seed": self.cfg.seed}})
+                             "images": len(self.refs), "images_seen": images_seen, "seed": self.cfg.seed,
+                             "precision": {"used": self.plan.precision, "why": self.plan.why}}})
 
     def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
