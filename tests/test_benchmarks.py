@@ -112,6 +112,9 @@ def test_demo_time_reads_the_stage_lines_the_demo_prints() -> None:
         assert demo_time.stage_seconds(line) == ("pre-train mae on phantoms (seed 0)", seconds)
     assert demo_time.stage_seconds("[experiment] [4/10] pre-train mae on phantoms (seed 0) …") is None
     assert len(demo_time.cpu_times()) == 8  # user … steal
+    for seconds in (42, 346, 4020):
+        line = f"Estimated time: {format_seconds(seconds)} on this machine (AMD EPYC, 2 cores, GPU: none). This …"
+        assert demo_time.estimate_seconds(line) == (seconds if seconds < 3600 else seconds // 60 * 60)
 
 
 def test_crop_speed_times_both_forms_of_the_same_crops(tmp_path: Path) -> None:

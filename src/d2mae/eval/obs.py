@@ -296,6 +296,10 @@ class ObsConfig(RuntimeOptions):
         "help": "labels CSV column to summarise σ* by (e.g. Device); default: the class"})
     force: bool = field(default=False, metadata={
         "help": "replace an earlier output of this command in --out (or write beside other files there)"})
+    precision: str = field(default="fp32", metadata={
+        "advanced": True, "choices": ["auto", "bf16", "fp32"], "volatile": True,
+        "help": "the search runs in fp32 whatever this says: its levels' losses differ by < 1%, so bf16 rounding "
+                "could move t*"})
     strips: int = field(default=3, metadata={
         "advanced": True, "help": "images in the OBS strip figure (0: none)", "min": 0})
 

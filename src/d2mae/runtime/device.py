@@ -67,7 +67,7 @@ def plan_for(device_type: str, precision: str = "auto", bf16_supported: bool = F
         raise D2maeError(f"unknown value '{precision}'; use auto, bf16 or fp32", option="precision")
     bf16: torch.dtype | None = torch.bfloat16
     if precision != "auto":
-        amp, why = (bf16 if precision == "bf16" else None), f"asked for ({precision})"
+        amp, why = (bf16 if precision == "bf16" else None), f"--precision {precision}"
     elif device_type == "cuda":
         amp, why = (bf16, "auto: a CUDA device with bf16") if bf16_supported else (None, "auto: a GPU without bf16")
     elif device_type == "cpu" and not bf16_supported:
