@@ -90,6 +90,30 @@ def test_the_models_attention_and_optimizer_follow_the_plan() -> None:
     assert optimizer.defaults["fused"] is plan_for("cpu").fused_adamw is True
 
 
+def test_cpu_bf16_attention_avoids_the_flash_kernel() -> None:
+    """Under d2mae's CPU bf16 autocast the attention runs on SDPA's math path (batched products in fp32: it upcasts
+    bf16 on the CPU), not PyTorch's CPU flash kernel in bf16 (slower than fp32); in fp32 it keeps the flash kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from d2mae.runtime.device import autocast
+
+    model = DeblurMAE(ModelConfig(**TINY)).train()
+    x, t, noise = _batch()
+    cpu = torch.device("cpu")
+    ops = {}
+    for dtype in (torch.bfloat16, None):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with autocast(cpu, dtype):
+                loss, _, _ = model(x, t, noise=noise)
+            loss.backward()
+        ops[dtype] = [(e.name, str(e.input_dtypes[0]) if e.input_dtypes else "") for e in prof.events()]
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert not any(name.startswith(flash) for name, _ in ops[torch.bfloat16])
+    assert ("aten::_scaled_dot_product_attention_math", "c10::BFloat16") in ops[torch.bfloat16]
+    assert ("aten::addmm", "c10::BFloat16") in ops[torch.bfloat16]  # the linear layers still run in bf16
+    assert any(name == flash for name, _ in ops[None])
+
+
 def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     x = torch.rand(n, 1, 32, 32, generator=g)

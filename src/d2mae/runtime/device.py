@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 from timm.layers import use_fused_attn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from d2mae.runtime.errors import D2maeError
 
@@ -108,10 +109,22 @@ def amp_dtype(device: torch.device, precision: str = "auto", width: int | None =
     return device_plan(device, precision, width).amp
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast to ``dtype`` for the forward pass (``None``: none).
+
+    On a CPU, bf16 autocast also routes attention through SDPA's math path (batched products and a softmax in fp32:
+    it upcasts bf16 inputs on the CPU), because PyTorch's CPU flash-attention kernels run slower in bf16 than in fp32
+    at ViT shapes; the linear layers, most of a ViT's work, still run in bf16 (docs/threads.md has the measurement).
+    """
     if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield
 
 
 @contextlib.contextmanager
