@@ -381,14 +381,14 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
 
 def _views_estimate(plan: Plan, stages: Mapping[str, Any]) -> float:
     """Seconds of the experiment's view pages (:func:`d2mae.experiment.runner.write_views`): per fine-tuning or
-    segmentation run a thumbnail of each validation and test image (and its mask overlay), and for a run with an
+    segmentation run a thumbnail of each test image (and its mask overlay), and for a run with an
     OBS search the restorations of the first ``VIEW_IMAGES`` at every level; the D²MAE-vs-MAE page again."""
     total, runs = 0.0, {}
     for s in plan.stages:
         if s.kind not in ("finetune", "segment"):
             continue
         speed, dp = plan.speed[s.dataset], plan.datasets[s.dataset]
-        rows = sum(va + te for _, _, va, te in dp.folds)
+        rows = sum(te for *_, te in dp.folds)  # a page shows the test images
         base = stages.get(s.needs[0]) if s.needs else None
         levels = (len(s.payload.spec.levels(base.payload.schedule))
                   if base is not None and base.kind == "pretrain" and s.payload.spec.mode == "search" else 0)
