@@ -38,15 +38,15 @@ def test_a_cuda_device_with_bf16_gets_bf16_autocast_fused_adamw_and_sdpa() -> No
 
 
 def test_auto_takes_bf16_on_a_cpu_with_bf16_units_for_an_encoder_wide_enough_and_says_why() -> None:
-    """As pure data (no such CPU needed): a CPU reported as having bf16 units gets bf16 autocast for ViT-S and wider
-    (BF16_MIN_WIDTH = 384, measured: docs/threads.md), fp32 for ViT-Tiny; a CPU without them, fp32; the flags of
-    AMD Zen 4 / Intel (avx512_bf16, amx_bf16) and Arm (bf16) count, AVX2 alone does not."""
+    """As pure data (no such CPU needed): a CPU reported as having bf16 units gets bf16 autocast for ViT-Tiny and
+    wider (BF16_MIN_WIDTH = 192, measured: docs/threads.md), fp32 for narrower test-sized models; a CPU without them,
+    fp32; the flags of AMD Zen 4 / Intel (avx512_bf16, amx_bf16) and Arm (bf16) count, AVX2 alone does not."""
     from d2mae.runtime.device import cpu_has_bf16
 
-    for width in (384, 768, 1024):
+    for width in (192, 384, 768, 1024):
         plan = plan_for("cpu", "auto", bf16_supported=True, width=width)
         assert plan.amp is torch.bfloat16 and plan.precision == "bf16" and "bf16 units" in plan.why
-    assert plan_for("cpu", "auto", bf16_supported=True, width=192).amp is None
+    assert plan_for("cpu", "auto", bf16_supported=True, width=64).amp is None
     assert plan_for("cpu", "auto", bf16_supported=False, width=768).amp is None
     assert "without native bf16" in plan_for("cpu", "auto", bf16_supported=False, width=768).why
     assert plan_for("cpu", "fp32", bf16_supported=True, width=768).amp is None  # forced either way

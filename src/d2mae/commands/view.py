@@ -27,6 +27,8 @@ def add(parser: argparse.ArgumentParser) -> None:
                         help=f"show the blur search of at most N images (default: {MAX_IMAGES}; every image gets "
                              "a thumbnail)")
     parser.add_argument("--device", default="auto", help="where the restorations are computed (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of PyTorch (default: one per core; docs/threads.md)")
     parser.add_argument("--force", action="store_true", help="replace an earlier page in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_images < 0:
         raise D2maeError(f"must be ≥ 0, got {args.max_images}", option="max_images")
     claim_folder(args.out, "view", args.runs, force=args.force)
-    configure_threads(None)
+    if args.threads is not None and args.threads < 1:
+        raise D2maeError(f"must be ≥ 1, got {args.threads}", option="threads")
+    configure_threads(args.threads)
     options = {"max_images": args.max_images, "device": resolve_device(args.device), "progress": args.progress}
     experiment = len(args.runs) == 1 and (Path(args.runs[0]) / "plan.json").is_file()
     page = build_experiment(args.runs[0], args.out, **options) if experiment else build(args.runs, args.out,

@@ -31,9 +31,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 #: /proc/cpuinfo flags of native bf16 arithmetic: AVX512-BF16 (AMD Zen 4 and 5, Intel since Cooper Lake), AMX
 #: (Intel since Sapphire Rapids), and Arm's BF16 extension.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
-#: The narrowest encoder for which ``auto`` takes bf16 autocast on such a CPU: below it the casts and the elementwise
-#: kernels eat the faster products (benchmarks/bf16_speed.py; docs/threads.md has the measurement).
-BF16_MIN_WIDTH = 384
+#: The narrowest encoder for which ``auto`` takes bf16 autocast on such a CPU: ViT-Tiny's. bf16 was measured faster
+#: at every model from the demo's ViT-Tiny at 64 px (1.31×) to ViT-B/16 (1.70×) on the 2-core AMD EPYC
+#: (benchmarks/bf16_speed.py; docs/threads.md); narrower models (test-sized ones) were not measured and stay fp32.
+BF16_MIN_WIDTH = 192
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def plan_for(device_type: str, precision: str = "auto", bf16_supported: bool = F
     elif device_type == "cpu" and width is not None and width >= BF16_MIN_WIDTH:
         amp, why = bf16, f"auto: a CPU with native bf16 units, an encoder {width} wide (≥ {BF16_MIN_WIDTH})"
     elif device_type == "cpu":
-        amp, why = None, f"auto: an encoder narrower than {BF16_MIN_WIDTH} on a CPU (bf16 is not faster there)"
+        amp, why = None, f"auto: an encoder narrower than {BF16_MIN_WIDTH} on a CPU (bf16 not measured faster there)"
     else:
         amp, why = None, f"auto: {device_type}"
     return DevicePlan(device_type, amp, fused_adamw=device_type in ("cuda", "cpu"), sdpa=use_fused_attn(), why=why)

@@ -270,7 +270,7 @@ class RuntimeOptions:
         "help": "auto (CUDA when available), cpu, cuda or cuda:N", "volatile": True})
     precision: str = dataclasses.field(default="auto", metadata={
         "help": "auto (bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16 units for an encoder "
-                "at least 384 wide, else fp32), bf16 or fp32; the OBS search always runs in fp32",
+                "at least 192 wide (ViT-Tiny), else fp32), bf16 or fp32; the OBS search always runs in fp32",
         "choices": ["auto", "bf16", "fp32"], "volatile": True})
     workers: int | None = dataclasses.field(default=2, metadata={
         "help": "DataLoader worker processes that decode images", "min": 0, "volatile": True})
