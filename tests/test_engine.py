@@ -187,7 +187,15 @@ def test_an_old_pretrained_folder_and_its_config_load_under_the_new_names(old_se
         ("vit_tiny_patch16", 16, 1, 16)
 
 
-def test_finished_experiments_keep_their_stage_keys(monkeypatch) -> None:
+#: where BUS-BRA lay when the keys were recorded: an image's cache key names the image's absolute path (so a stage
+#: whose images moved runs again rather than trusting a cache built from other files)
+RECORDED_BUSBRA = Path("/work/shared/data/bus-bra")
+RECORDED_KEYS = json.loads((FIXTURES / "stage-keys-dbb9461.json").read_text())
+del RECORDED_KEYS["busi-seg-cpu"]  # since rewritten for the pyramid decoder at 128 px (issue 34): new stages, new keys
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_KEYS))
+def test_finished_experiments_keep_their_stage_keys(name: str, monkeypatch) -> None:
     """Every stage of the shipped configs keeps the cache key d2mae wrote before the engine was shared (commit
     dbb9461), so a finished experiment resumes with every stage skipped."""
     from d2mae.experiment.config import load_experiment
@@ -196,16 +204,12 @@ def test_finished_experiments_keep_their_stage_keys(monkeypatch) -> None:
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    want = json.loads((FIXTURES / "stage-keys-dbb9461.json").read_text())
-    del want["busi-seg-cpu"]  # since rewritten for the pyramid decoder at 128 px (issue 34): new stages, new keys
-    for name, keys in want.items():
-        cfg = load_experiment(repo / "configs" / f"{name}.yaml")
-        if any(ds.labels and not Path(ds.labels).exists() for ds in cfg.datasets.values()):
-            assert not BUSBRA.is_dir()
-            continue  # BUS-BRA not beside the repository
-        plan = make_plan(cfg, f"/tmp/base/plan-{name}")  # the folder the keys were recorded with (phantoms lie
-        # under it, and the fine-tuning keys name their labels file); nothing is written there
-        assert {s.id: s.key for s in plan.stages} == keys, name
+    cfg = load_experiment(repo / "configs" / f"{name}.yaml")
+    if any(ds.labels for ds in cfg.datasets.values()) and BUSBRA.resolve() != RECORDED_BUSBRA:
+        pytest.skip(f"the keys of {name} name BUS-BRA's images at {RECORDED_BUSBRA}; here it lies at {BUSBRA}")
+    plan = make_plan(cfg, f"/tmp/base/plan-{name}")  # the folder the keys were recorded with (phantoms lie
+    # under it, and the fine-tuning keys name their labels file); nothing is written there
+    assert {s.id: s.key for s in plan.stages} == RECORDED_KEYS[name]
 
 
 def test_a_config_changes_nothing_it_does_not_name(tmp_path: Path) -> None:
