@@ -516,3 +516,30 @@ def test_estimate_decodes_validation_images_once_per_fold_not_per_epoch() -> Non
     assert _downstream_estimate(cfg, dp, step=0, infer=0, augment=0, decode=1, setup=0, truths=1) == 2 * (5 + 12)
     # inference every epoch on the validation images, then once on validation and test
     assert _downstream_estimate(cfg, dp, step=0, infer=1, augment=0, decode=0, setup=0, truths=0) == 4 * 5 + 12
+
+
+def test_estimate_times_each_step_in_the_precision_its_stage_takes() -> None:
+    """A bf16 run is timed in bf16, an fp32 one in fp32 (on a CPU with bf16 units ``auto`` takes bf16 for ViT-Tiny
+    and up, and a step timed in fp32 overstated it 1.3-1.6×)."""
+    import torch
+
+    from d2mae.experiment.estimate import measure_speed
+    from d2mae.method.model_config import ModelConfig
+    from d2mae.method.models import DeblurClassifier, DeblurMAE
+
+    seen: list[tuple[str, bool]] = []
+
+    def record(module, args):
+        if isinstance(module, (DeblurMAE, DeblurClassifier)):
+            seen.append((type(module).__name__, torch.is_autocast_enabled("cpu")))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        for pre, fine in (("bf16", "fp32"), ("fp32", "bf16")):
+            seen.clear()
+            measure_speed(ModelConfig(**TINY), "cpu", 4, 4, 2, [], pretrain_precision=pre,
+                          finetune_precision=fine)
+            assert {on for name, on in seen if name == "DeblurMAE"} == {pre == "bf16"}, (pre, seen)
+            assert {on for name, on in seen if name == "DeblurClassifier"} == {fine == "bf16"}, (fine, seen)
+    finally:
+        hook.remove()

@@ -34,7 +34,7 @@ from d2mae.method.model_config import ModelConfig, default_stats
 from d2mae.method.models import DeblurClassifier, DeblurMAE
 from d2mae.method.objectives import build_objective
 from d2mae.method.presets import PRESETS
-from d2mae.runtime.device import resolve_device
+from d2mae.runtime.device import amp_dtype, autocast, resolve_device
 from d2mae.runtime.options import build_config
 from d2mae.segment.data import SegmentDataset
 from d2mae.segment.model import UNetConfig, build_segmenter
@@ -61,18 +61,26 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_objective(model: Any, x: Any) -> dict[str, float]:
+def _amp(device: Any, precision: str, model_cfg: Any) -> Any:
+    """The autocast dtype a run of ``precision`` takes for this model (its width decides ``auto`` on a CPU)."""
+    return amp_dtype(device, precision, getattr(model_cfg, "embed_dim", None))
+
+
+def _time_objective(model: Any, x: Any, precision: str = "auto") -> dict[str, float]:
     """Seconds per image of a pre-training step (forward, backward, AdamW) of any objective on batch x [B, C, S, S]
-    (repeated into its views), and for the masked autoencoder of one OBS level."""
+    (repeated into its views) in the precision the run takes, and for the masked autoencoder of one OBS level (in
+    fp32, as OBS searches)."""
 
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as training's
     b = x.shape[0]
     views = x if model.views == 1 else x.unsqueeze(1).expand(b, model.views, *x.shape[1:])
     drawn = {k: v.to(x.device) for k, v in model.draw(torch.Generator().manual_seed(0), b).items()}
     progress = model.progress_inputs(0.5)
+    amp = _amp(x.device, precision, getattr(model, "config", None))
 
     def pre_step() -> None:
-        loss, _, _ = model(views, **drawn, **progress)
+        with autocast(x.device, amp):
+            loss, _, _ = model(views, **drawn, **progress)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -91,22 +99,25 @@ def _time_objective(model: Any, x: Any) -> dict[str, float]:
     return out
 
 
-def _time_downstream(model: Any, x: Any, y: Any) -> tuple[float, float]:
+def _time_downstream(model: Any, x: Any, y: Any, precision: str = "auto") -> tuple[float, float]:
     """Seconds per image of a training step (cross-entropy against ``y``, AdamW) and of inference of a classifier
-    (``y`` [B]) or a segmenter (``y`` [B, S, S]; cross-entropy stands in for Dice + CE), on batch x [B, C, S, S]."""
+    (``y`` [B]) or a segmenter (``y`` [B, S, S]; cross-entropy stands in for Dice + CE), on batch x [B, C, S, S], in
+    the precision the run takes."""
 
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     t = torch.ones(len(x), device=x.device)  # [B]
+    amp = _amp(x.device, precision, getattr(model, "config", None))
 
     def train_step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x, t), y)
+        with autocast(x.device, amp):
+            loss = torch.nn.functional.cross_entropy(model(x, t), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         _sync(x.device)
 
     def eval_step() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device, amp):
             model.eval()
             model(x, t)
             model.train()
@@ -115,25 +126,27 @@ def _time_downstream(model: Any, x: Any, y: Any) -> tuple[float, float]:
     return _time_steps(train_step) / len(x), _time_steps(eval_step) / len(x)
 
 
-def _time_classifier(clf: Any, x: Any) -> dict[str, float]:
+def _time_classifier(clf: Any, x: Any, precision: str = "auto") -> dict[str, float]:
     """Seconds per image of a fine-tuning step and of inference of the classifier, on batch x."""
-    step, infer = _time_downstream(clf, x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+    step, infer = _time_downstream(clf, x, torch.zeros(len(x), dtype=torch.long, device=x.device), precision)
     return {"finetune_step": step, "eval": infer}
 
 
-def _time_segmenter(seg: Any, x: Any) -> dict[str, float]:
+def _time_segmenter(seg: Any, x: Any, precision: str = "auto") -> dict[str, float]:
     """Seconds per image of a segmentation training step and of inference, on batch x [B, C, S, S]."""
     y = torch.zeros(len(x), x.shape[-2], x.shape[-1], dtype=torch.long, device=x.device)  # [B, S, S]
-    step, infer = _time_downstream(seg, x, y)
+    step, infer = _time_downstream(seg, x, y, precision)
     return {"segment_step": step, "segment_eval": infer}
 
 
 def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, finetune_batch: int,
-                  num_classes: int, sample_refs: Sequence[str], augment: str = "finetune") -> dict[str, float]:
+                  num_classes: int, sample_refs: Sequence[str], augment: str = "finetune",
+                  pretrain_precision: str = "auto", finetune_precision: str = "auto") -> dict[str, float]:
     """Seconds per image of each kind of work, timed here on the configured model (not a guess).
 
     Times one pre-training step (forward, backward, AdamW) of the D²MAE model, one fine-tuning step of the
-    classifier, inference, one OBS forward pass per level, and decoding/augmenting a few of the dataset's images.
+    classifier, inference (each in the precision its stage takes), one OBS forward pass per level, and
+    decoding/augmenting a few of the dataset's images.
     Steps run at the configured batch sizes when that is cheap (per-image cost falls with the batch on a CPU), and
     at fewer images for big models, so that a ViT-B at 224 px takes seconds, not minutes, to time.
     """
@@ -149,9 +162,9 @@ def measure_speed(model_cfg: ModelConfig, device: str, pretrain_batch: int, fine
     c, s = model_cfg.in_chans, model_cfg.img_size
     torch.manual_seed(0)
     x = torch.rand(bp, c, s, s, generator=gen).to(dev)  # [bp, C, S, S]
-    out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x))
+    out.update(_time_objective(DeblurMAE(model_cfg).to(dev), x, pretrain_precision))
     xf = torch.rand(bf, c, s, s, generator=gen).to(dev)  # [bf, C, S, S]
-    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes).to(dev), xf))
+    out.update(_time_classifier(DeblurClassifier(model_cfg, num_classes).to(dev), xf, finetune_precision))
     refs = list(sample_refs)[:6]
     out["decode"] = out["augment"] = 0.0
     if refs:
@@ -201,7 +214,8 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
         key = f"pretrain_step:{mc.objective}"
         if mc.objective != "mae" and key not in speed:
             x = torch.rand(min(s.payload.batch_size, 16), mc.in_chans, mc.img_size, mc.img_size, generator=gen)
-            speed[key] = _time_objective(build_objective(mc).to(dev), x.to(dev))["pretrain_step"]
+            timed = _time_objective(build_objective(mc).to(dev), x.to(dev), s.payload.precision)
+            speed[key] = timed["pretrain_step"]
     for s in plan.of("finetune", name):
         fc = s.payload
         imported = method_for(str(s.method)).source == "checkpoint"
@@ -216,7 +230,7 @@ def _method_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, nu
             clf = DeblurClassifier(ModelConfig(**arch, img_size=size, in_chans=c, blur=False, blur_embed="none"),
                                    num_classes)
         x = torch.rand(min(fc.batch_size, 8), c, size, size, generator=gen).to(dev)
-        timed = _time_classifier(clf.to(dev), x)
+        timed = _time_classifier(clf.to(dev), x, fc.precision)
         speed[f"finetune_step:{s.method}"], speed[f"eval:{s.method}"] = timed["finetune_step"], timed["eval"]
 
 
@@ -240,7 +254,7 @@ def _segment_speeds(plan: Plan, name: str, speed: dict[str, Any], device: str, m
         seg = build_segmenter(sc.decoder, config, plan.datasets[name].num_classes, sc.feature_size, sc.drop_path)
         x = torch.rand(min(sc.batch_size, 16), model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size,
                        generator=torch.Generator().manual_seed(0)).to(dev)
-        speed[key] = _time_segmenter(seg.to(dev), x)
+        speed[key] = _time_segmenter(seg.to(dev), x, sc.precision)
     if segments and refs:
         sc = segments[0].payload
         with tempfile.TemporaryDirectory(prefix="d2mae-plan-") as tmp:
@@ -329,8 +343,12 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                                      (cfg.model, f"{cfg.source}, section model"))
             fine = [s.payload for s in plan.of("finetune", name)]
             augment = fine[0].resolved_augment() if fine else "finetune"
+            pre = plan.of("pretrain", name)
+            down = fine or [s.payload for s in plan.of("segment", name)]
             speed = measure_speed(model_cfg, cfg.device, cfg.budget.pretrain_batch_size,
-                                  cfg.budget.finetune_batch_size, dp.num_classes, refs, augment)
+                                  cfg.budget.finetune_batch_size, dp.num_classes, refs, augment,
+                                  pre[0].payload.precision if pre else "auto",
+                                  down[0].precision if down else "auto")
             n_test = sum(te for *_, te in dp.folds) or dp.n_labeled
             speed.update(_time_outputs(refs, n_test, dp.num_classes, cfg.report.n_bootstrap))
             _segment_speeds(plan, name, speed, cfg.device, model_cfg, refs)

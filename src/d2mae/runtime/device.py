@@ -76,6 +76,8 @@ def plan_for(device_type: str, precision: str = "auto", bf16_supported: bool = F
         amp, why = None, "auto: a CPU without native bf16 units"
     elif device_type == "cpu" and width is not None and width >= BF16_MIN_WIDTH:
         amp, why = bf16, f"auto: a CPU with native bf16 units, an encoder {width} wide (≥ {BF16_MIN_WIDTH})"
+    elif device_type == "cpu" and width is None:
+        amp, why = None, "auto: a model without a ViT encoder on a CPU (bf16 measured on ViTs only)"
     elif device_type == "cpu":
         amp, why = None, f"auto: an encoder narrower than {BF16_MIN_WIDTH} on a CPU (bf16 not measured faster there)"
     else:
