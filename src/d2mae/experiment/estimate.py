@@ -27,7 +27,7 @@ from d2mae.eval.statistics import bootstrap
 from d2mae.experiment.forbidden import LABEL_OPTIONS
 from d2mae.experiment.methods import method_for
 from d2mae.experiment.plan import VIEW_IMAGES, Plan
-from d2mae.experiment.stage import DatasetPlan
+from d2mae.experiment.stage import DatasetPlan, Stage
 from d2mae.io.imports import encoder_architecture
 from d2mae.method.backbones import BackboneConfig, TimmClassifier
 from d2mae.method.model_config import ModelConfig, default_stats
@@ -316,6 +316,14 @@ def _finetune_estimate(fcfg: Any, dp: DatasetPlan, speed: Mapping[str, float], l
                                 obs, truths=0) + speed["evaluate"]
 
 
+def _searched_levels(stage: Stage, stages: Mapping[str, Any]) -> int:
+    """Levels OBS searches for a downstream stage: its pre-training's schedule under its OBS setting (0: none)."""
+    base = stages.get(stage.needs[0]) if stage.needs else None
+    if base is None or base.kind != "pretrain" or stage.payload.spec.mode != "search":
+        return 0
+    return len(stage.payload.spec.levels(base.payload.schedule))
+
+
 def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = None) -> Plan:
     """Fill ``estimate_s`` of every stage from :func:`measure_speed` on this machine (timed per dataset)."""
 
@@ -376,22 +384,16 @@ def estimate_plan(plan: Plan, sample_refs: Mapping[str, Sequence[str]] | None = 
                 per_image = speed.get(f"pretrain_step:{p.objective}", speed["pretrain_step"])
                 s.estimate_s = steps * eff * per_image + dp.n_pretrain * speed["decode"] + 2.0
             elif s.kind in ("finetune", "label_fraction"):  # label_fraction: the training parts cut to its share
-                base = stages.get(s.needs[0]) if s.needs else None  # its pre-training: the schedule OBS searches
-                levels = (len(s.payload.spec.levels(base.payload.schedule))
-                          if base is not None and base.kind == "pretrain" else 0)
+                levels = _searched_levels(s, stages)
                 own = {k: speed[f"{k}:{s.method}"] for k in ("finetune_step", "eval") if f"{k}:{s.method}" in speed}
                 data = dp if s.share >= 1.0 else dataclasses.replace(
                     dp, folds=[(f, max(1, round(tr * s.share)), va, te) for f, tr, va, te in dp.folds])
                 s.estimate_s = _finetune_estimate(s.payload, data, {**speed, **own}, levels)
             elif s.kind == "probe":  # OBS and the features of every labeled image once; scikit-learn takes seconds
-                base = stages[s.needs[0]]
-                levels = len(s.payload.spec.levels(base.payload.schedule)) if s.payload.spec.mode == "search" else 0
+                levels = _searched_levels(s, stages)
                 s.estimate_s = dp.n_labeled * (levels * speed["obs_level"] + speed["eval"] + 2 * speed["decode"]) + 5
             elif s.kind == "segment":
-                base = stages.get(s.needs[0]) if s.needs else None
-                levels = (len(s.payload.spec.levels(base.payload.schedule))
-                          if base is not None and s.payload.spec.mode == "search" else 0)
-                s.estimate_s = _segment_estimate(s.payload, dp, speed, levels)
+                s.estimate_s = _segment_estimate(s.payload, dp, speed, _searched_levels(s, stages))
     plan.after_s = _views_estimate(plan, stages) + _report_estimate(plan)
     plan.estimated = True
     return plan
@@ -407,9 +409,7 @@ def _views_estimate(plan: Plan, stages: Mapping[str, Any]) -> float:
             continue
         speed, dp = plan.speed[s.dataset], plan.datasets[s.dataset]
         rows = sum(te for *_, te in dp.folds)  # a page shows the test images
-        base = stages.get(s.needs[0]) if s.needs else None
-        levels = (len(s.payload.spec.levels(base.payload.schedule))
-                  if base is not None and base.kind == "pretrain" and s.payload.spec.mode == "search" else 0)
+        levels = _searched_levels(s, stages)
         page = rows * speed["thumbnail"] * (2 if s.kind == "segment" else 1)
         if levels:
             page += min(rows, VIEW_IMAGES) * (levels * speed["obs_level"] + speed["thumbnail"])
